@@ -1,0 +1,408 @@
+"""The policy losses, written on per-token log-probs (no vocabulary in sight).
+
+Everything here works on the *packed* layout: ``N`` tokens in a row, ``seq`` (N,) int64 giving
+each token's sequence in ``[0, B)`` (non-decreasing), ``mask`` (N,) fp32 0/1. The batch-global
+quantities a loss needs (escort weights ω, sequence lengths, the denominators of every mean) are
+computed once by :func:`make_plan`; :meth:`LossPlan.chunk_loss` then gives the loss contribution
+of any run of whole sequences. Summing the contributions of consecutive chunks gives the loss of
+the batch, which is what lets the fused path compute gradients one chunk of logits at a time.
+
+Math: SPEC §2 (OPO, paper mode), §3 (``escort="group_softmax"``), §4 (advantages, baselines).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo")
+# (ε_low, ε_high) of the clipped baselines, SPEC §4.
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2)}
+ESCORTS = ("paper", "group_softmax")
+STD_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    loss: str = "opo"
+    alpha: float = 0.4
+    mu: float = 1.0
+    tau: float = 1.0
+    level: str = "sequence"
+    seq_reduce: str = "mean"
+    ratio: str = "log"
+    normalize: str = "zscore"
+    norm_scope: str = "batch"
+    group_size: int | None = None
+    ref_correction: bool = False
+    max_log_ratio: float | None = None
+    escort: str = "paper"
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    max_completion_length: int | None = None
+    beta_r: float = 0.15
+    adaptive_tau: bool = True
+
+    def clip(self) -> tuple[float, float]:
+        lo, hi = CLIP_DEFAULTS[self.loss]
+        return (lo if self.clip_eps_low is None else self.clip_eps_low,
+                hi if self.clip_eps_high is None else self.clip_eps_high)
+
+
+def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` (N,) over consecutive segments of ``lengths`` (S,) -> (S,).
+
+    ``segment_reduce`` walks each segment in order, so unlike ``index_add_`` on CUDA it is
+    deterministic: the same inputs give the same bits.
+    """
+    if values.numel() == 0:
+        return values.new_zeros(lengths.shape[0])
+    return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages and escort weights
+# --------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
+                     eps: float = STD_EPS) -> torch.Tensor:
+    """Group-relative advantages (paper Algorithm 1 step 5, SPEC §4).
+
+    rewards: (B,) float, laid out group by group (``B % group_size == 0``).
+    scale: ``"group"`` — (R − mean_G R) / (std_G R + eps), unbiased std;
+    ``"batch"`` — (R − mean_G R) / (std_batch R + eps); ``"none"`` — R − mean_G R (Dr. GRPO).
+    Returns (B,) fp32.
+    """
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-D tensor, got {type(rewards).__name__} "
+                         f"{tuple(getattr(rewards, 'shape', ()))}")
+    if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_size must be a positive int dividing len(rewards)={rewards.numel()}, "
+                         f"got {group_size!r}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale == "group" and group_size < 2:
+        raise ValueError("scale='group' needs group_size >= 2 (the unbiased std of one sample is undefined)")
+    r = rewards.float()
+    if not torch.isfinite(r).all():
+        raise ValueError(f"rewards must be finite, got {r.tolist()}")
+    g = r.view(-1, group_size)
+    centered = g - g.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (g.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        std = r.std() if r.numel() > 1 else r.new_zeros(())
+        centered = centered / (std + eps)
+    return centered.reshape(-1)
+
+
+def _all_reduce(t: torch.Tensor, op, process_group) -> torch.Tensor:
+    if process_group is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op, group=process_group)
+    return t
+
+
+def escort_weights(advantages: torch.Tensor, *, alpha: float = 0.4, tau: float = 1.0,
+                   normalize: str = "zscore", norm_scope: str = "batch",
+                   group_size: int | None = None, anchor_seq_logps: torch.Tensor | None = None,
+                   valid: torch.Tensor | None = None, process_group=None) -> torch.Tensor:
+    """Escort weights ω (paper Eq. 7 with the batch normalization of SPEC §2), no gradient.
+
+    advantages: (B,) float. anchor_seq_logps: (B,) anchor sequence log-probs ℓ for
+    ``ref_correction`` (x −= (1−α)ℓ). valid: (B,) bool, sequences that take part (the rest get
+    ω = 0 and are left out of every mean). ``process_group``: with ``norm_scope="batch"`` the max,
+    mean and std run over every rank of the group. Returns (B,) fp32.
+    """
+    _check_escort_args(alpha, tau, normalize, norm_scope, group_size, advantages.shape[0])
+    a = advantages.detach().float()
+    x = (1.0 - alpha) * a / tau
+    if anchor_seq_logps is not None:
+        x = x - (1.0 - alpha) * anchor_seq_logps.detach().float()
+    ok = torch.ones_like(x, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+    okf = ok.float()
+    if norm_scope == "group":
+        x = x.view(-1, group_size)
+        okg = ok.view(-1, group_size)
+        shift = torch.where(okg, x, torch.full_like(x, -math.inf)).amax(dim=1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        w = torch.exp(x - shift) * okg
+        cnt = okg.sum(dim=1, keepdim=True).clamp_min(1)
+        mean = w.sum(dim=1, keepdim=True) / cnt
+        var = (((w - mean) * okg) ** 2).sum(dim=1, keepdim=True) / cnt
+        om = _normalize(w, mean, var, normalize) * okg
+        return om.reshape(-1)
+    local_max = torch.where(ok, x, torch.full_like(x, -math.inf)).max() if x.numel() else x.new_tensor(-math.inf)
+    shift = _all_reduce(local_max.clone().reshape(1), dist.ReduceOp.MAX, process_group)[0]
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    w = torch.exp(x - shift) * okf
+    sums = _all_reduce(torch.stack([w.sum(), okf.sum()]), dist.ReduceOp.SUM, process_group)
+    cnt = sums[1].clamp_min(1)
+    mean = sums[0] / cnt
+    sq = _all_reduce((((w - mean) * okf) ** 2).sum().reshape(1), dist.ReduceOp.SUM, process_group)[0]
+    var = sq / cnt
+    return _normalize(w, mean, var, normalize) * okf
+
+
+def _normalize(w, mean, var, normalize):
+    if normalize == "zscore":
+        return (w - mean) / (var.sqrt() + STD_EPS)
+    return w / mean.clamp_min(torch.finfo(torch.float32).tiny) - 1.0
+
+
+def _check_escort_args(alpha, tau, normalize, norm_scope, group_size, B):
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not (isinstance(tau, (int, float)) and tau > 0):
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    if normalize not in ("zscore", "center"):
+        raise ValueError(f"normalize must be 'zscore' or 'center', got {normalize!r}")
+    if norm_scope not in ("batch", "group"):
+        raise ValueError(f"norm_scope must be 'batch' or 'group', got {norm_scope!r}")
+    if norm_scope == "group":
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or B % group_size:
+            raise ValueError(f"norm_scope='group' needs a group_size that divides the number of "
+                             f"sequences B={B}, got group_size={group_size!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: batch-global constants, then the loss of any run of whole sequences
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LossPlan:
+    opts: LossOptions
+    adv: torch.Tensor          # (B,) fp32
+    seq_len: torch.Tensor      # (B,) fp32, valid tokens per sequence
+    lengths: torch.Tensor      # (B,) int64, all tokens per sequence (segment lengths)
+    omega: torch.Tensor | None  # (B,) fp32 (OPO paper mode)
+    n_seqs: torch.Tensor       # () fp32, sequences with L > 0
+    n_tokens: torch.Tensor     # () fp32, valid tokens
+    vocab_size: int
+    token_separable: bool      # the loss is a sum of per-token terms (chunks may cut sequences)
+    needs_full_batch: bool     # the loss couples sequences through non-constant batch statistics
+
+    def chunk_loss(self, logp, old, mask, seq, s0: int, s1: int):
+        """Loss contribution and metric partial sums of sequences ``[s0, s1)``.
+
+        logp (n,) fp32 (differentiable), old (n,) fp32 or None (= on-policy, Δ = 0),
+        mask (n,) fp32, seq (n,) int64 global sequence ids. Unless ``token_separable``, the
+        tokens must be every token of sequences s0..s1-1. Returns ``(loss, sums)`` where
+        ``sums`` is a (4,) fp32 tensor: Σ Δ, Σ |Δ|, Σ v², number of clipped tokens.
+        """
+        if old is None:
+            old = logp.detach()
+        o = self.opts
+        if o.loss == "opo":
+            if o.escort == "group_softmax":
+                return _group_softmax_loss(self, logp, old, mask, seq, s0, s1)
+            return _opo_loss(self, logp, old, mask, seq, s0, s1)
+        if o.loss == "gspo":
+            return _gspo_loss(self, logp, old, mask, seq, s0, s1)
+        return _clip_loss(self, logp, old, mask, seq, s0, s1)
+
+
+def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
+              lengths: torch.Tensor, old: torch.Tensor | None, vocab_size: int,
+              process_group=None) -> LossPlan:
+    """Batch-global constants. mask (N,) fp32, lengths (B,) int64 segment lengths, old (N,) or None."""
+    B = advantages.shape[0]
+    seq_len = segment_sum(mask, lengths)
+    valid = seq_len > 0
+    n_seqs = valid.sum().float()
+    n_tokens = mask.sum()
+    omega = None
+    needs_full = False
+    if opts.loss == "opo" and opts.escort == "paper":
+        anchor = None
+        if opts.ref_correction:
+            if old is None:
+                needs_full = True  # the anchor is the current policy: ℓ needs the log-probs first
+            else:
+                anchor = _reduce_seq(segment_sum(old * mask, lengths), seq_len, opts.seq_reduce)
+        if not needs_full:
+            omega = escort_weights(advantages, alpha=opts.alpha, tau=opts.tau, normalize=opts.normalize,
+                                   norm_scope=opts.norm_scope, group_size=opts.group_size,
+                                   anchor_seq_logps=anchor, valid=valid, process_group=process_group)
+    if opts.loss == "opo" and opts.escort == "group_softmax":
+        needs_full = True
+    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo")
+                       or (opts.loss == "opo" and opts.level == "token" and opts.escort == "paper"))
+    return LossPlan(opts=opts, adv=advantages.detach().float(), seq_len=seq_len, lengths=lengths,
+                    omega=omega, n_seqs=n_seqs, n_tokens=n_tokens, vocab_size=vocab_size,
+                    token_separable=token_separable, needs_full_batch=needs_full)
+
+
+def plan_full_batch(plan: LossPlan, logp: torch.Tensor, mask: torch.Tensor,
+                    process_group=None) -> LossPlan:
+    """Finish a plan that needed the current log-probs (ref_correction with on-policy anchor)."""
+    o = plan.opts
+    if o.loss == "opo" and o.escort == "paper" and plan.omega is None:
+        anchor = _reduce_seq(segment_sum(logp.detach() * mask, plan.lengths), plan.seq_len, o.seq_reduce)
+        plan.omega = escort_weights(plan.adv, alpha=o.alpha, tau=o.tau, normalize=o.normalize,
+                                    norm_scope=o.norm_scope, group_size=o.group_size,
+                                    anchor_seq_logps=anchor, valid=plan.seq_len > 0,
+                                    process_group=process_group)
+    return plan
+
+
+def _reduce_seq(sums, seq_len, seq_reduce):
+    if seq_reduce == "mean":
+        return sums / seq_len.clamp_min(1)
+    return sums
+
+
+def _local(plan: LossPlan, mask, seq, s0, s1):
+    """Segment lengths of sequences s0..s1-1 (the chunk holds all their tokens)."""
+    return plan.lengths[s0:s1]
+
+
+def _clamp_ratio(plan: LossPlan, delta):
+    c = plan.opts.max_log_ratio
+    return delta if c is None else torch.clamp(delta, -c, c)
+
+
+def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+    o = plan.opts
+    d_tok = (logp - old) * mask
+    omega = plan.omega[s0:s1]
+    if o.level == "sequence":
+        lengths = _local(plan, mask, seq, s0, s1)
+        L = plan.seq_len[s0:s1]
+        delta = _reduce_seq(segment_sum(d_tok, lengths), L, o.seq_reduce)
+        delta = _clamp_ratio(plan, delta)
+        v = torch.expm1(delta) if o.ratio == "exact" else delta
+        ok = (L > 0).float()
+        term = (-omega * v + 0.5 * o.mu * v * v) * ok
+        loss = term.sum() / plan.n_seqs.clamp_min(1)
+        dd = delta.detach() * ok
+        vv = v.detach() * ok
+    else:
+        delta = _clamp_ratio(plan, d_tok)
+        v = torch.expm1(delta) if o.ratio == "exact" else delta
+        term = (-omega[seq - s0] * v + 0.5 * o.mu * v * v) * mask
+        loss = term.sum() / plan.n_tokens.clamp_min(1)
+        dd = delta.detach() * mask
+        vv = v.detach() * mask
+    sums = torch.stack([dd.sum(), dd.abs().sum(), (vv * vv).sum(), dd.new_zeros(())])
+    return loss, sums
+
+
+def _clip_terms(plan: LossPlan, ratio, adv_tok, mask):
+    lo, hi = plan.opts.clip()
+    clipped = torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
+    term = torch.maximum(-adv_tok * ratio, -adv_tok * clipped)
+    r = ratio.detach()
+    is_clipped = (((r < 1.0 - lo) & (adv_tok < 0)) | ((r > 1.0 + hi) & (adv_tok > 0))).float() * mask
+    return term * mask, is_clipped.sum()
+
+
+def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+    o = plan.opts
+    d_tok = (logp - old) * mask
+    ratio = torch.exp(d_tok)
+    adv_tok = plan.adv[seq]
+    term, n_clip = _clip_terms(plan, ratio, adv_tok, mask)
+    if o.loss == "grpo":
+        L = plan.seq_len[seq]
+        loss = (term / L.clamp_min(1)).sum() / plan.n_seqs.clamp_min(1)
+    elif o.loss == "dapo":
+        loss = term.sum() / plan.n_tokens.clamp_min(1)
+    else:  # dr_grpo
+        loss = term.sum() / float(plan.adv.shape[0] * o.max_completion_length)
+    dd = d_tok.detach()
+    v = (ratio.detach() - 1.0) * mask
+    sums = torch.stack([dd.sum(), dd.abs().sum(), (v * v).sum(), n_clip])
+    return loss, sums
+
+
+def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+    lengths = _local(plan, mask, seq, s0, s1)
+    L = plan.seq_len[s0:s1]
+    d_tok = (logp - old) * mask
+    log_s = segment_sum(d_tok.detach(), lengths) / L.clamp_min(1)
+    # Token form s_{i,t} = sg(s_i) · exp(logp − sg(logp)): the value of the sequence ratio, the
+    # gradient of each token's own log-prob.
+    s_tok = torch.exp(log_s[seq - s0] + logp - logp.detach())
+    adv_tok = plan.adv[seq]
+    term, n_clip = _clip_terms(plan, s_tok, adv_tok, mask)
+    per_seq = segment_sum(term, lengths) / L.clamp_min(1)
+    loss = per_seq.sum() / plan.n_seqs.clamp_min(1)
+    ok = (L > 0).float()
+    ls = log_s * ok
+    v = torch.expm1(log_s) * ok
+    sums = torch.stack([ls.sum(), ls.abs().sum(), (v * v).sum(), n_clip])
+    return loss, sums
+
+
+def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+    """SPEC §3, the authors' released weighting; needs the whole batch (s0 = 0, s1 = B)."""
+    o = plan.opts
+    G = o.group_size
+    lengths = _local(plan, mask, seq, s0, s1)
+    L = plan.seq_len[s0:s1]
+    ok = L > 0
+    seqlogp = segment_sum(logp * mask, lengths) / L.clamp_min(1)
+    old_seqlogp = segment_sum(old * mask, lengths) / L.clamp_min(1)
+    delta = _clamp_ratio(plan, seqlogp - old_seqlogp)
+    a = plan.adv[s0:s1]
+    n_ok = ok.float().sum().clamp_min(1)
+    tau_eff = torch.tensor(float(o.tau), device=logp.device)
+    if o.adaptive_tau:
+        logV = math.log(max(plan.vocab_size, 2))
+        h_s = torch.clamp(-(old_seqlogp * ok).sum() / n_ok / logV, 0, 1)
+        h_d = torch.clamp(-(seqlogp.detach() * ok).sum() / n_ok / logV, 0, 1)
+        conf = 1 - h_d
+        a_ok = a[ok]
+        if a_ok.numel() and (a_ok.max() > a_ok.min()):
+            rs = 2 * ((a_ok - a_ok.min()) / (a_ok.max() - a_ok.min())).mean() - 1
+        else:
+            rs = a.new_zeros(())
+        tau_eff = torch.clamp(o.tau * (1 + 0.2 * h_s + 0.5 * conf * (-rs)), 0.2, 1.5)
+    okg = ok.view(-1, G)
+    neg_inf = torch.full_like(a.view(-1, G), -math.inf)
+    q = torch.softmax(torch.where(okg, a.view(-1, G) / o.beta_r, neg_inf), dim=1)
+    p = torch.softmax(torch.where(okg, delta.detach().view(-1, G) / tau_eff, neg_inf), dim=1)
+    w = q.pow(o.alpha) * p.pow(1 - o.alpha)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    cnt = okg.float().sum(dim=1, keepdim=True)
+    w = torch.nan_to_num(w)  # groups with no valid sequence: all-zero weights, excluded below
+    g = (w - (w * okg).sum(dim=1, keepdim=True) / cnt.clamp_min(1)) * okg
+    d2 = (delta * ok).view(-1, G) ** 2
+    per_group = -(1.0 / o.alpha) * (g * (seqlogp * ok).view(-1, G)).sum(dim=1) \
+        + 0.5 * o.mu * d2.sum(dim=1) / cnt.squeeze(1).clamp_min(1)
+    has = (cnt.squeeze(1) > 0).float()
+    loss = (per_group * has).sum() / has.sum().clamp_min(1)
+    dd = delta.detach() * ok
+    sums = torch.stack([dd.sum(), dd.abs().sum(), (dd * dd).sum(), dd.new_zeros(())])
+    return loss, sums
+
+
+def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor) -> dict:
+    """Metrics dict (detached 0-d fp32 tensors) from the summed partials of every chunk."""
+    per_token = plan.opts.loss in ("grpo", "dapo", "dr_grpo") or (
+        plan.opts.loss == "opo" and plan.opts.level == "token" and plan.opts.escort == "paper")
+    n_items = (plan.n_tokens if per_token else plan.n_seqs).clamp_min(1)
+    om = plan.omega
+    ok = plan.seq_len > 0
+    if om is not None and ok.any():
+        omv = om[ok]
+        om_stats = (omv.min(), omv.max(), omv.std(unbiased=False))
+    else:
+        z = sums.new_zeros(())
+        om_stats = (z, z, z)
+    out = {
+        "entropy": entropy_sum / plan.n_tokens.clamp_min(1),
+        "delta_mean": sums[0] / n_items,
+        "delta_abs_mean": sums[1] / n_items,
+        "chi2": sums[2] / n_items,
+        "omega_min": om_stats[0],
+        "omega_max": om_stats[1],
+        "omega_std": om_stats[2],
+        "num_tokens": plan.n_tokens,
+        "num_seqs": plan.n_seqs,
+    }
+    if plan.opts.loss != "opo":
+        out["clip_frac"] = sums[3] / plan.n_tokens.clamp_min(1)
+    return {k: v.detach().float() for k, v in out.items()}

@@ -1,0 +1,68 @@
+"""The vocabulary pass in plain PyTorch, on one chunk of logits rows.
+
+This is the portable fallback behind ``backend="torch"`` and the behaviour every other
+vocabulary-pass backend (Triton, native C++) must reproduce. Contract (shared by all backends):
+
+``vocab_forward(logits, targets, temperature, ignore_index) -> (logp, lse, entropy)``
+    logits  (n, V) fp32/bf16/fp16, rows may be strided (last dim contiguous)
+    targets (n,) int64; rows whose target is outside [0, V) (e.g. ignore_index) give logp = 0
+    returns three fp32 (n,) tensors, with s = logits / temperature computed in fp32:
+    lse = logsumexp(s), logp = s[target] - lse, entropy = lse - sum(softmax(s) * s).
+
+``vocab_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+ignore_index, out) -> out``
+    Writes dz = (g_logp * (onehot - p) - g_ent * p * (s - lse + entropy)) / temperature into
+    ``out`` (n, V) (which may be ``logits`` itself: in-place) and returns it. ``grad_entropy`` and
+    ``entropy`` may be None (no entropy gradient). p = exp(s - lse). Rows with an out-of-range
+    target get no one-hot term.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  ignore_index: int = -100):
+    s = logits.float()
+    if temperature != 1.0:
+        s = s / temperature
+    lse = torch.logsumexp(s, dim=-1)
+    V = s.shape[-1]
+    valid = (targets >= 0) & (targets < V)
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    tgt = s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, tgt - lse, torch.zeros_like(lse))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    entropy = lse - (p * s).sum(-1)
+    return logp, lse, entropy
+
+
+def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                   entropy: torch.Tensor | None, grad_logp: torch.Tensor,
+                   grad_entropy: torch.Tensor | None, temperature: float = 1.0,
+                   ignore_index: int = -100, out: torch.Tensor | None = None):
+    V = logits.shape[-1]
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    # Row by row-block so that the fp32 temporaries stay one block big when working in place.
+    n = logits.shape[0]
+    step = max(1, (1 << 22) // max(V, 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        s = logits[r0:r1].float()
+        if temperature != 1.0:
+            s = s / temperature
+        p = torch.exp(s - lse[r0:r1, None])
+        g = grad_logp[r0:r1, None].float()
+        dz = p * (-g)
+        if grad_entropy is not None:
+            ge = grad_entropy[r0:r1, None].float()
+            dz -= ge * p * (s - lse[r0:r1, None] + entropy[r0:r1, None])
+        t = targets[r0:r1]
+        valid = (t >= 0) & (t < V)
+        rows = torch.nonzero(valid).squeeze(-1)
+        dz[rows, t[rows]] += g[rows, 0]
+        if temperature != 1.0:
+            dz /= temperature
+        out[r0:r1] = dz.to(out.dtype)
+    return out
