@@ -164,7 +164,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        g_logp = g_logp.float().contiguous()
+        # Ignored rows have a constant log-prob of 0: whatever gradient arrives there is dropped.
+        ok = (targets >= 0) & (targets < weight.shape[0])
+        g_logp = torch.where(ok, g_logp.float(), 0.0).contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         if va.backend == "fused":
             from .fused_linear import fused_linear_backward

@@ -23,17 +23,28 @@ import torch
 
 def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                   ignore_index: int = -100):
-    s = logits.float()
-    if temperature != 1.0:
-        s = s / temperature
-    lse = torch.logsumexp(s, dim=-1)
-    V = s.shape[-1]
+    n, V = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp)
     valid = (targets >= 0) & (targets < V)
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    tgt = s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, tgt - lse, torch.zeros_like(lse))
-    p = torch.exp(s - lse.unsqueeze(-1))
-    entropy = lse - (p * s).sum(-1)
+    step = max(1, (1 << 22) // max(V, 1))  # fp32 temporaries of one row block
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        s = logits[r0:r1].float()
+        if temperature != 1.0:
+            s = s / temperature
+        m = s.amax(dim=-1, keepdim=True)
+        sm = s - m
+        e = torch.exp(sm)
+        d = e.sum(-1)
+        log_d = torch.log(d)
+        # Entropy relative to the row max: log d − Σ e·(s − m) / d, no cancellation of two lse-sized terms.
+        entropy[r0:r1] = log_d - (e * sm).sum(-1) / d
+        lse[r0:r1] = m.squeeze(-1) + log_d
+        tgt = sm.gather(-1, safe[r0:r1].unsqueeze(-1)).squeeze(-1)
+        logp[r0:r1] = torch.where(valid[r0:r1], tgt - log_d, torch.zeros_like(log_d))
     return logp, lse, entropy
 
 
@@ -49,20 +60,28 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
     step = max(1, (1 << 22) // max(V, 1))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = logits[r0:r1].float()
-        if temperature != 1.0:
-            s = s / temperature
-        p = torch.exp(s - lse[r0:r1, None])
         g = grad_logp[r0:r1, None].float()
-        dz = p * (-g)
-        if grad_entropy is not None:
-            ge = grad_entropy[r0:r1, None].float()
-            dz -= ge * p * (s - lse[r0:r1, None] + entropy[r0:r1, None])
+        o = out[r0:r1]
+        if grad_entropy is None and o.dtype == torch.float32:
+            # In place in the fp32 output: p = exp(s - lse), then -g·p (+g at the target), /T.
+            torch.sub(logits[r0:r1].float() / temperature if temperature != 1.0 else logits[r0:r1],
+                      lse[r0:r1, None], out=o)
+            dz = o.exp_().mul_(-g)
+        else:
+            s = logits[r0:r1].float()
+            if temperature != 1.0:
+                s = s / temperature
+            p = torch.exp(s - lse[r0:r1, None])
+            dz = p * (-g)
+            if grad_entropy is not None:
+                ge = grad_entropy[r0:r1, None].float()
+                dz -= ge * p * (s - lse[r0:r1, None] + entropy[r0:r1, None])
         t = targets[r0:r1]
         valid = (t >= 0) & (t < V)
         rows = torch.nonzero(valid).squeeze(-1)
         dz[rows, t[rows]] += g[rows, 0]
         if temperature != 1.0:
             dz /= temperature
-        out[r0:r1] = dz.to(out.dtype)
+        if dz.data_ptr() != o.data_ptr():
+            o.copy_(dz)
     return out

@@ -1,0 +1,277 @@
+"""The vocabulary pass as two Triton kernels (``backend="triton"``).
+
+Same contract as :mod:`opo_kernels.vocab_torch` (read its docstring): ``vocab_forward`` gives
+per-row fp32 ``logp``, ``lse`` and ``entropy`` of ``s = logits / temperature``; ``vocab_backward``
+writes ``dz = (g_logp * (onehot - p) - g_ent * p * (s - lse + entropy)) / temperature`` into
+``out``, which may be ``logits`` itself.
+
+Design:
+
+* One program per row, looping over V in ``BLOCK_V`` columns. The forward keeps three fp32
+  scalars: the running max ``m``, ``d = sum exp(s - m)`` and ``t = sum exp(s - m) * (s - m)``, all
+  rescaled when ``m`` grows, so lse, the target logit and the entropy come out of one read of the
+  row. Keeping ``t`` relative to ``m`` gives ``entropy = log d - t / d`` without the cancellation of
+  ``lse - E[s]`` when logits are large.
+* A row's result depends only on that row and on ``BLOCK_V``, which depends only on V and the
+  device type, never on the number of rows: the forward is deterministic and independent of the
+  batch composition (the anchor pass reproduces the policy pass bit for bit).
+* Row offsets are computed in int64 (``row * stride`` can pass 2^31 elements); column offsets
+  stay int32 (V < 2^31).
+* Logits are loaded in their own dtype (fp32/bf16/fp16) and upcast in registers; the backward
+  stores in ``out``'s dtype. Rows need not be contiguous in dim 0; only the last dim must be.
+* On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (set before this module is
+  imported). The interpreter runs programs one after the other in numpy, so there the block is
+  large (fewer Python-level iterations).
+
+Only Triton language features available in Triton 3.2-3.6 are used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GPU_MAX_BLOCK = 4096
+_INTERPRETER_MAX_BLOCK = 16384
+
+
+@triton.jit
+def _vocab_forward_kernel(
+    logits_ptr, stride_row, targets_ptr,
+    logp_ptr, lse_ptr, entropy_ptr,
+    V, inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+
+    # Scalars start from a 0-d reduction so their type is fixed (fp32 tensors) across the loop.
+    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+    m = zero - float("inf")
+    d = zero
+    t = zero
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # Guards for rows that are -inf so far (padding columns masked with -inf): keep them
+        # from turning into inf - inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_ref))
+        shift = d * tl.where(d > 0.0, m - m_ref, 0.0)
+        xm = x - m_ref
+        e = tl.exp(xm)
+        t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0.0, xm, 0.0), axis=0)
+        d = alpha * d + tl.sum(e, axis=0)
+        m = m_new
+
+    log_d = tl.log(d)
+    lse = m + log_d
+    entropy = log_d - t / d
+
+    tgt = tl.load(targets_ptr + row).to(tl.int64)
+    valid = (tgt >= 0) & (tgt < V)
+    safe_tgt = tl.where(valid, tgt, 0)
+    x_t = tl.load(row_ptr + safe_tgt).to(tl.float32) * inv_temp
+    logp = tl.where(valid, x_t - lse, 0.0)
+
+    tl.store(logp_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+    tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _vocab_backward_kernel(
+    logits_ptr, stride_row, out_ptr, stride_out_row, targets_ptr,
+    lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    V, inv_temp,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    out_row_ptr = out_ptr + row.to(tl.int64) * stride_out_row
+    cols = tl.arange(0, BLOCK_V)
+
+    tgt = tl.load(targets_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_logp_ptr + row).to(tl.float32)
+    if HAS_ENTROPY_GRAD:
+        g_ent = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        # d entropy / d s = -p * (s - lse + entropy); fold the constant part per row.
+        ent_shift = tl.load(entropy_ptr + row) - lse
+
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        p = tl.exp(s - lse)
+        dz = -g * p
+        if HAS_ENTROPY_GRAD:
+            # p == 0 for -inf logits, whose (s - lse + H) is -inf: their gradient is 0, not NaN.
+            dz -= g_ent * p * tl.where(p > 0.0, s + ent_shift, 0.0)
+        # An out-of-range target matches no column in [0, V), so no validity test is needed.
+        dz += tl.where(offs.to(tl.int64) == tgt, g, 0.0)
+        dz = dz * inv_temp
+        tl.store(out_row_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Whether the kernels were built for the interpreter: decided once, when they were decorated.
+INTERPRETED = type(_vocab_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def _block_and_warps(V: int, device: torch.device, block_v: int | None):
+    if block_v is not None:
+        if not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+            raise ValueError(f"block_v must be a positive power of two, got {block_v!r}")
+        block = block_v
+    else:
+        cap = _GPU_MAX_BLOCK if device.type == "cuda" else _INTERPRETER_MAX_BLOCK
+        block = min(triton.next_power_of_2(V), cap)
+    # 16 fp32 elements per thread at most: enough loads in flight without spilling registers.
+    num_warps = max(1, min(8, block // 512))
+    return block, num_warps
+
+
+def _check_device(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and INTERPRETED:
+        return
+    raise ValueError(f"the Triton vocabulary pass runs on CUDA tensors, or on CPU tensors when "
+                     f"TRITON_INTERPRET=1 was set before opo_kernels was imported; got logits on "
+                     f"{t.device} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (n, V), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
+    _check_device(logits)
+    return logits
+
+
+def _check_rows(name: str, t, n: int, device: torch.device, integer: bool = False) -> torch.Tensor:
+    """Validate a per-row vector and return it contiguous (n elements: copying is cheap)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if not integer and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t.contiguous()
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not temperature > 0.0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return temperature
+
+
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  ignore_index: int = -100, *, block_v: int | None = None):
+    """Per-row log-prob of the target, log-sum-exp and entropy of ``logits / temperature``.
+
+    logits  (n, V) fp32/bf16/fp16, CUDA (or CPU under TRITON_INTERPRET=1); rows may be strided,
+            a non-contiguous last dim is copied.
+    targets (n,) integer; a target outside [0, V) (e.g. ``ignore_index``) gives logp = 0.
+    block_v optional power-of-two block width (tests use it to force several blocks per row).
+    Returns ``(logp, lse, entropy)``, three fp32 (n,) tensors.
+    """
+    logits = _check_logits(logits)
+    n, V = logits.shape
+    targets = _check_rows("targets", targets, n, logits.device, integer=True)
+    temperature = _check_temperature(temperature)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp)
+    if n == 0:
+        return logp, lse, entropy
+    block, num_warps = _block_and_warps(V, logits.device, block_v)
+    _vocab_forward_kernel[(n,)](
+        logits, logits.stride(0), targets, logp, lse, entropy, V, 1.0 / temperature,
+        BLOCK_V=block, num_warps=num_warps,
+    )
+    return logp, lse, entropy
+
+
+def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                   entropy: torch.Tensor | None, grad_logp: torch.Tensor,
+                   grad_entropy: torch.Tensor | None, temperature: float = 1.0,
+                   ignore_index: int = -100, out: torch.Tensor | None = None, *,
+                   block_v: int | None = None):
+    """Write the gradient w.r.t. logits of ``sum(g_logp * logp + g_ent * entropy)`` into ``out``.
+
+    logits       (n, V) fp32/bf16/fp16 (as in :func:`vocab_forward`)
+    targets      (n,) integer; rows with a target outside [0, V) get no one-hot term
+    lse          (n,) fp32 from :func:`vocab_forward` (same temperature)
+    entropy      (n,) fp32 or None; needed when ``grad_entropy`` is given
+    grad_logp    (n,) float
+    grad_entropy (n,) float or None (no entropy gradient: the kernel skips that term)
+    out          (n, V) float tensor on logits' device, or None for a new tensor of logits' dtype;
+                 may be ``logits`` itself (each element is read before it is written, by the same
+                 program). Written in its own dtype.
+    Returns ``out``.
+    """
+    logits = _check_logits(logits)
+    n, V = logits.shape
+    device = logits.device
+    targets = _check_rows("targets", targets, n, device, integer=True)
+    lse = _check_rows("lse", lse, n, device).float()
+    grad_logp = _check_rows("grad_logp", grad_logp, n, device)
+    has_ent = grad_entropy is not None
+    if has_ent:
+        if entropy is None:
+            raise ValueError("entropy must be given when grad_entropy is given")
+        grad_entropy = _check_rows("grad_entropy", grad_entropy, n, device)
+        entropy = _check_rows("entropy", entropy, n, device).float()
+    temperature = _check_temperature(temperature)
+
+    if out is None:
+        out = torch.empty((n, V), dtype=logits.dtype, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != (n, V):
+        raise ValueError(f"out must have the shape of logits {(n, V)}, got {tuple(out.shape)}")
+    if out.dtype not in _DTYPES:
+        raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but logits are on {device}")
+    if n == 0:
+        return out
+
+    # A non-contiguous last dim is computed into a scratch buffer; if logits is copied, an
+    # in-place request (out is logits) still ends in the caller's tensor through the copy_.
+    dst = out if out.stride(1) == 1 else torch.empty((n, V), dtype=out.dtype, device=device)
+    src = logits if logits.stride(1) == 1 else logits.contiguous()
+
+    block, num_warps = _block_and_warps(V, device, block_v)
+    _vocab_backward_kernel[(n,)](
+        src, src.stride(0), dst, dst.stride(0), targets,
+        lse, entropy if has_ent else lse, grad_logp, grad_entropy if has_ent else grad_logp,
+        V, 1.0 / temperature,
+        HAS_ENTROPY_GRAD=has_ent, BLOCK_V=block, num_warps=num_warps,
+    )
+    if dst is not out:
+        out.copy_(dst)
+    return out
