@@ -95,9 +95,12 @@ class Head:
                 z += self.b
         return z[a - w0:b - w0]
 
-    def grad_hidden(self, dz: torch.Tensor) -> torch.Tensor:
-        w = self.w
-        return torch.mm(dz.to(w.dtype), w).to(self.dtype)
+    def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor) -> None:
+        """out (rows, H) in the input dtype ← dz @ W."""
+        if self.w.dtype == out.dtype == dz.dtype:
+            torch.mm(dz, self.w, out=out)
+        else:
+            out.copy_(torch.mm(dz.to(self.w.dtype), self.w))
 
     def accum_weight(self, dw: torch.Tensor, dz: torch.Tensor, a: int, b: int) -> None:
         h = self._h(a, b)
@@ -121,6 +124,8 @@ class VocabArgs:
     backend: str
     chunk: int
     chunks: list  # from plan_chunks
+    filter_eps: float | None = None  # backend="fused": gradient filtering threshold (0 = exact)
+    deterministic: bool = False      # backend="fused": atomics-free backward
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +177,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
             from .fused_linear import fused_linear_backward
             dh, dw, db = fused_linear_backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
                                                va.temperature, va.ignore_index, need_hidden=need_h,
-                                               need_weight=need_w, need_bias=need_b and bias is not None)
+                                               need_weight=need_w, need_bias=need_b and bias is not None,
+                                               filter_eps=va.filter_eps, deterministic=va.deterministic)
             return dh, dw, db, None, None
         _, vb = dispatch.vocab_pass(va.backend)
         head = Head(hidden, weight, bias)
@@ -195,7 +201,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
 def _apply_dz(head: Head, dz, a, b, dh, dw, db):
     if dh is not None:
-        dh[a:b] = head.grad_hidden(dz)
+        head.grad_hidden(dz, dh[a:b])
     if dw is not None:
         head.accum_weight(dw, dz, a, b)
     if db is not None:

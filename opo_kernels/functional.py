@@ -36,7 +36,8 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _vocab_args(temperature, ignore_index, backend, device, V, lengths, chunk_size) -> VocabArgs:
+def _vocab_args(temperature, ignore_index, backend, device, V, lengths, chunk_size,
+                filter_eps=None, deterministic=False) -> VocabArgs:
     checks.check_scalar_positive("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
@@ -45,7 +46,11 @@ def _vocab_args(temperature, ignore_index, backend, device, V, lengths, chunk_si
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     be = resolve_backend(backend, device)
     chunk = chunk_size or default_chunk_tokens(V, device)
-    return VocabArgs(float(temperature), ignore_index, be, chunk, plan_chunks(lengths, chunk))
+    if filter_eps is not None:
+        if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or filter_eps < 0:
+            raise ValueError(f"filter_eps must be a number >= 0 or None, got {filter_eps!r}")
+    return VocabArgs(float(temperature), ignore_index, be, chunk, plan_chunks(lengths, chunk),
+                     filter_eps, bool(deterministic))
 
 
 def _reference_logprobs(h2, weight, bias, targets, temperature):
@@ -73,7 +78,7 @@ def _logprobs(h2, weight, bias, targets, va: VocabArgs, want_grad: bool):
 @torch.compiler.disable
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
                     ignore_index=-100, backend="auto", chunk_size=None, seq_ids=None,
-                    cu_seqlens=None):
+                    cu_seqlens=None, filter_eps=None, deterministic=False):
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden: (B, T, H) or (N, H), fp32/bf16/fp16. weight: (V, H), same dtype. targets: (B, T) or
@@ -83,6 +88,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     reference passes) no backward state is built. Logits exist one chunk at a time.
     ``seq_ids``/``cu_seqlens`` (packed inputs) only align the chunks with sequences, which makes
     the result bitwise equal to the log-probs inside :func:`fused_policy_loss` on the same data.
+    ``filter_eps`` / ``deterministic``: options of ``backend="fused"`` (gradient filtering
+    threshold, 0 = exact; atomics-free backward), see :mod:`opo_kernels.fused_linear`.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -90,7 +97,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     checks.check_linear(hidden, weight, bias, targets)
     V, H = weight.shape
     lay = checks.layout(targets, None, seq_ids, cu_seqlens)
-    va = _vocab_args(temperature, ignore_index, backend, hidden.device, V, lay.lengths, chunk_size)
+    va = _vocab_args(temperature, ignore_index, backend, hidden.device, V, lay.lengths, chunk_size,
+                     filter_eps, deterministic)
     tg = targets.reshape(-1)
     bad = ((tg != ignore_index) & ((tg < 0) | (tg >= V)))
     if bad.any():
@@ -126,7 +134,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
                       ignore_index=-100, escort="paper", clip_eps_low=None, clip_eps_high=None,
                       max_completion_length=None, beta_r=0.15, adaptive_tau=True,
                       process_group=None, backend="auto", seq_ids=None, cu_seqlens=None,
-                      chunk_size=None):
+                      chunk_size=None, filter_eps=None, deterministic=False):
     """A policy loss fused with the LM head: ``loss="opo"`` (default) or a baseline of SPEC §4.
 
     Args:
@@ -140,6 +148,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
         chunk_size: tokens per logits chunk (default from V: ≤ 32 MiB of fp32 logits on CPU,
             512 MiB on GPU).
+        filter_eps, deterministic: ``backend="fused"`` only — skip gradient tiles whose |dz| is
+            below the threshold (None = bf16-resolution default, 0 = exact); atomics-free backward.
 
     Returns ``(loss, metrics)``: an fp32 scalar, differentiable w.r.t. hidden, weight and bias,
     and a dict of detached fp32 scalars (entropy, delta_mean, delta_abs_mean, chi2, omega_min,
@@ -167,7 +177,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
                                clip_eps_high=clip_eps_high, max_completion_length=max_completion_length,
                                beta_r=beta_r, adaptive_tau=adaptive_tau), lay)
     V, H = weight.shape
-    va = _vocab_args(temperature, ignore_index, backend, hidden.device, V, lay.lengths, chunk_size)
+    va = _vocab_args(temperature, ignore_index, backend, hidden.device, V, lay.lengths, chunk_size,
+                     filter_eps, deterministic)
     tg = targets.reshape(-1)
     m = checks.valid_mask(targets, mask, ignore_index)
     checks.check_values(tg, V, m, advantages, old_logps, lay)

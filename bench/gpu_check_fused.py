@@ -1,0 +1,382 @@
+"""GPU check of the fused GEMM + vocabulary-pass kernels (opo_kernels.fused_linear).
+
+Usage: python bench/gpu_check_fused.py OUT.json [--n 8192 --h 4096 --v 151936] [--sweep]
+
+At SPEC section 7's headline shape (bf16, N = 8192, H = 4096, V = 151936) this times, with
+``triton.testing.do_bench`` (median, ms):
+
+* the bare three-GEMM floor of one LM-head training step: ``z = h @ W.T``, ``dh = dz @ W``,
+  ``dW = dz.T @ h`` (torch, bf16, one preallocated bf16 dz);
+* the fused forward + backward (``fused_linear_forward`` + ``fused_linear_backward`` with a
+  log-prob gradient only, as OPO/GRPO use it), filtered (default threshold) and exact, on
+  "peaked" inputs (one strong logit per row over a Gaussian bulk, scaled so that the mean entropy is
+  about 1.5 nats: a trained LM's softmax) and on "flat" inputs (logit std 1, entropy near log V);
+  also the deterministic and ``accum_fp32=False`` (atomic-free, accumulating in bf16: no fp32
+  V x H buffer) variants, filtered, on the peaked inputs;
+
+and reports each time as a ratio to the floor, the peak memory above inputs and gradients
+(``torch.cuda.max_memory_allocated``), the relative error (Frobenius) of logp, dhidden, dweight
+against an fp32 chunked PyTorch reference (no tf32), bitwise reruns and batch invariance of the
+forward. ``--sweep`` also times a few backward tile configurations. Everything goes to the JSON;
+a failing measurement is recorded as an error string and the rest still runs.
+
+Without CUDA it runs the same code at a tiny shape under TRITON_INTERPRET=1 (a smoke test of this
+script only; its timings mean nothing).
+
+``--compile-only`` (no GPU needed, TRITON_INTERPRET unset) compiles every kernel variant for sm_90
+with Triton's bundled toolchain and reports registers and spills from ``ptxas -v``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "--compile-only" not in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from opo_kernels import fused_linear as fl  # noqa: E402
+
+MIB = 1024 ** 2
+
+
+def bench_ms(fn, rep=200):
+    if HAS_CUDA:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def peak_above(fn, keep_bytes):
+    """Peak bytes allocated during fn() above what was allocated before, minus keep_bytes."""
+    if not HAS_CUDA:
+        fn()
+        return None
+    sync()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated() - base - keep_bytes
+    del out
+    return peak / MIB
+
+
+def make_inputs(N, H, V, dtype, device, kind, seed=0, target_entropy=1.5):
+    """(hidden, weight, targets, mean entropy). Random, never zeros."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(device)
+    y = torch.randint(0, V, (N,), generator=gen).to(device)
+    noise = torch.randn(N, H, generator=gen).to(device)
+    wq = w.to(dtype)
+    if kind == "flat":
+        h = noise.to(dtype)
+        _, _, ent = fl.fused_linear_forward(h, wq, None, y)
+        return h, wq, y, float(ent.mean())
+    # Peaked: h = a * W[y] + noise gives logit ~a at the target over a N(0, 1) bulk. Bisect a
+    # on the first rows so that the mean entropy is target_entropy nats.
+    wy = w[y]
+    sub = slice(0, min(N, 512))
+
+    def mean_ent(a):
+        hh = (a * wy[sub] + noise[sub]).to(dtype)
+        return float(fl.fused_linear_forward(hh, wq, None, y[sub])[2].mean())
+
+    lo, hi = 0.0, 80.0
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        if mean_ent(mid) > target_entropy:
+            lo = mid
+        else:
+            hi = mid
+    h = (hi * wy + noise).to(dtype)
+    _, _, ent = fl.fused_linear_forward(h, wq, None, y)
+    return h, wq, y, float(ent.mean())
+
+
+def reference_fp32(h, w, y, g, chunk=1024):
+    """fp32 chunked PyTorch logp, dhidden, dweight for loss = sum(g * logp)."""
+    hf, wf = h.float(), w.float()
+    logp = torch.empty(h.shape[0], device=h.device)
+    dh = torch.empty_like(hf)
+    dw = torch.zeros_like(wf)
+    for r0 in range(0, h.shape[0], chunk):
+        r1 = min(h.shape[0], r0 + chunk)
+        z = hf[r0:r1] @ wf.T
+        lse = torch.logsumexp(z, -1, keepdim=True)
+        logp[r0:r1] = (z.gather(1, y[r0:r1, None]) - lse)[:, 0]
+        dz = torch.exp(z - lse).mul_(-g[r0:r1, None])
+        dz[torch.arange(r1 - r0, device=h.device), y[r0:r1]] += g[r0:r1]
+        dh[r0:r1] = dz @ wf
+        dw.addmm_(dz.T, hf[r0:r1])
+        del z, dz
+    return logp, dh, dw
+
+
+def rel_err(x, ref):
+    x = x.float()
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
+def compile_only(arch=90):
+    """Lower every kernel for sm_<arch> and print ptxas register / spill counts (no GPU used)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas")
+                  if os.path.exists(os.path.join(bindir, n))), None)
+
+    def sig(fn, dt, consts, acc):
+        out = {}
+        for prm in fn.params:
+            n = prm.name
+            if prm.is_constexpr:
+                out[n] = "constexpr"
+            elif n in ("h_ptr", "w_ptr", "b_ptr"):
+                out[n] = f"*{dt}"
+            elif n == "t_ptr":
+                out[n] = "*i64"
+            elif n in ("dh_ptr", "dw_ptr", "db_ptr"):
+                out[n] = f"*{acc}"
+            elif n.endswith("_ptr"):
+                out[n] = "*fp32"
+            elif n in ("inv_temp", "filter_eps"):
+                out[n] = "fp32"
+            elif n == "plane":
+                out[n] = "i64"
+            else:
+                out[n] = "i32"
+        return out
+
+    jobs = []
+    for dt in ("bf16", "fp32"):
+        fp32 = dt == "fp32"
+        cf = fl.GPU_FWD_CONFIG_FP32 if fp32 else fl.GPU_FWD_CONFIG
+        cb = fl.GPU_BWD_CONFIG_FP32 if fp32 else fl.GPU_BWD_CONFIG
+        cd = fl.GPU_DET_CONFIG_FP32 if fp32 else fl.GPU_DET_CONFIG
+        tiles = lambda c: {k: c[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K")}  # noqa: E731
+        base = {"HAS_BIAS": True, "FP32_DOT": fp32, "INTERP": False}
+        jobs.append((f"fwd_{dt}", fl._fwd_partials_kernel, dt, {**base, **tiles(cf)}, cf, "fp32"))
+        for ent, filt in ((True, True), (False, False)):
+            c = {**base, **tiles(cb), "HAS_ENT": ent, "FILTER": filt, "NEED_DH": True,
+                 "NEED_DW": True, "NEED_DB": True}
+            jobs.append((f"bwd_atomic_{dt}_ent{ent}_filter{filt}", fl._bwd_atomic_kernel, dt, c,
+                         cb, "fp32"))
+        for acc in sorted({"fp32", dt}):
+            c = {**base, **tiles(cd), "HAS_ENT": True, "FILTER": True}
+            jobs.append((f"bwd_dh_{dt}_acc{acc}", fl._bwd_dh_kernel, dt, c, cd, acc))
+            c = {**c, "NEED_DW": True, "NEED_DB": True}
+            jobs.append((f"bwd_dw_{dt}_acc{acc}", fl._bwd_dw_kernel, dt, c, cd, acc))
+    jobs.append(("merge", fl._fwd_merge_kernel, "fp32", {"BLOCK": fl._MERGE_BLOCK},
+                 {"num_warps": 4, "num_stages": 1}, "fp32"))
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn, dt, consts, cfg, acc in jobs:
+            try:
+                k = triton.compile(ASTSource(fn, sig(fn, dt, consts, acc), consts),
+                                   target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": cfg["num_warps"],
+                                            "num_stages": cfg["num_stages"]})
+                info = ""
+                if ptxas:
+                    path = os.path.join(tmp, name + ".ptx")
+                    with open(path, "w") as f:
+                        f.write(k.asm["ptx"])
+                    r = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.devnull],
+                                       capture_output=True, text=True)
+                    info = " | ".join(ln.split(":", 1)[-1].strip() for ln in r.stderr.splitlines()
+                                      if "registers" in ln or "spill" in ln)
+                print(f"{name}: ok, mma={'wgmma' in k.asm['ptx']}, {info}", flush=True)
+            except Exception as e:
+                ok = False
+                print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+    return ok
+
+
+def main(argv=None):
+    if "--compile-only" in (sys.argv[1:] if argv is None else argv):
+        sys.exit(0 if compile_only() else 1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--n", type=int, default=8192 if HAS_CUDA else 48)
+    ap.add_argument("--h", type=int, default=4096 if HAS_CUDA else 32)
+    ap.add_argument("--v", type=int, default=151936 if HAS_CUDA else 300)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-ref", action="store_true", help="skip the fp32 error reference")
+    args = ap.parse_args(argv)
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    dtype = getattr(torch, args.dtype)
+    N, H, V = args.n, args.h, args.v
+    res = {"shape": {"N": N, "H": H, "V": V, "dtype": args.dtype},
+           "device": torch.cuda.get_device_name() if HAS_CUDA else "cpu (interpreter smoke)",
+           "triton": triton.__version__, "torch": torch.__version__,
+           "configs": {"fwd": dict(fl.GPU_FWD_CONFIG), "bwd": dict(fl.GPU_BWD_CONFIG)},
+           "default_filter_eps": fl.resolve_filter_eps(None, dtype),
+           "times_ms": {}, "ratio_to_floor": {}, "mem_above_inputs_and_grads_mib": {},
+           "rel_err": {}, "checks": {}, "entropy_nats": {}, "errors": {}}
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def attempt(name, fn):
+        try:
+            return fn()
+        except Exception as e:  # keep measuring the rest; the JSON says what failed
+            res["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            return None
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+    # ---- floor: the three bare GEMMs, same dtype, same run
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    hf = torch.randn(N, H, generator=gen).to(device, dtype)
+    wf = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(device, dtype)
+
+    def floor():
+        z = hf @ wf.T
+        dh = z @ wf  # z stands in for dz: same shape, dtype and cost
+        dw = z.T @ hf
+        return dh, dw
+
+    res["times_ms"]["floor_3gemm"] = attempt("floor", lambda: bench_ms(floor))
+    floor_ms = res["times_ms"]["floor_3gemm"]
+    del hf, wf
+    save()
+
+    variants = {
+        "filtered": dict(),
+        "exact": dict(filter_eps=0.0),
+        "filtered_deterministic": dict(deterministic=True),
+        "filtered_accum_bf16": dict(accum_fp32=False),
+    }
+    per_kind = {"peaked": list(variants), "flat": ["filtered", "exact"]}
+
+    for kind in ("peaked", "flat"):
+        inp = attempt(f"inputs_{kind}", lambda: make_inputs(N, H, V, dtype, device, kind))
+        if inp is None:
+            continue
+        h, w, y, ent = inp
+        res["entropy_nats"][kind] = ent
+        g = (torch.randn(N, generator=torch.Generator().manual_seed(2)) / N).to(device)
+        grads_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
+
+        ref = None
+        if not args.no_ref:
+            ref = attempt(f"reference_{kind}", lambda: reference_fp32(h, w, y, g))
+
+        # forward alone, and its determinism / batch invariance
+        fwd_ms = attempt(f"fwd_{kind}", lambda: bench_ms(lambda: fl.fused_linear_forward(
+            h, w, None, y)))
+        res["times_ms"][f"fwd_{kind}"] = fwd_ms
+
+        def checks():
+            a = fl.fused_linear_forward(h, w, None, y)
+            b = fl.fused_linear_forward(h, w, None, y)
+            rerun = all(torch.equal(x, z) for x, z in zip(a, b))
+            k = min(N, 77)
+            alone = fl.fused_linear_forward(h[:k].clone(), w, None, y[:k].clone())
+            perm = torch.randperm(N, device=h.device)
+            shuf = fl.fused_linear_forward(h[perm], w, None, y[perm])
+            inv = all(torch.equal(x, z[:k]) for x, z in zip(alone, a)) and \
+                all(torch.equal(x, z[perm]) for x, z in zip(shuf, a))
+            out = {"forward_bitwise_rerun": rerun, "forward_batch_invariant": inv}
+            if ref is not None:
+                out["logp_rel_err"] = rel_err(a[0], ref[0])
+                out["logp_max_abs_err"] = float((a[0] - ref[0]).abs().max())
+            return out
+
+        res["checks"][kind] = attempt(f"checks_{kind}", checks)
+        save()
+
+        for name in per_kind[kind]:
+            opts = variants[name]
+            key = f"{kind}_{name}"
+
+            def step(opts=opts):
+                logp, lse, e = fl.fused_linear_forward(h, w, None, y)
+                return fl.fused_linear_backward(h, w, None, y, lse, e, g, None, **opts)
+
+            def bwd_only(opts=opts):
+                return fl.fused_linear_backward(h, w, None, y, st["lse"], None, g, None, **opts)
+
+            st = {}
+            _, st["lse"], _ = fl.fused_linear_forward(h, w, None, y)
+            t = attempt(f"time_{key}", lambda: bench_ms(step))
+            res["times_ms"][f"fwd_bwd_{key}"] = t
+            res["times_ms"][f"bwd_{key}"] = attempt(f"time_bwd_{key}", lambda: bench_ms(bwd_only))
+            if t is not None and floor_ms:
+                res["ratio_to_floor"][key] = t / floor_ms
+            res["mem_above_inputs_and_grads_mib"][key] = attempt(
+                f"mem_{key}", lambda: peak_above(step, grads_bytes))
+            if ref is not None:
+                def errs():
+                    dh, dw, _ = step()
+                    out = {"dhidden": rel_err(dh, ref[1]), "dweight": rel_err(dw, ref[2])}
+                    if opts.get("deterministic") or opts.get("accum_fp32") is False:
+                        dh2, dw2, _ = step()
+                        out["bitwise_rerun"] = bool(torch.equal(dh, dh2) and torch.equal(dw, dw2))
+                    return out
+                res["rel_err"][key] = attempt(f"err_{key}", errs)
+            save()
+            print(key, res["times_ms"].get(f"fwd_bwd_{key}"), res["ratio_to_floor"].get(key),
+                  flush=True)
+
+        if args.sweep and kind == "peaked" and HAS_CUDA:
+            sweep = {}
+            base_cfg = dict(fl.GPU_BWD_CONFIG)
+            for bn, bv, bk, nw, ns in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 2),
+                                       (128, 256, 64, 8, 2), (64, 256, 64, 8, 3)):
+                cfg = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "num_warps": nw,
+                       "num_stages": ns}
+                fl.GPU_BWD_CONFIG.clear()
+                fl.GPU_BWD_CONFIG.update(cfg)
+                name = "n{BLOCK_N}_v{BLOCK_V}_k{BLOCK_K}_w{num_warps}_s{num_stages}".format(**cfg)
+                for mode, opts in (("filtered", {}), ("exact", {"filter_eps": 0.0})):
+                    sweep[f"{name}_{mode}"] = attempt(
+                        f"sweep_{name}_{mode}",
+                        lambda opts=opts: bench_ms(lambda: fl.fused_linear_backward(
+                            h, w, None, y, st["lse"], None, g, None, **opts), rep=100))
+                save()
+            fl.GPU_BWD_CONFIG.clear()
+            fl.GPU_BWD_CONFIG.update(base_cfg)
+            res["bwd_sweep_ms"] = sweep
+        del h, w, y, g, ref
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+
+    save()
+    print(json.dumps({k: res[k] for k in ("entropy_nats", "times_ms", "ratio_to_floor",
+                                          "mem_above_inputs_and_grads_mib", "errors")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
