@@ -87,6 +87,8 @@ class Head:
             w0 = max(0, min(a, self.N - MIN_GEMM_ROWS))
         w1 = max(b, min(self.N, w0 + MIN_GEMM_ROWS))
         h = self._h(w0, w1)
+        if h.shape[0] < MIN_GEMM_ROWS:  # a tiny batch: pad with zero rows to the same GEMM shape
+            h = torch.cat([h, h.new_zeros(MIN_GEMM_ROWS - h.shape[0], h.shape[1])])
         if h.dtype == torch.float32:
             z = torch.mm(h, self.w.t()) if self.b is None else torch.addmm(self.b, h, self.w.t())
         else:

@@ -22,7 +22,11 @@ __all__ = ["fused_policy_loss", "fused_opo_loss", "linear_logprobs", "policy_los
 def _autocast_inputs(hidden, weight, bias):
     """Under autocast, run the head in the autocast dtype (the casts stay differentiable)."""
     dev = hidden.device.type
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(dev):
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except RuntimeError:  # a device type autocast does not know: nothing to cast for
+        enabled = False
+    if enabled:
         dt = torch.get_autocast_dtype(dev)
         hidden = hidden.to(dt)
         if isinstance(weight, torch.Tensor):
@@ -30,6 +34,13 @@ def _autocast_inputs(hidden, weight, bias):
         if isinstance(bias, torch.Tensor):
             bias = bias.to(dt)
     return hidden, weight, bias
+
+
+def _masked_old(old_logps, m):
+    """(N,) fp32 anchor log-probs, 0 at masked positions (whatever they held: NaN·0 is NaN)."""
+    if old_logps is None:
+        return None
+    return torch.where(m > 0, old_logps.reshape(-1).float(), 0.0)
 
 
 def _needs_grad(*ts) -> bool:
@@ -182,7 +193,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     tg = targets.reshape(-1)
     m = checks.valid_mask(targets, mask, ignore_index)
     checks.check_values(tg, V, m, advantages, old_logps, lay)
-    old = None if old_logps is None else old_logps.reshape(-1).float()
+    old = _masked_old(old_logps, m)
     plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group)
     h2 = hidden.reshape(-1, H)
     want_grad = _needs_grad(hidden, weight, bias)
@@ -244,7 +255,7 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     if not torch.isfinite(lp[m > 0]).all():
         raise ValueError("logps must be finite at valid positions, got NaN/inf")
     checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
-    old = None if old_logps is None else old_logps.reshape(-1).float()
+    old = _masked_old(old_logps, m)
     plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group)
     plan_full_batch(plan, lp, m, process_group)
     out, sums = plan.chunk_loss(lp, old, m, lay.seq, 0, lay.B)

@@ -117,10 +117,11 @@ def escort_weights(advantages: torch.Tensor, *, alpha: float = 0.4, tau: float =
     """
     _check_escort_args(alpha, tau, normalize, norm_scope, group_size, advantages.shape[0])
     a = advantages.detach().float()
+    ok = torch.ones_like(a, dtype=torch.bool) if valid is None else valid.to(torch.bool)
     x = (1.0 - alpha) * a / tau
     if anchor_seq_logps is not None:
         x = x - (1.0 - alpha) * anchor_seq_logps.detach().float()
-    ok = torch.ones_like(x, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+    x = torch.where(ok, x, 0.0)  # left-out sequences may hold anything (NaN included)
     okf = ok.float()
     if norm_scope == "group":
         x = x.view(-1, group_size)
@@ -210,6 +211,8 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
     B = advantages.shape[0]
     seq_len = segment_sum(mask, lengths)
     valid = seq_len > 0
+    # Sequences without valid tokens take part in nothing: whatever their advantage holds.
+    advantages = torch.where(valid, advantages.detach().float(), 0.0)
     n_seqs = valid.sum().float()
     n_tokens = mask.sum()
     omega = None
