@@ -31,8 +31,13 @@ MIN_GEMM_ROWS = 16
 
 
 def default_chunk_tokens(V: int, device: torch.device) -> int:
-    """Token-chunk size from the vocabulary: a fp32 logits chunk of ≤ 32 MiB on CPU, 512 MiB on GPU."""
-    budget = (32 << 20) if device.type == "cpu" else (512 << 20)
+    """Token-chunk size from the vocabulary: a fp32 logits chunk of ≤ 64 MiB on CPU, 512 MiB on GPU.
+
+    On CPU each chunk re-reads the whole weight in two GEMMs, so fewer, larger chunks are
+    faster; 64 MiB keeps the peak above inputs and gradients at a fifth of a materializing loss
+    at the CPU headline shape (bench/results).
+    """
+    budget = (64 << 20) if device.type == "cpu" else (512 << 20)
     rows = max(MIN_GEMM_ROWS, budget // (4 * max(V, 1)))
     return 1 << (rows.bit_length() - 1)
 
@@ -68,13 +73,19 @@ class Head:
     GEMM runs in the input dtype with an fp32 result (``out_dtype``) where torch offers it.
     """
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 chunk: int):
         self.hidden = hidden
         self.dtype = hidden.dtype
         self.upcast = hidden.dtype != torch.float32 and hidden.device.type != "cuda"
         self.w = weight.float() if self.upcast else weight
         self.b = None if bias is None else bias.float()
         self.N = hidden.shape[0]
+        # One logits buffer for every chunk: a fresh chunk-sized allocation per chunk costs its
+        # page faults again (on CPU about as much as the vocabulary pass itself).
+        self.rows = max(MIN_GEMM_ROWS, min(chunk, self.N))
+        self.buf = None
+        self.dw_fresh = True  # the first weight-gradient GEMM writes instead of accumulating
 
     def _h(self, a: int, b: int) -> torch.Tensor:
         h = self.hidden[a:b]
@@ -90,7 +101,16 @@ class Head:
         if h.shape[0] < MIN_GEMM_ROWS:  # a tiny batch: pad with zero rows to the same GEMM shape
             h = torch.cat([h, h.new_zeros(MIN_GEMM_ROWS - h.shape[0], h.shape[1])])
         if h.dtype == torch.float32:
-            z = torch.mm(h, self.w.t()) if self.b is None else torch.addmm(self.b, h, self.w.t())
+            if h.shape[0] <= self.rows:
+                if self.buf is None:
+                    self.buf = h.new_empty(self.rows, self.w.shape[0])
+                out = self.buf[:h.shape[0]]
+            else:
+                out = h.new_empty(h.shape[0], self.w.shape[0])
+            if self.b is None:
+                z = torch.mm(h, self.w.t(), out=out)
+            else:
+                z = torch.addmm(self.b, h, self.w.t(), out=out)
         else:
             z = _mm_fp32_out(h, self.w.t())
             if self.b is not None:
@@ -105,11 +125,23 @@ class Head:
             out.copy_(torch.mm(dz.to(self.w.dtype), self.w))
 
     def accum_weight(self, dw: torch.Tensor, dz: torch.Tensor, a: int, b: int) -> None:
+        """dw (V, H) fp32 (allocated empty) += dzᵀ @ hidden[a:b]."""
         h = self._h(a, b)
+        fresh, self.dw_fresh = self.dw_fresh, False
         if h.dtype == torch.float32:
-            dw.addmm_(dz.t(), h)
+            if fresh:
+                torch.mm(dz.t(), h, out=dw)
+            else:
+                dw.addmm_(dz.t(), h)
+        elif fresh:
+            dw.copy_(_mm_fp32_out(dz.t().to(h.dtype), h))
         else:
             dw += _mm_fp32_out(dz.t().to(h.dtype), h)
+
+    def finish_weight(self, dw: torch.Tensor | None) -> torch.Tensor | None:
+        if dw is not None and self.dw_fresh:  # no token at all: the gradient is zero
+            dw.zero_()
+        return dw
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,7 +176,7 @@ def logprobs_forward(hidden, weight, bias, targets, va: VocabArgs):
         from .fused_linear import fused_linear_forward
         return fused_linear_forward(hidden, weight, bias, targets, va.temperature, va.ignore_index)
     vf, _ = dispatch.vocab_pass(va.backend)
-    head = Head(hidden, weight, bias)
+    head = Head(hidden, weight, bias, va.chunk)
     for t0, t1, _, _ in va.chunks:
         for a, b in sub_chunks(t0, t1, va.chunk):
             if b > a:
@@ -183,9 +215,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
                                                filter_eps=va.filter_eps, deterministic=va.deterministic)
             return dh, dw, db, None, None
         _, vb = dispatch.vocab_pass(va.backend)
-        head = Head(hidden, weight, bias)
+        head = Head(hidden, weight, bias, va.chunk)
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if (need_b and bias is not None) else None
         for t0, t1, _, _ in va.chunks:
@@ -197,6 +229,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
                         g_logp[a:b], None if g_ent is None else g_ent[a:b], va.temperature,
                         va.ignore_index, out=z)
                 _apply_dz(head, dz, a, b, dh, dw, db)
+                del z, dz  # one chunk of logits alive at a time
+        dw = head.finish_weight(dw)
         return (dh, None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype), None, None)
 
@@ -231,14 +265,14 @@ def fused_loss(hidden, weight, bias, la: LossArgs, need_h: bool, need_w: bool, n
     """
     va, plan = la.va, la.plan
     vf, vb = dispatch.vocab_pass(va.backend)
-    head = Head(hidden, weight, bias)
+    head = Head(hidden, weight, bias, va.chunk)
     dev = hidden.device
     need_any = need_h or need_w or need_b
     loss = torch.zeros((), dtype=torch.float32, device=dev)
     sums = torch.zeros(4, dtype=torch.float32, device=dev)
     ent_sum = torch.zeros((), dtype=torch.float32, device=dev)
     dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+    dw = torch.empty(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
     for t0, t1, s0, s1 in va.chunks:
         if t1 == t0:
@@ -254,6 +288,7 @@ def fused_loss(hidden, weight, bias, la: LossArgs, need_h: bool, need_w: bool, n
             lses.append(lse)
             if keep:
                 zs.append(z)
+            del z
         lp = lps[0] if keep else torch.cat(lps)
         old = None if la.old is None else la.old[t0:t1]
         with torch.enable_grad():
@@ -271,7 +306,10 @@ def fused_loss(hidden, weight, bias, la: LossArgs, need_h: bool, need_w: bool, n
             dz = vb(z, la.targets[a:b], lses[k], None, g[a - t0:b - t0].contiguous(), None,
                     va.temperature, va.ignore_index, out=z)
             _apply_dz(head, dz, a, b, dh, dw, db)
-    return loss, sums, ent_sum, dh, dw, db
+            del z, dz
+        # Drop this chunk's logits before the next chunk allocates its own: one chunk alive.
+        del zs
+    return loss, sums, ent_sum, dh, head.finish_weight(dw), db
 
 
 class FusedPolicyLossFunction(torch.autograd.Function):

@@ -157,7 +157,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
         mask: like ``targets``, bool or 0/1; None = valid wherever ``targets != ignore_index``.
         loss: one of ``LOSSES``; the OPO options follow SPEC §2–§3, the clip ε SPEC §4.
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
-        chunk_size: tokens per logits chunk (default from V: ≤ 32 MiB of fp32 logits on CPU,
+        chunk_size: tokens per logits chunk (default from V: ≤ 64 MiB of fp32 logits on CPU,
             512 MiB on GPU).
         filter_eps, deterministic: ``backend="fused"`` only — skip gradient tiles whose |dz| is
             below the threshold (None = bf16-resolution default, 0 = exact); atomics-free backward.
