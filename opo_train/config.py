@@ -1,0 +1,332 @@
+"""The run configuration: one flat dataclass, YAML files, and ``key=value`` overrides.
+
+Every key is a field of :class:`Config` with a type; YAML values and command-line overrides are
+checked against it, and a bad key or value raises ``ValueError`` naming the key and what was seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+ASSETS_DIR = Path(__file__).parent / "assets"
+TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random init)
+
+LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo")
+
+
+@dataclass
+class Config:
+    # -- run ------------------------------------------------------------------------------------
+    output_dir: str = "runs/toy"
+    seed: int = 0
+    max_steps: int = 0             # outer iterations (rollout batches); 0 = from `epochs`
+    epochs: float = 0.0            # passes over a finite train set (used when max_steps == 0)
+    resume: bool = False           # continue from the latest complete checkpoint in output_dir
+    device: str = "auto"           # auto | cpu | cuda
+    cpu_threads: int = 0           # torch threads per process on CPU; 0 = torch's default
+
+    # -- model ----------------------------------------------------------------------------------
+    model: str = TINY_MODEL        # "tiny" (shipped config, random init) or a local HF directory
+    tokenizer: str = ""            # "" = the model directory (or the shipped tokenizer for "tiny")
+    dtype: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    model_overrides: dict = field(default_factory=dict)  # HF config fields, e.g. {vocab_size: 32768}
+    activation_checkpointing: bool = False
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    packed: str = "auto"           # auto (padding-free when flash-attn is usable) | true | false
+    fsdp: bool = True              # False: plain module, only allowed with one process
+
+    # -- task and data --------------------------------------------------------------------------
+    task: str = "toy"              # toy (built-in arithmetic) | math (MATH-format files)
+    toy_task: str = "add"          # add ("37+45=" -> "82") | reverse ("3817>" -> "7183")
+    toy_digits: int = 2            # add: operands of up to this many digits; reverse: 2..digits+2
+    train_file: str = ""           # jsonl / parquet with problem, solution, level
+    train_levels: list = field(default_factory=list)   # e.g. ["Level 3"]; [] = all
+    train_fraction: float = 1.0    # keep this fraction of the train rows (sampled with data_seed)
+    data_seed: int = 42
+    val_file: str = ""
+    val_levels: list = field(default_factory=list)
+    val_size: int = 0              # 0 = all validation rows
+    val_every: int = 0             # steps between validations; 0 = never
+    prompt_suffix: str = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    chat_template: str = "auto"    # auto (use the tokenizer's template if it has one) | true | false
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    max_prompt_length: int = 512
+
+    # -- rollout --------------------------------------------------------------------------------
+    engine: str = "hf"             # hf | vllm
+    prompts_per_step: int = 16     # global, over all ranks
+    group_size: int = 8            # G generations per prompt
+    max_new_tokens: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+    vllm_gpu_memory_utilization: float = 0.4
+    vllm_sleep: bool = True        # free the KV cache between rollout and training
+
+    # -- rewards --------------------------------------------------------------------------------
+    rewards: list = field(default_factory=lambda: ["auto"])  # names in rewards.REWARDS; auto = task's
+    reward_weights: list = field(default_factory=list)       # [] = all 1.0
+    reward_timeout: float = 30.0   # seconds for one reward call over the whole batch
+    math_verify_timeout: float = 5.0  # seconds per answer inside the math reward
+
+    # -- loss -----------------------------------------------------------------------------------
+    loss: str = "opo"              # opo | grpo | dapo | gspo | dr_grpo
+    loss_impl: str = "fused"       # fused (opo_kernels, no logits) | naive (materialized logits)
+    kernel_backend: str = "auto"   # opo_kernels backend=
+    alpha: float = 0.4
+    mu: float = 1.0
+    tau: float = 1.0
+    level: str = "sequence"
+    seq_reduce: str = "mean"
+    ratio: str = "log"
+    normalize: str = "zscore"
+    norm_scope: str = "batch"
+    escort: str = "paper"
+    ref_correction: bool = False
+    max_log_ratio: typing.Optional[float] = None
+    clip_eps_low: typing.Optional[float] = None
+    clip_eps_high: typing.Optional[float] = None
+    adv_scale: str = "auto"        # auto (none for dr_grpo, else group) | group | batch | none
+    dynamic_sampling: str = "auto" # auto (on for dapo) | true | false: drop all-equal groups
+    overlong_buffer: int = -1      # DAPO soft overlong penalty window; -1 = max_new_tokens // 4
+    overlong_penalty: float = 1.0
+    overlong_filter: bool = False  # DAPO: mask truncated responses out of the loss
+
+    # -- optimization ---------------------------------------------------------------------------
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to lr_min_ratio * lr at the last step)
+    lr_min_ratio: float = 0.1
+    grad_clip: float = 1.0         # 0 = no clipping (the norm is still logged)
+    minibatches: int = 2           # optimizer steps per rollout batch, anchor frozen for all
+    ppo_epochs: int = 1            # passes over the rollout batch
+
+    # -- supervised warm start (its own phase, on a split disjoint from the RL prompts) ------------
+    sft_steps: int = 0
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+
+    # -- logging and checkpoints ----------------------------------------------------------------
+    log_every: int = 1
+    save_every: int = 0            # steps between checkpoints; 0 = only the final one
+    keep_checkpoints: int = 2
+    export_hf: bool = True
+    plot: bool = True
+    tensorboard: bool = True       # used when tensorboard is installed
+
+    # -- derived helpers ------------------------------------------------------------------------
+    def effective_adv_scale(self) -> str:
+        if self.adv_scale != "auto":
+            return self.adv_scale
+        return "none" if self.loss == "dr_grpo" else "group"
+
+    def use_dynamic_sampling(self) -> bool:
+        return self.loss == "dapo" if self.dynamic_sampling == "auto" else self.dynamic_sampling == "true"
+
+    def effective_overlong_buffer(self) -> int:
+        return self.max_new_tokens // 4 if self.overlong_buffer < 0 else self.overlong_buffer
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> "Config":
+        def bad(key, why):
+            raise ValueError(f"config key {key!r}: {why}, got {getattr(self, key)!r}")
+
+        def choice(key, options):
+            if getattr(self, key) not in options:
+                bad(key, f"must be one of {tuple(options)}")
+
+        choice("loss", LOSSES)
+        choice("loss_impl", ("fused", "naive"))
+        choice("kernel_backend", ("auto", "triton", "native", "torch", "fused", "reference"))
+        choice("level", ("sequence", "token"))
+        choice("seq_reduce", ("mean", "sum"))
+        choice("ratio", ("log", "exact"))
+        choice("normalize", ("zscore", "center"))
+        choice("norm_scope", ("batch", "group"))
+        choice("escort", ("paper", "group_softmax"))
+        choice("adv_scale", ("auto", "group", "batch", "none"))
+        choice("dynamic_sampling", ("auto", "true", "false"))
+        choice("engine", ("hf", "vllm"))
+        choice("task", ("toy", "math"))
+        choice("toy_task", ("add", "reverse"))
+        choice("lr_schedule", ("constant", "cosine"))
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            bad("lr_min_ratio", "must be in [0, 1]")
+        choice("dtype", ("auto", "float32", "bfloat16"))
+        choice("device", ("auto", "cpu", "cuda"))
+        choice("packed", ("auto", "true", "false"))
+        choice("chat_template", ("auto", "true", "false"))
+        choice("attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
+        if not 0.0 <= self.alpha <= 1.0:
+            bad("alpha", "must be in [0, 1]")
+        for key in ("mu", "tau", "temperature", "lr", "sft_lr", "reward_timeout", "math_verify_timeout"):
+            if not getattr(self, key) > 0:
+                bad(key, "must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if not 0.0 < self.train_fraction <= 1.0:
+            bad("train_fraction", "must be in (0, 1]")
+        for key in ("prompts_per_step", "max_new_tokens", "minibatches", "ppo_epochs", "log_every",
+                    "sft_batch_size", "max_prompt_length", "toy_digits"):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
+                    "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.group_size < 2:
+            bad("group_size", "must be >= 2 (group advantages need two samples per prompt)")
+        if self.prompts_per_step % self.minibatches:
+            bad("minibatches", f"must divide prompts_per_step={self.prompts_per_step}")
+        if self.max_steps == 0 and self.epochs == 0:
+            bad("max_steps", "one of max_steps / epochs must be > 0")
+        if self.max_steps == 0 and self.task == "toy":
+            bad("max_steps", "the toy task is infinite: set max_steps")
+        if self.task == "math" and not self.train_file:
+            bad("train_file", "task 'math' needs a train_file (jsonl or parquet)")
+        if self.val_every and not (self.val_file or self.task == "toy"):
+            bad("val_file", "val_every > 0 needs a val_file")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            bad("reward_weights", f"needs one weight per reward ({len(self.rewards)})")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "must be >= 1")
+        if not 0.0 < self.adam_beta1 < 1.0 or not 0.0 < self.adam_beta2 < 1.0:
+            bad("adam_beta1", "betas must be in (0, 1)")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _check_type(key: str, value: Any) -> Any:
+    """Coerce ``value`` to the declared type of ``key`` or raise naming the key."""
+    hint = _HINTS[key]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, bool):  # yaml turns "true" into a bool; string options keep the word
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+    elif hint is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (str, int, float)):
+            return [value]
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
+    raise ValueError(f"config key {key!r} expects {getattr(hint, '__name__', hint)}, "
+                     f"got {value!r} ({type(value).__name__})")
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def apply(cfg: Config, updates: dict, source: str = "") -> Config:
+    """Set every ``key: value`` of ``updates`` on ``cfg`` with type checks (``a.b`` for dicts)."""
+    for key, value in updates.items():
+        top, _, sub = str(key).partition(".")
+        if top not in _FIELDS:
+            raise _unknown(top)
+        if sub:
+            if _HINTS[top] is not dict:
+                raise ValueError(f"config key {top!r} is not a mapping; cannot set {key!r}")
+            getattr(cfg, top)[sub] = value
+            continue
+        try:
+            setattr(cfg, top, _check_type(top, value))
+        except ValueError as e:
+            raise ValueError(f"{e}{f' (in {source})' if source else ''}") from None
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # Keep the literal text for string keys so "output_dir=1e3" stays "1e3".
+    if key in _HINTS and _HINTS[key] is str and not isinstance(value, bool):
+        value = raw
+    return key, value
+
+
+def resolve_config_path(path: str) -> Path:
+    """A path as given, or the name of a shipped config (``toy``, ``exp1_...``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if cand.exists():
+            return cand
+    shipped = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"config file {path!r} not found (shipped configs: {shipped})")
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file (default: the shipped toy config) <- overrides; validated."""
+    cfg = Config()
+    p = resolve_config_path(path or "toy")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    apply(cfg, data, source=str(p))
+    if isinstance(overrides, dict):
+        apply(cfg, overrides, source="overrides")
+    else:
+        for text in overrides or []:
+            k, v = parse_override(text)
+            apply(cfg, {k: v}, source=f"override {text!r}")
+    return cfg.validate()

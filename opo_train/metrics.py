@@ -1,0 +1,109 @@
+"""Where the numbers go: console, ``metrics.jsonl``, TensorBoard (when installed), PNG plots.
+
+Only rank 0 writes. On resume the jsonl is cut back to the rows of steps the checkpoint covers,
+so a resumed run's file reads like an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+log = logging.getLogger("opo_train")
+
+PLOT_KEYS = ["reward_mean", "accuracy", "loss", "grad_norm", "entropy", "delta_abs_mean", "chi2",
+             "omega_std", "completion_len_mean", "grad_response_eff", "val_accuracy",
+             "train_tokens_per_s"]
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int | None = None,
+                 tensorboard: bool = True, filename: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self.path = self.dir / filename
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            self.rows = [r for r in keep if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.dir / "tb"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def log(self, row: dict, console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row.get("step", 0))
+        if console:
+            print(console, file=sys.stdout, flush=True)
+
+    def plot(self, extra_rows: list[dict] | None = None, name: str = "metrics.png") -> Path | None:
+        """Curves of PLOT_KEYS against step (the warm-start loss first, when given)."""
+        if not self.enabled or not self.rows:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            log.info("matplotlib not installed: no plot")
+            return None
+        keys = [k for k in PLOT_KEYS if any(r.get(k) is not None for r in self.rows)]
+        panels = keys + (["sft_loss"] if extra_rows else [])
+        cols = 4
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        for ax, k in zip(axes.flat, panels):
+            src = extra_rows if k == "sft_loss" else self.rows
+            pts = [(r["step"], r[k]) for r in src if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None)
+            ax.set_title(k if k != "sft_loss" else "warm start (SFT) loss")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        out = self.dir / name
+        fig.savefig(out, dpi=80)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def console_line(row: dict, max_steps: int) -> str:
+    def f(k, fmt="{:.3f}"):
+        v = row.get(k)
+        return "-" if v is None else fmt.format(v)
+    return (f"step {row['step']:>4}/{max_steps}  reward {f('reward_mean')}  acc {f('accuracy', '{:.2f}')}"
+            f"  loss {f('loss', '{:+.4f}')}  |g| {f('grad_norm')}  H {f('entropy')}"
+            f"  |Δ| {f('delta_abs_mean', '{:.4f}')}  len {f('completion_len_mean', '{:.1f}')}"
+            f"  {f('train_tokens_per_s', '{:.0f}')} tok/s  t {f('elapsed', '{:.0f}')}s")

@@ -1,0 +1,602 @@
+"""The training loop: paper Algorithm 1 with mini-batch anchoring (paper §8).
+
+One outer iteration (a "step"):
+
+1. rollout       the engine gets the current weights, samples G completions per prompt
+2. rewards       reward functions score them (contained: a failing function gives None)
+3. advantages    group z-scores (``opo_kernels.group_advantages``, SPEC §4); DAPO filters groups
+4. anchor        log-probs of every mini-batch under the current policy, no grad: π_ref = π_θ
+5. update        for each mini-batch: loss through the fused kernel against the frozen anchor,
+                 backward, clip, optimizer step (Δ = 0 on the first mini-batch, ≠ 0 after)
+6. log / validate / checkpoint
+
+Read :func:`train` top to bottom; each helper above it does one of those things.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, load_config
+from .data import ToyTask, as_dataset, load_math
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
+from .metrics import MetricsLogger, console_line
+from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
+                    param_count, save_hf)
+from .rewards import RewardRunner, resolve_rewards
+from .rollout import make_engine
+
+log = logging.getLogger("opo_train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequences and batches
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Seq:
+    ids: list[int]        # prompt + completion token ids
+    prompt_len: int
+    advantage: float = 0.0
+    valid: bool = True    # False: kept in the batch, left out of the loss (mask 0)
+
+
+def collate(seqs: list[Seq], pad_id: int, device, packed: bool) -> dict:
+    """Sequences -> model inputs. ``targets[t]`` is the token after position t; ``mask`` marks
+    the positions whose target is a completion token of a valid sequence.
+
+    Padded: input_ids / attention_mask / targets / mask (B, T). Packed (padding-free, for
+    flash-attn): input_ids / position_ids (1, N), targets / mask (N,), cu_seqlens (B+1,) int32.
+    Also ``advantages`` (B,) fp32 and ``num_tokens`` (non-pad tokens).
+    """
+    adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
+    if packed:
+        ids, pos, tgt, msk, cu = [], [], [], [], [0]
+        for s in seqs:
+            n = len(s.ids)
+            ids += s.ids
+            pos += list(range(n))
+            tgt += s.ids[1:] + [-100]
+            msk += [s.valid and s.prompt_len - 1 <= t < n - 1 for t in range(n)]
+            cu.append(cu[-1] + n)
+        b = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+             "targets": torch.tensor(tgt), "mask": torch.tensor(msk),
+             "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+    else:
+        T = max(len(s.ids) for s in seqs)
+        B = len(seqs)
+        b = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((B, T), dtype=torch.long),
+             "targets": torch.full((B, T), -100, dtype=torch.long),
+             "mask": torch.zeros((B, T), dtype=torch.bool)}
+        for i, s in enumerate(seqs):
+            n = len(s.ids)
+            b["input_ids"][i, :n] = torch.tensor(s.ids)
+            b["attention_mask"][i, :n] = 1
+            b["targets"][i, :n - 1] = torch.tensor(s.ids[1:])
+            if s.valid:
+                b["mask"][i, s.prompt_len - 1:n - 1] = True
+    out = {k: v.to(device) for k, v in b.items()}
+    out["advantages"] = adv.to(device)
+    out["num_tokens"] = sum(len(s.ids) for s in seqs)
+    return out
+
+
+def dummy_seqs(pad_id: int, n: int) -> list[Seq]:
+    """Stand-ins for a rank whose share of a mini-batch is empty (e.g. after DAPO filtering):
+    every rank must run the same number of FSDP forwards; these contribute nothing (mask 0)."""
+    return [Seq([pad_id, pad_id], 1, 0.0, False) for _ in range(n)]
+
+
+def rank_share(n_items: int, minibatches: int, world: int, rank: int) -> list[list[int]]:
+    """Indices of this rank's items, per mini-batch. Global mini-batch k is the k-th contiguous
+    slice of the items, split contiguously over ranks: the mini-batches are the same sets
+    whatever the number of ranks (so 1 and N processes compute the same updates)."""
+    out = []
+    for k in range(minibatches):
+        lo, hi = k * n_items // minibatches, (k + 1) * n_items // minibatches
+        a, b = lo + (hi - lo) * rank // world, lo + (hi - lo) * (rank + 1) // world
+        out.append(list(range(a, b)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss options, advantages
+# ----------------------------------------------------------------------------------------------
+
+def loss_kwargs(cfg: Config, info: DistInfo) -> dict:
+    kw = dict(loss=cfg.loss, alpha=cfg.alpha, mu=cfg.mu, tau=cfg.tau, level=cfg.level,
+              seq_reduce=cfg.seq_reduce, ratio=cfg.ratio, normalize=cfg.normalize,
+              norm_scope=cfg.norm_scope, group_size=cfg.group_size,
+              ref_correction=cfg.ref_correction, max_log_ratio=cfg.max_log_ratio,
+              escort=cfg.escort, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+              max_completion_length=cfg.max_new_tokens)
+    # ω is normalized over the data-parallel group (every rank's sequences of the mini-batch).
+    kw["process_group"] = info.group if info.world > 1 else None
+    return kw
+
+
+def loss_count(cfg: Config, metrics: dict, n_seqs_local: int) -> float:
+    """What the kernel's loss is a mean over, on this rank (to weight ranks exactly)."""
+    if cfg.loss == "dr_grpo":
+        return float(n_seqs_local)
+    if cfg.loss == "dapo" or (cfg.loss == "opo" and cfg.level == "token" and cfg.escort == "paper"):
+        return float(metrics["num_tokens"])
+    if cfg.loss == "opo" and cfg.escort == "group_softmax":
+        return float(metrics["num_seqs"]) / cfg.group_size
+    return float(metrics["num_seqs"])
+
+
+def compute_advantages(rewards: list[float | None], G: int, scale: str) -> list[float]:
+    """``group_advantages`` over groups of G; samples whose reward is None get advantage 0 and
+    the group statistics use the other members only."""
+    import opo_kernels as ok
+    if all(r is not None for r in rewards):
+        return ok.group_advantages(torch.tensor(rewards, dtype=torch.float64), G, scale=scale).tolist()
+    adv = [0.0] * len(rewards)
+    centered = []
+    for g in range(len(rewards) // G):
+        idx = [i for i in range(g * G, g * G + G) if rewards[i] is not None]
+        if len(idx) < 2:
+            continue
+        r = torch.tensor([rewards[i] for i in idx], dtype=torch.float64)
+        a = ok.group_advantages(r, len(idx), scale="group" if scale == "group" else "none").tolist()
+        centered += [(i, v) for i, v in zip(idx, a)]
+    if scale == "batch" and centered:
+        valid = torch.tensor([r for r in rewards if r is not None], dtype=torch.float64)
+        std = float(valid.std()) if valid.numel() > 1 else 0.0
+        centered = [(i, v / (std + 1e-6)) for i, v in centered]
+    for i, v in centered:
+        adv[i] = v
+    return adv
+
+
+def overlong_penalty(length: int, cfg: Config) -> float:
+    """DAPO soft overlong punishment: 0 up to L_max − buffer, then linear down to −penalty."""
+    buf = cfg.effective_overlong_buffer()
+    if buf <= 0 or length <= cfg.max_new_tokens - buf:
+        return 0.0
+    return max(-1.0, ((cfg.max_new_tokens - buf) - length) / buf) * cfg.overlong_penalty
+
+
+# ----------------------------------------------------------------------------------------------
+# Anchor and update (steps 4 and 5)
+# ----------------------------------------------------------------------------------------------
+
+def anchor_logprobs(policy, batches: list[dict], cfg: Config) -> list[torch.Tensor]:
+    """π_ref = π_θ: log-probs of every mini-batch before the first optimizer step, frozen for
+    the whole outer iteration. Same tensors and kernel as the training pass, so Δ = 0 exactly
+    on the first mini-batch."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            logp, _ = policy(b, mode="logprobs", impl=cfg.loss_impl, backend=cfg.kernel_backend,
+                             temperature=cfg.temperature)
+            out.append(logp.detach())
+    # FSDP2 leaves the root's parameters unsharded after a forward (expecting a backward to
+    # reshard them); after a no-grad forward nothing would, and the next forward would reuse
+    # that copy even after an optimizer step has changed the shards. Reshard explicitly.
+    reshard(policy)
+    return out
+
+
+def reshard(policy) -> None:
+    if hasattr(policy, "reshard"):
+        policy.reshard()
+
+
+def grad_norm_and_clip(policy, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Tensor], cfg: Config,
+                  info: DistInfo, lr: float, grad_hook=None) -> list[dict]:
+    """Step 5: one optimizer step per mini-batch (``ppo_epochs`` passes), anchor frozen.
+
+    Each rank's loss is the kernel's mean over its own sequences (or tokens); it is reweighted by
+    ``count_local · world / count_global`` so that FSDP's gradient average equals the gradient of
+    the mean over the whole mini-batch, whatever the split. Returns one dict per optimizer step
+    with the global loss, grad norm and the kernel's metrics (local).
+    """
+    kw = loss_kwargs(cfg, info)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    stats = []
+    for epoch in range(cfg.ppo_epochs):
+        for k, (b, old) in enumerate(zip(batches, anchors)):
+            t0 = time.perf_counter()
+            loss, m = policy(b, mode="loss", advantages=b["advantages"], old_logps=old,
+                             loss_kwargs=kw, impl=cfg.loss_impl, backend=cfg.kernel_backend,
+                             temperature=cfg.temperature)
+            m = {key: float(v) for key, v in m.items()}
+            count = loss_count(cfg, m, b["advantages"].shape[0])
+            total_count, loss_sum = all_reduce_sum([count, float(loss.detach()) * count], info)
+            scale = count * info.world / total_count if total_count > 0 else 0.0
+            (loss * scale).backward()
+            if grad_hook is not None:
+                grad_hook(epoch, k, policy)
+            gnorm = grad_norm_and_clip(policy, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            m.update(loss=loss_sum / total_count if total_count > 0 else 0.0, grad_norm=gnorm,
+                     count=count, time=time.perf_counter() - t0, tokens=b["num_tokens"],
+                     epoch=epoch, minibatch=k)
+            stats.append(m)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, rollout, validation
+# ----------------------------------------------------------------------------------------------
+
+def format_prompts(rows: list[dict], tok, cfg: Config) -> list[list[int]]:
+    use_chat = cfg.chat_template == "true" or (cfg.chat_template == "auto" and
+                                               getattr(tok, "chat_template", None))
+    out = []
+    for r in rows:
+        if use_chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                          add_generation_prompt=True, tokenize=True,
+                                          **cfg.chat_template_kwargs)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        out.append(list(ids)[-cfg.max_prompt_length:])
+    return out
+
+
+def step_seed(cfg: Config, step: int, rank: int, salt: int = 0) -> int:
+    return (cfg.seed * 1_000_003 + step * 1009 + rank * 17 + salt) % (2**31 - 1)
+
+
+def validate(engine, rows: list[dict], tok, runner: RewardRunner, cfg: Config, info: DistInfo,
+             step: int) -> dict:
+    """Greedy decoding on this rank's share of the validation rows; accuracy = reward >= 1."""
+    share = rows[info.rank * len(rows) // info.world:(info.rank + 1) * len(rows) // info.world]
+    hits = total = reward_sum = 0.0
+    if share:
+        samples = engine.generate(format_prompts(share, tok, cfg), 1, seed=step_seed(cfg, step, info.rank, 7),
+                                  greedy=True)
+        comps = [tok.decode(g[0].tokens, skip_special_tokens=True) for g in samples]
+        cols = {k: [r.get(k) for r in share] for k in share[0] if k != "prompt"}
+        rewards = runner([r["prompt"] for r in share], comps, cols)
+        for r in rewards:
+            total += 1
+            reward_sum += r or 0.0
+            hits += (r is not None and r >= 1.0 - 1e-9)
+    hits, total, reward_sum = all_reduce_sum([hits, total, reward_sum], info)
+    return {"val_accuracy": hits / max(total, 1), "val_reward": reward_sum / max(total, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised warm start (its own phase)
+# ----------------------------------------------------------------------------------------------
+
+def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_dir: Path) -> list[dict]:
+    """Cross-entropy on the answers of the toy task's ``sft`` split (disjoint from the RL and
+    validation splits), through the same fused log-prob kernel. Logged to sft_metrics.jsonl."""
+    task = ToyTask(cfg.seed, "sft", cfg.toy_digits, cfg.toy_task)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98))
+    logger = MetricsLogger(output_dir, info.is_main, tensorboard=False, filename="sft_metrics.jsonl")
+    t0 = time.time()
+    for k in range(cfg.sft_steps):
+        rows = task.batch(k, cfg.sft_batch_size)
+        lo, hi = info.rank * len(rows) // info.world, (info.rank + 1) * len(rows) // info.world
+        seqs = []
+        for r in rows[lo:hi]:
+            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            a = tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            seqs.append(Seq(p + a, len(p)))
+        b = collate(seqs, tok.pad_token_id, info.device, packed)
+        logp, _ = policy(b, mode="logprobs", impl=cfg.loss_impl, backend=cfg.kernel_backend)
+        n_local = float(b["mask"].sum())
+        n_total, = all_reduce_sum([n_local], info)
+        # Sum over local tokens / global count, times world (FSDP averages gradients).
+        loss = -(logp * b["mask"]).sum() / n_total * info.world
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        lr = cfg.sft_lr * min(1.0, (k + 1) / 20) * (0.5 + 0.5 * math.cos(math.pi * k / cfg.sft_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (k + 1) % 10 == 0 or k + 1 == cfg.sft_steps:
+            nll, = all_reduce_sum([float(loss.detach()) / info.world], info)
+            row = {"phase": "sft", "step": k + 1, "sft_loss": nll, "lr": lr,
+                   "elapsed": time.time() - t0}
+            logger.log(row, console=f"[warm start] step {k + 1:>4}/{cfg.sft_steps}  "
+                                    f"token NLL {nll:.3f}  t {row['elapsed']:.0f}s")
+    logger.close()
+    return logger.rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------
+
+def _default_data(cfg: Config):
+    if cfg.task == "toy":
+        val = ToyTask(cfg.seed, "val", cfg.toy_digits, cfg.toy_task).fixed(cfg.val_size or 64)
+        return ToyTask(cfg.seed, "train", cfg.toy_digits, cfg.toy_task), val
+    train_rows = load_math(cfg.train_file, levels=cfg.train_levels, fraction=cfg.train_fraction,
+                           seed=cfg.data_seed, prompt_suffix=cfg.prompt_suffix)
+    val_rows = None
+    if cfg.val_file:
+        val_rows = load_math(cfg.val_file, levels=cfg.val_levels, size=cfg.val_size,
+                             seed=cfg.data_seed, prompt_suffix=cfg.prompt_suffix)
+    return as_dataset(train_rows, seed=cfg.data_seed, name=cfg.train_file), val_rows
+
+
+def train(config: Config | str | dict | None = None, reward_fns=None, dataset=None,
+          val_dataset=None) -> dict:
+    """Run a training job; returns a summary dict (also the last metrics row).
+
+    config: a :class:`Config`, a YAML path / shipped config name, a dict of overrides on the toy
+        default, or None (the toy default).
+    reward_fns: a callable or list of callables ``f(prompts, completions, **columns) ->
+        list[float | None]``; default: the task's reward (``rewards`` config key).
+    dataset: a list of row dicts (each with a ``prompt`` plus the columns the rewards read) or
+        any object with ``batch(step, n)``; default: the config's task / train_file.
+    val_dataset: a list of row dicts for validation (``val_every``).
+    """
+    if config is None or isinstance(config, dict):
+        cfg = load_config(None, config or {})
+    elif isinstance(config, (str, Path)):
+        cfg = load_config(str(config))
+    elif isinstance(config, Config):
+        cfg = config.validate()
+    else:
+        raise TypeError(f"config must be a Config, a path or a dict, got {type(config).__name__}")
+    info = setup(cfg.device)
+    threads = torch.get_num_threads()
+    if info.device.type == "cpu" and cfg.cpu_threads:
+        # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP
+        # threads that wait for a busy core slow every op down by an order of magnitude.
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        return _run(cfg, info, reward_fns, dataset, val_dataset)
+    finally:
+        torch.set_num_threads(threads)
+        teardown(info)
+
+
+def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
+    # ---- set-up -----------------------------------------------------------------------------
+    t_start = time.time()
+    out_dir = Path(cfg.output_dir)
+    P, G, M, W = cfg.prompts_per_step, cfg.group_size, cfg.minibatches, info.world
+    if P % (M * W):
+        raise ValueError(f"config key 'prompts_per_step': {P} must be a multiple of "
+                         f"minibatches x processes = {M} x {W}")
+    if cfg.sft_steps and cfg.task != "toy":
+        raise ValueError("config key 'sft_steps': the warm start is only defined for task 'toy'")
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg)
+    policy = build_policy(cfg, info, cfg.seed)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    engine = make_engine(cfg, tok, info.device)
+    packed = cfg.packed == "true" or (cfg.packed == "auto" and flash_attn_available(info.device))
+    if dataset is None:
+        train_data, val_rows = _default_data(cfg)
+    else:  # a user's data: validation only on the user's validation rows
+        train_data, val_rows = as_dataset(dataset, seed=cfg.data_seed), None
+    if val_dataset is not None:
+        val_rows = list(val_dataset)
+    runner = RewardRunner(reward_fns if reward_fns is not None else
+                          resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout),
+                          cfg.reward_weights or None, cfg.reward_timeout)
+    max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / P)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+        print(f"opo-train: {param_count(policy) / 1e6:.2f}M params, {W} process(es) on "
+              f"{info.device.type}, loss={cfg.loss} ({cfg.loss_impl}), {max_steps} steps x "
+              f"{P} prompts x {G} samples, {'packed' if packed else 'padded'} batches, "
+              f"engine={cfg.engine} -> {out_dir}", flush=True)
+
+    # ---- resume -----------------------------------------------------------------------------
+    start_step, sft_rows = 0, None
+    found = ckpt.latest(out_dir) if cfg.resume else None
+    if found is not None:
+        state = ckpt.load(found, policy, optimizer, info)
+        start_step = state["step"]
+        runner.errors, runner.timeouts = state.get("reward_errors", 0), state.get("reward_timeouts", 0)
+        if info.is_main:
+            print(f"resumed from {found} (step {start_step})", flush=True)
+    logger = MetricsLogger(out_dir, info.is_main, resume_step=start_step if found else None,
+                           tensorboard=cfg.tensorboard)
+
+    # ---- warm start -------------------------------------------------------------------------
+    if cfg.sft_steps and found is None:
+        sft_rows = warm_start(policy, tok, cfg, info, packed, out_dir)
+
+    # ---- RL: outer iterations ---------------------------------------------------------------
+    for step in range(start_step, max_steps):
+        t_step = time.perf_counter()
+        lr = learning_rate(cfg, step, max_steps)
+        rows = train_data.batch(step, P)
+        share = rank_share(P, M, W, info.rank)
+        my_groups = [i for mb in share for i in mb]
+        my_rows = [rows[i] for i in my_groups]
+
+        # 1. rollout: push the current weights, sample G completions per prompt
+        t0 = time.perf_counter()
+        engine.wake()
+        engine.load_weights(iter_full_params(policy))
+        prompt_ids = format_prompts(my_rows, tok, cfg)
+        samples = engine.generate(prompt_ids, G, seed=step_seed(cfg, step, info.rank))
+        engine.sleep()
+        t_rollout = time.perf_counter() - t0
+        gen_tokens = sum(len(s.tokens) for grp in samples for s in grp)
+
+        # 2. rewards (contained), DAPO overlong shaping
+        flat = [(gi, s) for gi, grp in enumerate(samples) for s in grp]
+        completions = [tok.decode(s.tokens, skip_special_tokens=True) for _, s in flat]
+        prompts = [my_rows[gi]["prompt"] for gi, _ in flat]
+        columns = {k: [my_rows[gi].get(k) for gi, _ in flat] for k in my_rows[0] if k != "prompt"}
+        rewards = runner(prompts, completions, columns)
+        raw_rewards = list(rewards)
+        if cfg.loss == "dapo":
+            rewards = [None if r is None else r + overlong_penalty(len(s.tokens), cfg)
+                       for r, (_, s) in zip(rewards, flat)]
+
+        # 3. group advantages over the global batch (every rank sees every reward)
+        everything = all_gather_objects((my_groups, rewards, raw_rewards,
+                                         [len(s.tokens) for _, s in flat],
+                                         [s.truncated for _, s in flat]), info)
+        g_rewards: list = [None] * (P * G)
+        g_raw, g_len, g_trunc = [None] * (P * G), [0] * (P * G), [False] * (P * G)
+        for groups, rw, raw, lens, trunc in everything:
+            for j, gi in enumerate(groups):
+                for s in range(G):
+                    g_rewards[gi * G + s], g_raw[gi * G + s] = rw[j * G + s], raw[j * G + s]
+                    g_len[gi * G + s], g_trunc[gi * G + s] = lens[j * G + s], trunc[j * G + s]
+        adv = compute_advantages(g_rewards, G, cfg.effective_adv_scale())
+        # A group takes part when it has a reward at all; DAPO's dynamic sampling also drops
+        # groups whose rewards are all equal (zero advantage, no signal).
+        keep_group = []
+        for gi in range(P):
+            vals = [r for r in g_rewards[gi * G:gi * G + G] if r is not None]
+            keep_group.append(len(vals) > 1 and (len(set(vals)) > 1 or not cfg.use_dynamic_sampling()))
+        kept = sum(keep_group)  # the same on every rank: every rank has every reward
+
+        # 4. mini-batches of this rank's kept groups, and their anchor log-probs (π_ref = π_θ)
+        batches = []
+        for mb in share:
+            seqs = []
+            for gi in mb:
+                if not keep_group[gi]:
+                    continue
+                j = my_groups.index(gi)
+                for s in range(G):
+                    smp = samples[j][s]
+                    ok = g_rewards[gi * G + s] is not None and not (cfg.overlong_filter and smp.truncated)
+                    seqs.append(Seq(prompt_ids[j] + smp.tokens, len(prompt_ids[j]),
+                                    adv[gi * G + s], ok and len(smp.tokens) > 0))
+            batches.append(collate(seqs or dummy_seqs(tok.pad_token_id, G), tok.pad_token_id,
+                                   info.device, packed))
+        t1 = time.perf_counter()
+        stats = []
+        if kept:
+            anchors = anchor_logprobs(policy, batches, cfg)
+            t_anchor = time.perf_counter() - t1
+            # 5. several optimizer steps on the frozen anchor
+            t2 = time.perf_counter()
+            stats = update_policy(policy, optimizer, batches, anchors, cfg, info, lr)
+            t_update = time.perf_counter() - t2
+        else:
+            t_anchor = t_update = 0.0
+
+        # 6. log, validate, checkpoint
+        row = summarize(step + 1, cfg, info, g_rewards, g_raw, adv, g_len, g_trunc, keep_group, stats,
+                        t_rollout, t_anchor, t_update, gen_tokens, lr, runner)
+        row["elapsed"] = time.time() - t_start
+        row["step_time"] = time.perf_counter() - t_step
+        if cfg.val_every and val_rows and (step + 1) % cfg.val_every == 0:
+            engine.wake()
+            row.update(validate(engine, val_rows, tok, runner, cfg, info, step + 1))
+            engine.sleep()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == max_steps:
+            logger.log(row, console=console_line(row, max_steps) if info.is_main else None)
+        else:
+            logger.log(row)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
+            ckpt.save(out_dir, step + 1, policy, optimizer, trainer_state(cfg, step + 1, train_data, runner),
+                      info, cfg.keep_checkpoints)
+
+    # ---- the end: final checkpoint, HF export, plot -----------------------------------------
+    final = ckpt.save(out_dir, max_steps, policy, optimizer,
+                      trainer_state(cfg, max_steps, train_data, runner), info, cfg.keep_checkpoints)
+    if cfg.export_hf:
+        save_hf(policy, tok, out_dir / "hf_model", info)
+    png = logger.plot(extra_rows=sft_rows) if cfg.plot else None
+    logger.close()
+    summary = dict(logger.rows[-1]) if logger.rows else {}
+    summary.update(checkpoint=str(final), output_dir=str(out_dir), wall_time=time.time() - t_start,
+                   plot=str(png) if png else None)
+    if info.is_main:
+        rw = [r["reward_mean"] for r in logger.rows if r.get("reward_mean") is not None]
+        k = max(1, min(10, len(rw) // 4))
+        if rw:
+            summary["reward_first"], summary["reward_last"] = sum(rw[:k]) / k, sum(rw[-k:]) / k
+            print(f"done in {summary['wall_time']:.0f}s: mean reward {summary['reward_first']:.3f} "
+                  f"(first {k} steps) -> {summary['reward_last']:.3f} (last {k} steps); checkpoint "
+                  f"{final}; metrics {out_dir / 'metrics.jsonl'}", flush=True)
+    return summary
+
+
+def learning_rate(cfg: Config, step: int, max_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay; a function of the step (exact resume)."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.lr_schedule == "cosine" and max_steps > 1:
+        frac = 0.5 * (1 + math.cos(math.pi * step / (max_steps - 1)))
+        lr *= cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * frac
+    return lr
+
+
+def trainer_state(cfg: Config, step: int, data, runner: RewardRunner) -> dict:
+    pos = data.position(step, cfg.prompts_per_step) if hasattr(data, "position") else {"step": step}
+    return {"step": step, "data_position": pos, "reward_errors": runner.errors,
+            "reward_timeouts": runner.timeouts}
+
+
+def summarize(step, cfg, info, rewards, raw, adv, lens, trunc, keep_group, stats, t_rollout,
+              t_anchor, t_update, gen_tokens, lr, runner) -> dict:
+    """One metrics row: global reward stats (every rank has all rewards) + update stats."""
+    valid = [r for r in raw if r is not None]
+    n = max(len(valid), 1)
+    mean = sum(valid) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in valid) / max(len(valid) - 1, 1)) if valid else 0.0
+    gen_total, upd_tokens = all_reduce_sum([gen_tokens, sum(s["tokens"] for s in stats)], info)
+    # Kernel metrics are per rank; weight them by the rank's count and sum over ranks.
+    keys = ["entropy", "delta_mean", "delta_abs_mean", "chi2", "omega_std", "clip_frac"]
+    sums = [sum(s.get(k, 0.0) * s["count"] for s in stats) for k in keys] + \
+           [sum(s["count"] for s in stats)]
+    sums = all_reduce_sum(sums, info)
+    wsum = max(sums[-1], 1e-12)
+    row = {"step": step, "reward_mean": mean if valid else None, "reward_std": std,
+           "accuracy": sum(r >= 1.0 - 1e-9 for r in valid) / n,
+           "loss": sum(s["loss"] for s in stats) / len(stats) if stats else None,
+           "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats) if stats else None}
+    for k, v in zip(keys, sums):
+        if k != "clip_frac" or cfg.loss != "opo":
+            row[k] = v / wsum if stats else None
+    if stats:
+        first = [s for s in stats if s["minibatch"] == 0 and s["epoch"] == 0]
+        last = stats[-1]
+        row["delta_abs_first"] = first[0]["delta_abs_mean"] if first else None
+        row["delta_abs_last"] = last["delta_abs_mean"]
+        om_min = min(s["omega_min"] for s in stats)
+        om_max = max(s["omega_max"] for s in stats)
+        lo_hi = all_gather_objects((om_min, om_max), info)
+        row["omega_min"] = min(x[0] for x in lo_hi)
+        row["omega_max"] = max(x[1] for x in lo_hi)
+    a_rng = (max(adv) - min(adv)) if adv else 0.0
+    row["adv_range"] = a_rng
+    row["grad_response_eff"] = (row["grad_norm"] / (0.5 * a_rng)) if (stats and a_rng > 0) else None
+    row["completion_len_mean"] = sum(lens) / max(len(lens), 1)
+    row["completion_len_max"] = max(lens) if lens else 0
+    row["truncated_frac"] = sum(trunc) / max(len(trunc), 1)
+    row["groups_kept"] = sum(keep_group)
+    row["reward_none_frac"] = sum(r is None for r in rewards) / max(len(rewards), 1)
+    row["reward_errors"] = runner.errors
+    row["reward_timeouts"] = runner.timeouts
+    row["rollout_tokens_per_s"] = gen_total / max(t_rollout, 1e-9)
+    row["train_tokens_per_s"] = upd_tokens / t_update if t_update > 0 else None
+    row["anchor_time"] = t_anchor
+    row["update_time"] = t_update
+    row["rollout_time"] = t_rollout
+    row["lr"] = lr
+    row["optimizer_steps"] = len(stats)
+    return row
