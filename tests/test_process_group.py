@@ -47,6 +47,7 @@ def _worker(rank, world, port, out):
             loss.backward()
             torch.save({"omega": w, "loss": loss.detach(), "grad": h.grad},
                        f"{out}/{normalize}-rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (else an abort at exit)
     finally:
         dist.destroy_process_group()
 
