@@ -2,8 +2,8 @@
 
 ``python -m bench.dynamics [--steps N] [--seeds 0,1] [--out DIR] [--set key=value ...]``
 
-Trains the trainer's toy default (``python -m opo_train``: a tiny Qwen3 learning 2-digit
-addition on CPU) once per loss and seed, with the same seeds, budget and every other setting,
+Trains the trainer's toy default (``python -m opo_train``: a tiny Qwen3 learning to reverse
+digit strings on CPU) once per loss and seed, with the same seeds, budget and every other setting,
 then reads each run's ``metrics.jsonl`` and plots reward, gradient norm, policy entropy and the
 gradient response efficiency ``|grad| / (AdvRange / 2)`` (paper Fig. 7b) per step. Writes
 ``DIR/dynamics.png``, ``DIR/summary.json`` and ``DIR/READING.md`` (a short reading of what the
@@ -199,8 +199,8 @@ def reading(summary: dict, meta: dict) -> str:
                 lines.append("- Final entropy, high to low: " +
                              ", ".join(f"{l} {ent[l]:.3g}" for l in order) + ".")
     lines += ["", "What this does and does not show:", "",
-              "- It is the trainer's tiny Qwen3 (under 2M parameters) on 2-digit addition with a "
-              "few dozen RL steps on CPU, after a supervised warm start; the paper's Figs. 5-8 "
+              "- It is the trainer's tiny Qwen3 (under 2M parameters) on the toy digit task, a few "
+              "hundred RL steps on CPU after a supervised warm start; the paper's Figs. 5-8 "
               "are Qwen3-1.7B on MATH for hundreds of steps. Agreement or disagreement here is "
               "weak evidence either way.",
               "- Gradient norms of different losses are not on one scale: OPO's gradient is that "
@@ -215,11 +215,10 @@ def reading(summary: dict, meta: dict) -> str:
     if "dapo" in summary:
         lines.append(
             "- DAPO runs with the trainer's soft overlong punishment (overlong_buffer = "
-            "max_new_tokens // 4 = 1 token on the toy, whose max_new_tokens is 4): every 4-token "
-            "completion gets -1, including a correct 3-digit sum plus its end token. Its "
-            "completions shrink (see the length column) and its reward (logged without the "
-            "shaping) falls. That is an artifact of the toy's settings, not a finding about "
-            "DAPO.")
+            "max_new_tokens // 4 by default): on the toy's very short completions the penalty "
+            "window covers answers that are correct, so DAPO is pushed towards shorter "
+            "completions (see the length column) and its reward (logged without the shaping) "
+            "suffers. That is an artifact of the toy's settings, not a finding about DAPO.")
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +229,7 @@ def main(argv=None):
                     help="where the plot, summary.json and READING.md go")
     ap.add_argument("--runs-dir", default="runs/bench-dynamics",
                     help="the training runs (checkpoints, metrics.jsonl); kept out of --out")
-    ap.add_argument("--steps", type=int, default=60, help="RL steps per run (toy default 60)")
+    ap.add_argument("--steps", type=int, default=60, help="RL steps per run (the toy default is 300)")
     ap.add_argument("--seeds", default="0", help="comma list of seeds (same for every loss)")
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
