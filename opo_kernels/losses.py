@@ -208,7 +208,6 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
               lengths: torch.Tensor, old: torch.Tensor | None, vocab_size: int,
               process_group=None) -> LossPlan:
     """Batch-global constants. mask (N,) fp32, lengths (B,) int64 segment lengths, old (N,) or None."""
-    B = advantages.shape[0]
     seq_len = segment_sum(mask, lengths)
     valid = seq_len > 0
     # Sequences without valid tokens take part in nothing: whatever their advantage holds.
@@ -256,11 +255,6 @@ def _reduce_seq(sums, seq_len, seq_reduce):
     return sums
 
 
-def _local(plan: LossPlan, mask, seq, s0, s1):
-    """Segment lengths of sequences s0..s1-1 (the chunk holds all their tokens)."""
-    return plan.lengths[s0:s1]
-
-
 def _clamp_ratio(plan: LossPlan, delta):
     c = plan.opts.max_log_ratio
     return delta if c is None else torch.clamp(delta, -c, c)
@@ -271,7 +265,7 @@ def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
     d_tok = (logp - old) * mask
     omega = plan.omega[s0:s1]
     if o.level == "sequence":
-        lengths = _local(plan, mask, seq, s0, s1)
+        lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens
         L = plan.seq_len[s0:s1]
         delta = _reduce_seq(segment_sum(d_tok, lengths), L, o.seq_reduce)
         delta = _clamp_ratio(plan, delta)
@@ -321,7 +315,7 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
 
 
 def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
-    lengths = _local(plan, mask, seq, s0, s1)
+    lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens
     L = plan.seq_len[s0:s1]
     d_tok = (logp - old) * mask
     log_s = segment_sum(d_tok.detach(), lengths) / L.clamp_min(1)
@@ -343,7 +337,7 @@ def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
     """SPEC §3, the authors' released weighting; needs the whole batch (s0 = 0, s1 = B)."""
     o = plan.opts
     G = o.group_size
-    lengths = _local(plan, mask, seq, s0, s1)
+    lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens
     L = plan.seq_len[s0:s1]
     ok = L > 0
     seqlogp = segment_sum(logp * mask, lengths) / L.clamp_min(1)
@@ -384,9 +378,8 @@ def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
 
 def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor) -> dict:
     """Metrics dict (detached 0-d fp32 tensors) from the summed partials of every chunk."""
-    per_token = plan.opts.loss in ("grpo", "dapo", "dr_grpo") or (
-        plan.opts.loss == "opo" and plan.opts.level == "token" and plan.opts.escort == "paper")
-    n_items = (plan.n_tokens if per_token else plan.n_seqs).clamp_min(1)
+    # Per-token losses average their Δ over tokens, per-sequence ones over sequences.
+    n_items = (plan.n_tokens if plan.token_separable else plan.n_seqs).clamp_min(1)
     om = plan.omega
     ok = plan.seq_len > 0
     if om is not None and ok.any():
