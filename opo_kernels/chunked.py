@@ -168,13 +168,13 @@ class VocabArgs:
 
 def logprobs_forward(hidden, weight, bias, targets, va: VocabArgs):
     """(logp, lse, entropy), all (N,) fp32, one chunk of logits at a time."""
+    if va.backend == "fused":
+        from .fused_linear import fused_linear_forward
+        return fused_linear_forward(hidden, weight, bias, targets, va.temperature, va.ignore_index)
     N = hidden.shape[0]
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
-    if va.backend == "fused":
-        from .fused_linear import fused_linear_forward
-        return fused_linear_forward(hidden, weight, bias, targets, va.temperature, va.ignore_index)
     vf, _ = dispatch.vocab_pass(va.backend)
     head = Head(hidden, weight, bias, va.chunk)
     for t0, t1, _, _ in va.chunks:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,15 @@ from typing import Any
 
 import yaml
 
+from opo_kernels import LOSSES
+from opo_kernels.checks import check_options
+from opo_kernels.dispatch import BACKENDS
+from opo_kernels.losses import LossOptions
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
 TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random init)
 
-LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo")
 
 
 @dataclass
@@ -150,13 +155,13 @@ class Config:
 
         choice("loss", LOSSES)
         choice("loss_impl", ("fused", "naive"))
-        choice("kernel_backend", ("auto", "triton", "native", "torch", "fused", "reference"))
-        choice("level", ("sequence", "token"))
-        choice("seq_reduce", ("mean", "sum"))
-        choice("ratio", ("log", "exact"))
-        choice("normalize", ("zscore", "center"))
-        choice("norm_scope", ("batch", "group"))
-        choice("escort", ("paper", "group_softmax"))
+        choice("kernel_backend", BACKENDS)
+        # The loss options' rules live with the loss: opo_kernels checks them, naming the key.
+        try:
+            check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
+        except (TypeError, ValueError) as e:  # its messages start with the option's name
+            key = re.match(r"[a-z_]+", str(e)).group(0)
+            raise ValueError(f"config key {key!r}: {e}") from None
         choice("adv_scale", ("auto", "group", "batch", "none"))
         choice("dynamic_sampling", ("auto", "true", "false"))
         choice("engine", ("hf", "vllm"))
@@ -170,9 +175,7 @@ class Config:
         choice("packed", ("auto", "true", "false"))
         choice("chat_template", ("auto", "true", "false"))
         choice("attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
-        if not 0.0 <= self.alpha <= 1.0:
-            bad("alpha", "must be in [0, 1]")
-        for key in ("mu", "tau", "temperature", "lr", "sft_lr", "reward_timeout", "math_verify_timeout"):
+        for key in ("temperature", "lr", "sft_lr", "reward_timeout", "math_verify_timeout"):
             if not getattr(self, key) > 0:
                 bad(key, "must be > 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -209,6 +212,8 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Config keys that are options of the loss itself (same names as opo_kernels' LossOptions).
+LOSS_OPTION_KEYS = tuple(k for k in LossOptions.__dataclass_fields__ if k in _FIELDS)
 _HINTS = typing.get_type_hints(Config)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, load_config
+from .config import LOSS_OPTION_KEYS, Config, load_config
 from .data import ToyTask, as_dataset, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
 from .metrics import MetricsLogger, console_line
@@ -111,12 +111,8 @@ def rank_share(n_items: int, minibatches: int, world: int, rank: int) -> list[li
 # ----------------------------------------------------------------------------------------------
 
 def loss_kwargs(cfg: Config, info: DistInfo) -> dict:
-    kw = dict(loss=cfg.loss, alpha=cfg.alpha, mu=cfg.mu, tau=cfg.tau, level=cfg.level,
-              seq_reduce=cfg.seq_reduce, ratio=cfg.ratio, normalize=cfg.normalize,
-              norm_scope=cfg.norm_scope, group_size=cfg.group_size,
-              ref_correction=cfg.ref_correction, max_log_ratio=cfg.max_log_ratio,
-              escort=cfg.escort, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-              max_completion_length=cfg.max_new_tokens)
+    kw = {k: getattr(cfg, k) for k in LOSS_OPTION_KEYS}
+    kw["max_completion_length"] = cfg.max_new_tokens
     # ω is normalized over the data-parallel group (every rank's sequences of the mini-batch).
     kw["process_group"] = info.group if info.world > 1 else None
     return kw
