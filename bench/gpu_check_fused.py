@@ -135,6 +135,31 @@ def reference_fp32(h, w, y, g, chunk=1024):
     return logp, dh, dw
 
 
+def peer_errors(h, w, y, g, ref):
+    """Errors against the fp32 reference of two bf16 peers on the same inputs: the materializing
+    PyTorch loss (bf16 logits, fp32 log_softmax, autograd: logp, dhidden, dweight) and Liger's
+    Triton ``fused_selective_log_softmax`` on those bf16 logits (logp only)."""
+    out = {}
+    hh = h.detach().clone().requires_grad_(True)
+    ww = w.detach().clone().requires_grad_(True)
+    z = hh @ ww.T
+    lp = torch.log_softmax(z.float(), -1).gather(1, y[:, None])[:, 0]
+    (lp * g).sum().backward()
+    out["torch_materialized_logp"] = rel_err(lp.detach(), ref[0])
+    out["torch_materialized_dhidden"] = rel_err(hh.grad, ref[1])
+    out["torch_materialized_dweight"] = rel_err(ww.grad, ref[2])
+    try:
+        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+        # (B, L + 1, V) logits whose row l predicts ids[l]: one padding row at the end.
+        logits = torch.cat([z.detach(), z.new_zeros(1, z.shape[1])])[None].contiguous()
+        del z
+        llp = fused_selective_log_softmax(logits, y[None], temperature=1.0)[0]
+        out["liger_triton_logp"] = rel_err(llp, ref[0])
+    except ImportError as e:
+        out["liger_triton_logp"] = f"not available: {e}"
+    return out
+
+
 def rel_err(x, ref):
     x = x.float()
     return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
@@ -219,6 +244,49 @@ def compile_only(arch=90):
     return ok
 
 
+# (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages); the first of each list is the shipped one.
+FWD_SWEEP = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+             (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (64, 256, 64, 4, 3)]
+BWD_SWEEP = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+             (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
+
+
+def tile_sweep(h, w, y, g, lse, save, res):
+    """Forward and backward (filtered, peaked) times for each tile config; restores the shipped
+    configs. A config that fails to compile or run is recorded as an error string."""
+    out = {"fwd": {}, "bwd_filtered": {}, "splits": {}}
+    res["sweep_ms"] = out
+
+    def one(table, cfg_dict, cfg, fn):
+        name = "n{}_v{}_k{}_w{}_s{}".format(*cfg)
+        saved = dict(cfg_dict)
+        cfg_dict.update(dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages"),
+                                 cfg)))
+        try:
+            table[name] = bench_ms(fn, rep=100)
+        except Exception as e:
+            table[name] = f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            cfg_dict.clear()
+            cfg_dict.update(saved)
+        print("sweep", name, table[name], flush=True)
+        save()
+
+    for cfg in FWD_SWEEP:
+        one(out["fwd"], fl.GPU_FWD_CONFIG, cfg, lambda: fl.fused_linear_forward(h, w, None, y))
+    for cfg in BWD_SWEEP:
+        one(out["bwd_filtered"], fl.GPU_BWD_CONFIG, cfg,
+            lambda: fl.fused_linear_backward(h, w, None, y, lse, None, g, None))
+    for sp in (8, 16, 32, 64, 128):
+        try:
+            out["splits"][str(sp)] = bench_ms(
+                lambda: fl.fused_linear_forward(h, w, None, y, splits=sp), rep=100)
+        except Exception as e:
+            out["splits"][str(sp)] = f"{type(e).__name__}: {str(e)[:200]}"
+    save()
+    return out
+
+
 def main(argv=None):
     if "--compile-only" in (sys.argv[1:] if argv is None else argv):
         sys.exit(0 if compile_only() else 1)
@@ -292,6 +360,10 @@ def main(argv=None):
         ref = None
         if not args.no_ref:
             ref = attempt(f"reference_{kind}", lambda: reference_fp32(h, w, y, g))
+            if ref is not None and HAS_CUDA:
+                res.setdefault("peer_rel_err", {})[kind] = attempt(
+                    f"peers_{kind}", lambda: peer_errors(h, w, y, g, ref))
+                torch.cuda.empty_cache()
 
         # forward alone, and its determinism / batch invariance
         fwd_ms = attempt(f"fwd_{kind}", lambda: bench_ms(lambda: fl.fused_linear_forward(
@@ -351,24 +423,20 @@ def main(argv=None):
                   flush=True)
 
         if args.sweep and kind == "peaked" and HAS_CUDA:
-            sweep = {}
-            base_cfg = dict(fl.GPU_BWD_CONFIG)
-            for bn, bv, bk, nw, ns in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 2),
-                                       (128, 256, 64, 8, 2), (64, 256, 64, 8, 3)):
-                cfg = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "num_warps": nw,
-                       "num_stages": ns}
-                fl.GPU_BWD_CONFIG.clear()
-                fl.GPU_BWD_CONFIG.update(cfg)
-                name = "n{BLOCK_N}_v{BLOCK_V}_k{BLOCK_K}_w{num_warps}_s{num_stages}".format(**cfg)
-                for mode, opts in (("filtered", {}), ("exact", {"filter_eps": 0.0})):
-                    sweep[f"{name}_{mode}"] = attempt(
-                        f"sweep_{name}_{mode}",
-                        lambda opts=opts: bench_ms(lambda: fl.fused_linear_backward(
-                            h, w, None, y, st["lse"], None, g, None, **opts), rep=100))
+            res["sweep_ms"] = attempt("sweep", lambda: tile_sweep(h, w, y, g, st["lse"], save,
+                                                                  res))
+            thr = res.setdefault("filter_eps_sweep", {})
+            for eps in (2.0 ** -8, 2.0 ** -10, 2.0 ** -14):
+                def one_eps(eps=eps):
+                    fn = lambda: fl.fused_linear_backward(h, w, None, y, st["lse"], None, g, None,  # noqa: E731
+                                                          filter_eps=eps)
+                    row = {"bwd_ms": bench_ms(fn, rep=100)}
+                    if ref is not None:
+                        dh, dw, _ = fn()
+                        row.update(dhidden=rel_err(dh, ref[1]), dweight=rel_err(dw, ref[2]))
+                    return row
+                thr[str(eps)] = attempt(f"filter_eps_{eps}", one_eps)
                 save()
-            fl.GPU_BWD_CONFIG.clear()
-            fl.GPU_BWD_CONFIG.update(base_cfg)
-            res["bwd_sweep_ms"] = sweep
         del h, w, y, g, ref
         if HAS_CUDA:
             torch.cuda.empty_cache()
