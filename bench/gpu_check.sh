@@ -57,11 +57,11 @@ timeout 200 python3 -m bench "${BENCH[@]}" --out "$OUT" 2>&1 | grep -v "^|" | ta
 # 3. The fused kernels alone: filtered/exact/deterministic/bf16-accumulation, errors against fp32
 #    and against the bf16 peers, bitwise reruns, batch invariance, tile and threshold sweeps.
 stamp fused
-timeout 130 python3 bench/gpu_check_fused.py "$OUT/fused.json" "${FUSED[@]}" 2>&1 | tail -45
+timeout 150 python3 bench/gpu_check_fused.py "$OUT/fused.json" "${FUSED[@]}" 2>&1 | tail -45
 
 # 4. The trainer's step, toy task on a scaled-up model: fused vs materializing loss head.
 stamp trainer
-timeout 80 python3 -m bench.trainer_step "${TRAINER[@]}" --out "$OUT/trainer.json" 2>&1 \
+timeout 70 python3 -m bench.trainer_step "${TRAINER[@]}" --out "$OUT/trainer.json" 2>&1 \
   | grep -E "^\{|Error|error" | tail -8
 
 stamp summary

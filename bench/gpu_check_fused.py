@@ -342,9 +342,9 @@ def main(argv=None):
 
     variants = {
         "filtered": dict(),
-        "exact": dict(filter_eps=0.0),
         "filtered_deterministic": dict(deterministic=True),
         "filtered_accum_bf16": dict(accum_fp32=False),
+        "exact": dict(filter_eps=0.0),
     }
     per_kind = {"peaked": list(variants), "flat": ["filtered", "exact"]}
 
