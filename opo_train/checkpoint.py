@@ -13,6 +13,7 @@ looks at final names that contain ``COMPLETE``; stale ``.tmp-*`` directories are
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +29,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 
 _NAME = re.compile(r"^step_(\d+)$")
+log = logging.getLogger("opo_train")
+
+# What a run writes into its output_dir (other files there are the user's and never touched).
+RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.jsonl", "sft_metrics.jsonl", "metrics.png", "tb",
+               "config.yaml", "completions.jsonl")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,18 +66,49 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+def complete(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, newest first."""
     root = checkpoint_dir(output_dir)
     if not root.exists():
-        return None
-    best = None
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and (p / "COMPLETE").exists():
-            if best is None or int(m.group(1)) > best[0]:
-                best = (int(m.group(1)), p)
-    return best[1] if best else None
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / "COMPLETE").exists()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = complete(output_dir)
+    return found[0] if found else None
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def existing_run(output_dir: str | Path) -> str | None:
+    """What shows that ``output_dir`` already holds a run (None: nothing)."""
+    d = Path(output_dir)
+    root = checkpoint_dir(d)
+    if root.exists():
+        steps = sorted(p.name for p in root.iterdir() if _NAME.match(p.name))
+        if steps:
+            return f"checkpoints/{steps[-1]}"
+    for name in ("metrics.jsonl", "hf_model"):
+        if (d / name).exists():
+            return name
+    return None
+
+
+def remove_run(output_dir: str | Path) -> None:
+    """Delete what a run wrote into ``output_dir`` (only the trainer's own outputs)."""
+    d = Path(output_dir)
+    for name in RUN_OUTPUTS:
+        p = d / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def save(output_dir, step: int, policy, optimizer, trainer_state: dict, info, keep: int = 2) -> Path:
@@ -120,14 +157,50 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def load_latest(output_dir, policy, optimizer, info) -> tuple[Path | None, dict | None]:
+    """Restore the newest checkpoint that loads; a complete-looking one that does not (a
+    truncated shard, unreadable state) is renamed ``<name>.corrupt`` with a warning naming it,
+    and the previous one is tried. Collective: every rank agrees on the outcome of each try."""
+    for path in complete(output_dir):
+        err = None
+        try:
+            state = load(path, policy, optimizer, info)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            err, state = e, None
+        ok = [err is None]
+        if info.world > 1:
+            box = [None] * info.world
+            dist.all_gather_object(box, ok[0], group=info.group)
+            ok = box
+        if all(ok):
+            return path, state
+        if info.is_main:
+            lines = [x.strip() for x in str(err).splitlines() if x.strip()] if err else []
+            why = (f"{type(err).__name__}: {' ... '.join(dict.fromkeys([lines[0], lines[-1]]))[:300]}"
+                   if lines else type(err).__name__ if err else "another rank failed")
+            bad = path.with_name(path.name + ".corrupt")
+            log.warning("checkpoint %s is corrupt (%s); it is kept as %s and the previous "
+                        "checkpoint is used", path, why, bad.name)
+            if bad.exists():
+                shutil.rmtree(bad)
+            os.rename(path, bad)
+        if info.world > 1:
+            dist.barrier(group=info.group)
+    return None, None
+
+
 def load(path: Path, policy, optimizer, info) -> dict:
     """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    rng_file = path / f"rng_rank{info.rank}.pt"
+    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=True))
-    rng_file = path / f"rng_rank{info.rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    if rng is not None:
+        set_rng_state(rng)
+    return trainer_state

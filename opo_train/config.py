@@ -26,6 +26,11 @@ TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random ini
 
 
 
+class ConfigError(ValueError):
+    """A bad configuration: a key, a value, a file, or something the configuration asks of the
+    machine (a device, a package, a path). The command line prints it on one line and exits 2."""
+
+
 @dataclass
 class Config:
     # -- run ------------------------------------------------------------------------------------
@@ -34,6 +39,7 @@ class Config:
     max_steps: int = 0             # outer iterations (rollout batches); 0 = from `epochs`
     epochs: float = 0.0            # passes over a finite train set (used when max_steps == 0)
     resume: bool = False           # continue from the latest complete checkpoint in output_dir
+    overwrite: bool = False        # start over in an output_dir that holds a run (deletes its outputs)
     device: str = "auto"           # auto | cpu | cuda
     cpu_threads: int = 0           # torch threads per process on CPU; 0 = torch's default
 
@@ -208,6 +214,8 @@ class Config:
             bad("keep_checkpoints", "must be >= 1")
         if not 0.0 < self.adam_beta1 < 1.0 or not 0.0 < self.adam_beta2 < 1.0:
             bad("adam_beta1", "betas must be in (0, 1)")
+        if self.resume and self.overwrite:
+            bad("overwrite", "contradicts resume=true (continue the run, or delete it: not both)")
         return self
 
 

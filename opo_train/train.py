@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import LOSS_OPTION_KEYS, Config, load_config
+from .config import LOSS_OPTION_KEYS, Config, ConfigError, load_config
 from .data import ToyTask, as_dataset, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
 from .metrics import MetricsLogger, console_line
@@ -393,6 +393,12 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
                           resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout),
                           cfg.reward_weights or None, cfg.reward_timeout)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / P)
+
+    # ---- output_dir: ours alone; resume only forwards -----------------------------------------
+    found, state = claim_output_dir(cfg, info, policy, optimizer, max_steps)
+    start_step, sft_rows = (state["step"], None) if found else (0, None)
+    if found:
+        runner.errors, runner.timeouts = state.get("reward_errors", 0), state.get("reward_timeouts", 0)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
@@ -400,15 +406,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
               f"{info.device.type}, loss={cfg.loss} ({cfg.loss_impl}), {max_steps} steps x "
               f"{P} prompts x {G} samples, {'packed' if packed else 'padded'} batches, "
               f"engine={cfg.engine} -> {out_dir}", flush=True)
-
-    # ---- resume -----------------------------------------------------------------------------
-    start_step, sft_rows = 0, None
-    found = ckpt.latest(out_dir) if cfg.resume else None
-    if found is not None:
-        state = ckpt.load(found, policy, optimizer, info)
-        start_step = state["step"]
-        runner.errors, runner.timeouts = state.get("reward_errors", 0), state.get("reward_timeouts", 0)
-        if info.is_main:
+        if found:
             print(f"resumed from {found} (step {start_step})", flush=True)
     logger = MetricsLogger(out_dir, info.is_main, resume_step=start_step if found else None,
                            tensorboard=cfg.tensorboard)
@@ -416,6 +414,15 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
     # ---- warm start -------------------------------------------------------------------------
     if cfg.sft_steps and found is None:
         sft_rows = warm_start(policy, tok, cfg, info, packed, out_dir)
+
+    # The engine samples with the policy's weights of the moment: pushed before a rollout or a
+    # validation whenever an optimizer step has changed them since the last push.
+    versions = {"policy": 0, "engine": -1}
+
+    def sync_engine():
+        if versions["engine"] != versions["policy"]:
+            engine.load_weights(iter_full_params(policy))
+            versions["engine"] = versions["policy"]
 
     # ---- RL: outer iterations ---------------------------------------------------------------
     for step in range(start_step, max_steps):
@@ -429,7 +436,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
         # 1. rollout: push the current weights, sample G completions per prompt
         t0 = time.perf_counter()
         engine.wake()
-        engine.load_weights(iter_full_params(policy))
+        sync_engine()
         prompt_ids = format_prompts(my_rows, tok, cfg)
         samples = engine.generate(prompt_ids, G, seed=step_seed(cfg, step, info.rank))
         engine.sleep()
@@ -490,6 +497,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
             # 5. several optimizer steps on the frozen anchor
             t2 = time.perf_counter()
             stats = update_policy(policy, optimizer, batches, anchors, cfg, info, lr)
+            versions["policy"] += 1
             t_update = time.perf_counter() - t2
         else:
             t_anchor = t_update = 0.0
@@ -501,6 +509,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
         row["step_time"] = time.perf_counter() - t_step
         if cfg.val_every and val_rows and (step + 1) % cfg.val_every == 0:
             engine.wake()
+            sync_engine()  # score the weights after this step's updates
             row.update(validate(engine, val_rows, tok, runner, cfg, info, step + 1))
             engine.sleep()
         if (step + 1) % cfg.log_every == 0 or step + 1 == max_steps:
@@ -512,8 +521,11 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
                       info, cfg.keep_checkpoints)
 
     # ---- the end: final checkpoint, HF export, plot -----------------------------------------
-    final = ckpt.save(out_dir, max_steps, policy, optimizer,
-                      trainer_state(cfg, max_steps, train_data, runner), info, cfg.keep_checkpoints)
+    if found is not None and start_step == max_steps:
+        final = found  # resumed at the end: the checkpoint already holds these weights
+    else:
+        final = ckpt.save(out_dir, max_steps, policy, optimizer,
+                          trainer_state(cfg, max_steps, train_data, runner), info, cfg.keep_checkpoints)
     if cfg.export_hf:
         save_hf(policy, tok, out_dir / "hf_model", info)
     png = logger.plot(extra_rows=sft_rows) if cfg.plot else None
@@ -530,6 +542,42 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
                   f"(first {k} steps) -> {summary['reward_last']:.3f} (last {k} steps); checkpoint "
                   f"{final}; metrics {out_dir / 'metrics.jsonl'}", flush=True)
     return summary
+
+
+def claim_output_dir(cfg: Config, info: DistInfo, policy, optimizer, max_steps: int):
+    """Make ``output_dir`` this run's own before anything is written there.
+
+    A run already there is continued (``resume=true``: the newest checkpoint that loads, see
+    ``checkpoint.load_latest``), deleted (``overwrite=true``), or the run is refused: mixing two
+    runs' checkpoints would prune the new run's and resume the old one. A checkpoint beyond
+    ``max_steps`` is refused too (its weights would be saved under an earlier step's name).
+    Returns (checkpoint path or None, its trainer state or None)."""
+    out_dir = Path(cfg.output_dir)
+    there = ckpt.existing_run(out_dir)
+    if cfg.overwrite:
+        if info.is_main and there:
+            ckpt.remove_run(out_dir)
+        if info.world > 1:
+            torch.distributed.barrier(group=info.group)
+        return None, None
+    if not cfg.resume:
+        if there:
+            raise ConfigError(
+                f"config key 'output_dir': {str(out_dir)!r} already holds a run ({there}); pass "
+                f"resume=true to continue it, overwrite=true to delete it and start over, or "
+                f"another output_dir")
+        return None, None
+    latest = ckpt.latest(out_dir)
+    if latest is not None and ckpt.step_of(latest) > max_steps:
+        raise ConfigError(
+            f"config key 'max_steps': {max_steps} is below the step of the latest checkpoint "
+            f"{latest} ({ckpt.step_of(latest)}); resuming would save later weights under an "
+            f"earlier step's name. Raise max_steps, or use another output_dir")
+    found, state = ckpt.load_latest(out_dir, policy, optimizer, info)
+    if found is None and latest is not None:
+        raise ConfigError(f"config key 'resume': no checkpoint in {str(out_dir)!r} could be loaded "
+                          f"(see the warnings above)")
+    return found, state
 
 
 def learning_rate(cfg: Config, step: int, max_steps: int) -> float:

@@ -1,0 +1,144 @@
+"""A real run loses nothing and tells the truth: output_dir ownership, resume bounds, fresh
+validation weights, corrupt-checkpoint fallback (issue 11, items 1-3 and 7). In-process runs of
+the tiny model, a second or two each."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from opo_train import load_config, train
+
+SMALL = ["prompts_per_step=4", "group_size=4", "max_new_tokens=4", "sft_steps=0", "val_every=0",
+         "minibatches=2", "lr=1e-3", "plot=false", "tensorboard=false", "export_hf=false"]
+
+
+def _cfg(out, *extra):
+    return load_config(None, [*SMALL, f"output_dir={out}", *extra])
+
+
+def varied(prompts, completions, **_):
+    """A deterministic reward that varies even for a random-init model (so loss and gradients
+    are not all zero and the resume comparisons mean something)."""
+    return [sum(map(ord, c)) % 7 / 6 for c in completions]
+
+
+def _rows(d: Path, name="metrics.jsonl"):
+    return [json.loads(x) for x in (d / name).read_text().splitlines() if x.strip()]
+
+
+def _ckpts(d: Path):
+    return sorted(p.name for p in (d / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+
+
+# -- item 1: an existing run in output_dir is never mixed with a new one ----------------------
+
+def test_rerun_into_existing_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "max_steps=4", "save_every=2"))
+    before = _ckpts(out)
+    assert before == ["step_000002", "step_000004"]
+    mtime = (out / "checkpoints" / "step_000004" / "trainer_state.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"'output_dir'.*resume=true.*overwrite=true"):
+        train(_cfg(out, "max_steps=2", "save_every=1"))
+    # Nothing of the old run was touched.
+    assert _ckpts(out) == before
+    assert (out / "checkpoints" / "step_000004" / "trainer_state.json").stat().st_mtime_ns == mtime
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+def test_overwrite_starts_clean(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "max_steps=4", "save_every=2"))
+    summary = train(_cfg(out, "max_steps=2", "save_every=1", "overwrite=true"))
+    assert _ckpts(out) == ["step_000001", "step_000002"]
+    assert Path(summary["checkpoint"]).exists()
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    # a later resume continues the new run, not the old one
+    summary = train(_cfg(out, "max_steps=3", "resume=true"))
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    assert Path(summary["checkpoint"]).name == "step_000003"
+
+
+# -- item 2: resume never rewrites a checkpoint with later weights -----------------------------
+
+def test_resume_with_max_steps_below_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "max_steps=4", "save_every=2"))
+    ck = out / "checkpoints" / "step_000004"
+    mtime = (ck / "trainer_state.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"'max_steps'.*2.*step_000004.*4"):
+        train(_cfg(out, "max_steps=2", "resume=true"))
+    assert (ck / "trainer_state.json").stat().st_mtime_ns == mtime
+    assert _ckpts(out) == ["step_000002", "step_000004"]
+
+
+def test_resume_at_max_steps_rewrites_nothing(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "max_steps=2"))
+    ck = out / "checkpoints" / "step_000002"
+    mtime = (ck / "COMPLETE").stat().st_mtime_ns
+    summary = train(_cfg(out, "max_steps=2", "resume=true"))
+    assert (ck / "COMPLETE").stat().st_mtime_ns == mtime
+    assert Path(summary["checkpoint"]) == ck
+
+
+# -- item 3: validation scores the weights after the step's updates ---------------------------
+
+def _greedy_val_reward(model_dir: Path, rows) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opo_train.rewards import toy_reward
+    m = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    comps = []
+    with torch.no_grad():
+        for r in rows:  # one prompt at a time: no padding question at all
+            ids = tok(r["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+            out = m.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+            comps.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    rw = toy_reward([r["prompt"] for r in rows], comps, [r["answer"] for r in rows])
+    return sum(rw) / len(rw)
+
+
+def test_validation_scores_the_updated_weights(tmp_path):
+    from opo_train.data import ToyTask
+    out = tmp_path / "run"
+    cfg = _cfg(out, "max_steps=1", "val_every=1", "val_size=16", "lr=3e-3", "export_hf=true",
+               "sft_steps=15", "sft_batch_size=16")
+    train(cfg)
+    row = _rows(out)[-1]
+    rows = ToyTask(cfg.seed, "val", cfg.toy_digits, cfg.toy_task).fixed(16)
+    exported = _greedy_val_reward(out / "hf_model", rows)
+    assert row["val_reward"] == pytest.approx(exported, abs=1e-6)
+
+
+# -- item 7: a corrupt checkpoint that carries COMPLETE falls back to the previous one ----------
+
+@pytest.mark.parametrize("damage", ["shard", "state"])
+def test_corrupt_checkpoint_falls_back(tmp_path, damage, caplog):
+    ref = tmp_path / "ref"
+    const = ["lr_schedule=constant", "warmup_steps=0"]  # the lr of a step must not depend on max_steps
+    train(_cfg(ref, "max_steps=4", "save_every=1", "keep_checkpoints=3", *const), reward_fns=varied)
+    out = tmp_path / "run"
+    train(_cfg(out, "max_steps=3", "save_every=1", "keep_checkpoints=3", *const), reward_fns=varied)
+    bad = out / "checkpoints" / "step_000003"
+    assert (bad / "COMPLETE").exists()
+    if damage == "shard":
+        for f in bad.glob("*.distcp"):
+            f.write_bytes(f.read_bytes()[: 100])
+    else:
+        (bad / "trainer_state.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="opo_train"):
+        summary = train(_cfg(out, "max_steps=4", "save_every=1", "keep_checkpoints=3", "resume=true",
+                             *const),
+                        reward_fns=varied)
+    assert "step_000003" in caplog.text and "corrupt" in caplog.text.lower()
+    assert summary["step"] == 4
+    a, b = _rows(ref), _rows(out)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a[3]["grad_norm"] > 0
+    for k in ["reward_mean", "loss", "grad_norm"]:
+        assert b[3][k] == pytest.approx(a[3][k], rel=1e-5, abs=1e-8), k
