@@ -84,6 +84,8 @@ class Config:
     rewards: list = field(default_factory=lambda: ["auto"])  # names in rewards.REWARDS; auto = task's
     reward_weights: list = field(default_factory=list)       # [] = all 1.0
     reward_timeout: float = 30.0   # seconds for one reward call over the whole batch
+    reward_isolation: str = "process"  # process (a forked worker: a hang costs nothing) | thread
+    reward_max_failed_steps: int = 3   # stop after this many steps in a row without any reward; 0 = never
     math_verify_timeout: float = 5.0  # seconds per answer inside the math reward
 
     # -- loss -----------------------------------------------------------------------------------
@@ -171,6 +173,7 @@ class Config:
         choice("adv_scale", ("auto", "group", "batch", "none"))
         choice("dynamic_sampling", ("auto", "true", "false"))
         choice("engine", ("hf", "vllm"))
+        choice("reward_isolation", ("process", "thread"))
         choice("task", ("toy", "math"))
         choice("toy_task", ("add", "reverse"))
         choice("lr_schedule", ("constant", "cosine"))
@@ -193,7 +196,8 @@ class Config:
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
-                    "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs"):
+                    "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs",
+                    "reward_max_failed_steps"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.group_size < 2:

@@ -35,6 +35,10 @@ from .rollout import make_engine
 log = logging.getLogger("opo_train")
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. no reward at all for several steps); the message says why."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Sequences and batches
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +395,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
         val_rows = list(val_dataset)
     runner = RewardRunner(reward_fns if reward_fns is not None else
                           resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout),
-                          cfg.reward_weights or None, cfg.reward_timeout)
+                          cfg.reward_weights or None, cfg.reward_timeout, cfg.reward_isolation)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / P)
 
     # ---- output_dir: ours alone; resume only forwards -----------------------------------------
@@ -399,6 +403,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
     start_step, sft_rows = (state["step"], None) if found else (0, None)
     if found:
         runner.errors, runner.timeouts = state.get("reward_errors", 0), state.get("reward_timeouts", 0)
+        runner.invalid = state.get("reward_invalid", 0)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
@@ -425,6 +430,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
             versions["engine"] = versions["policy"]
 
     # ---- RL: outer iterations ---------------------------------------------------------------
+    failed_steps = 0
     for step in range(start_step, max_steps):
         t_step = time.perf_counter()
         lr = learning_rate(cfg, step, max_steps)
@@ -448,7 +454,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
         completions = [tok.decode(s.tokens, skip_special_tokens=True) for _, s in flat]
         prompts = [my_rows[gi]["prompt"] for gi, _ in flat]
         columns = {k: [my_rows[gi].get(k) for gi, _ in flat] for k in my_rows[0] if k != "prompt"}
-        rewards = runner(prompts, completions, columns)
+        rewards = runner(prompts, completions, columns, [list(s.tokens) for _, s in flat])
         raw_rewards = list(rewards)
         if cfg.loss == "dapo":
             rewards = [None if r is None else r + overlong_penalty(len(s.tokens), cfg)
@@ -465,6 +471,13 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
                 for s in range(G):
                     g_rewards[gi * G + s], g_raw[gi * G + s] = rw[j * G + s], raw[j * G + s]
                     g_len[gi * G + s], g_trunc[gi * G + s] = lens[j * G + s], trunc[j * G + s]
+        failed_steps = failed_steps + 1 if all(r is None for r in g_rewards) else 0
+        if cfg.reward_max_failed_steps and failed_steps >= cfg.reward_max_failed_steps:
+            raise TrainingStopped(
+                f"no sample got a reward in {failed_steps} steps in a row (reward errors "
+                f"{runner.errors}, timeouts {runner.timeouts}, invalid values {runner.invalid}; last: "
+                f"{runner.last_failure or 'every function returned None'}): fix the reward "
+                f"function(s); reward_max_failed_steps=0 never stops")
         adv = compute_advantages(g_rewards, G, cfg.effective_adv_scale())
         # A group takes part when it has a reward at all; DAPO's dynamic sampling also drops
         # groups whose rewards are all equal (zero advantage, no signal).
@@ -530,6 +543,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
         save_hf(policy, tok, out_dir / "hf_model", info)
     png = logger.plot(extra_rows=sft_rows) if cfg.plot else None
     logger.close()
+    runner.close()
     summary = dict(logger.rows[-1]) if logger.rows else {}
     summary.update(checkpoint=str(final), output_dir=str(out_dir), wall_time=time.time() - t_start,
                    plot=str(png) if png else None)
@@ -592,7 +606,7 @@ def learning_rate(cfg: Config, step: int, max_steps: int) -> float:
 def trainer_state(cfg: Config, step: int, data, runner: RewardRunner) -> dict:
     pos = data.position(step, cfg.prompts_per_step) if hasattr(data, "position") else {"step": step}
     return {"step": step, "data_position": pos, "reward_errors": runner.errors,
-            "reward_timeouts": runner.timeouts}
+            "reward_timeouts": runner.timeouts, "reward_invalid": runner.invalid}
 
 
 def summarize(step, cfg, info, rewards, raw, adv, lens, trunc, keep_group, stats, t_rollout,
@@ -636,6 +650,7 @@ def summarize(step, cfg, info, rewards, raw, adv, lens, trunc, keep_group, stats
     row["reward_none_frac"] = sum(r is None for r in rewards) / max(len(rewards), 1)
     row["reward_errors"] = runner.errors
     row["reward_timeouts"] = runner.timeouts
+    row["reward_invalid"] = runner.invalid
     row["rollout_tokens_per_s"] = gen_total / max(t_rollout, 1e-9)
     row["train_tokens_per_s"] = upd_tokens / t_update if t_update > 0 else None
     row["anchor_time"] = t_anchor

@@ -105,7 +105,7 @@ def test_runner_contains_raising_hanging_and_malformed(caplog):
     p, c = ["a", "b", "c"], ["x", "y", "z"]
     r = RewardRunner([good, boom], timeout=5.0)
     with caplog.at_level("WARNING", logger="opo_train"):
-        assert r(p, c, {}) == [None, None, None]
+        assert r(p, c, {}) == [1.0, 1.0, 1.0]  # one failing function voids only its own part
     assert r.errors == 1 and "reward server down" in caplog.text
     r = RewardRunner(hang, timeout=0.3)
     t0 = time.time()
@@ -114,6 +114,131 @@ def test_runner_contains_raising_hanging_and_malformed(caplog):
     r = RewardRunner(short, timeout=5.0)
     assert r(p, c, {}) == [None] * 3 and r.errors == 1
     r = RewardRunner([good, partial], weights=[1.0, 2.0], timeout=5.0)
-    assert r(p, c, {}) == [2.0, None, None] and r.errors == 0
+    # TRL: weighted sum over the functions that gave a number (None / NaN skipped)
+    assert r(p, c, {}) == [2.0, 1.0, 1.0] and r.errors == 0 and r.invalid == 1
+    r = RewardRunner([partial], timeout=5.0)
+    assert r(p, c, {}) == [0.5, None, None]
     with pytest.raises(TypeError, match="reward_fns"):
         RewardRunner([good, 3])
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_runner_accepts_any_numeric_type(isolation, caplog):
+    import numpy as np
+
+    def np_scalars(prompts, completions, **_):
+        return [np.float32(0.25), np.int64(1), torch.tensor(0.5), np.float64(2.0)]
+
+    def arrays(prompts, completions, **_):
+        return np.array([1, 2, 3, 4], dtype=np.int32)
+
+    def tensor(prompts, completions, **_):
+        return torch.tensor([0.5, 0.25, 1.0, 0.0])
+
+    def one_elem(prompts, completions, **_):
+        return [torch.tensor([1.0]), np.array(2.0), True, 3]
+
+    p, c = ["a"] * 4, ["x"] * 4
+    with caplog.at_level("WARNING", logger="opo_train"):
+        for fn, want in [(np_scalars, [0.25, 1.0, 0.5, 2.0]), (arrays, [1.0, 2.0, 3.0, 4.0]),
+                         (tensor, [0.5, 0.25, 1.0, 0.0]), (one_elem, [1.0, 2.0, 1.0, 3.0])]:
+            r = RewardRunner(fn, timeout=20.0, isolation=isolation)
+            got = r(p, c, {})
+            r.close()
+            assert got == pytest.approx(want) and all(type(v) is float for v in got), fn.__name__
+            assert (r.errors, r.invalid, r.timeouts) == (0, 0, 0), fn.__name__
+    assert "not finite numbers" not in caplog.text
+
+
+def test_runner_counts_and_warns_on_values_that_are_not_numbers(caplog):
+    def odd(prompts, completions, **_):
+        return ["0.5", float("nan"), None, float("inf"), [1.0], 1]
+
+    r = RewardRunner(odd, timeout=20.0)
+    with caplog.at_level("WARNING", logger="opo_train"):
+        got = r(["a"] * 6, ["x"] * 6, {})
+    r.close()
+    assert got == [None, None, None, None, None, 1.0]
+    assert r.invalid == 4 and r.errors == 0  # None is "no reward", not invalid
+    assert "'0.5'" in caplog.text and "str" in caplog.text
+
+
+def test_trl_style_reward_functions_get_keywords_and_completion_ids():
+    seen = {}
+
+    def trl_style(completions, completion_ids, **kwargs):  # a TRL reward function
+        seen.update(kwargs, ids=completion_ids)
+        return [float(len(i)) for i in completion_ids]
+
+    r = RewardRunner(trl_style, timeout=20.0, isolation="thread")
+    got = r(["p1", "p2"], ["a", "bb"], {"answer": ["1", "2"]}, completion_ids=[[5], [6, 7]])
+    assert got == [1.0, 2.0] and r.errors == 0
+    assert seen["prompts"] == ["p1", "p2"] and seen["answer"] == ["1", "2"]
+
+    def positional(p, c, answer):  # no completion_ids parameter: not passed
+        return [float(x == a) for x, a in zip(c, answer)]
+
+    r = RewardRunner(positional, timeout=20.0, isolation="thread")
+    assert r(["p"], ["1"], {"answer": ["1"]}, completion_ids=[[3]]) == [1.0]
+
+
+def test_cpu_bound_hang_does_not_slow_the_trainer():
+    def spin(prompts, completions, **_):
+        while True:  # holds the interpreter lock of whatever thread runs it
+            pass
+
+    def sleepy_loop():
+        t0 = time.perf_counter()
+        for _ in range(100):  # each sleep gives the GIL away and must get it back
+            time.sleep(0.001)
+        return time.perf_counter() - t0
+
+    base = sleepy_loop()
+    r = RewardRunner(spin, timeout=0.5)  # default isolation: a worker process
+    t0 = time.time()
+    assert r(["a"], ["b"], {}) == [None] and r.timeouts == 1
+    assert time.time() - t0 < 5
+    after = sleepy_loop()
+    r.close()
+    import threading
+    assert not [t for t in threading.enumerate() if t.name.startswith("reward")]
+    # A spinning thread would add up to the 5 ms switch interval to every GIL hand-back.
+    assert after < max(3 * base, base + 0.15), (base, after)
+
+
+def test_math_reward_timeouts_do_not_void_the_batch():
+    from opo_train.rewards import resolve_rewards
+    fn, = resolve_rewards(["math"], "math", math_timeout=1.0)
+    comps = ["\\boxed{9^{9^{9}}}", "\\boxed{0.5}", "\\boxed{3}", "\\boxed{x^2+2x+1}"]
+    gold = ["2", "\\frac12", "4", "(x+1)^2"]
+    # The runner's own timeout is shorter than the math reward needs: its budget is per answer.
+    r = RewardRunner(fn, timeout=0.5)
+    t0 = time.time()
+    got = r(["q"] * 4, comps, {"answer": gold})
+    r.close()
+    assert got == [0.0, 1.0, 0.0, 1.0]  # the pathological answer scores 0, the others count
+    assert r.timeouts == 0 and r.errors == 0 and time.time() - t0 < 30
+
+
+def test_math_reward_from_a_script_without_main_guard(tmp_path):
+    """No ``if __name__ == "__main__":`` in the user's script: the math-verify worker must not
+    re-run it, and equivalent answers must score 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "print('SCRIPT BODY RAN', flush=True)\n"
+        "from opo_train.rewards import math_reward\n"
+        "t0 = time.time()\n"
+        "r = math_reward(['q'] * 3, ['\\\\boxed{0.5}', '\\\\boxed{x^2+2x+1}', '\\\\boxed{7}'],\n"
+        "                answer=['\\\\frac12', '(x+1)^2', '8'], timeout=20.0)\n"
+        "print('RESULT', r, round(time.time() - t0, 1), flush=True)\n")
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("SCRIPT BODY RAN") == 1, p.stdout
+    assert "RESULT [1.0, 1.0, 0.0]" in p.stdout, p.stdout

@@ -142,3 +142,17 @@ def test_corrupt_checkpoint_falls_back(tmp_path, damage, caplog):
     assert a[3]["grad_norm"] > 0
     for k in ["reward_mean", "loss", "grad_norm"]:
         assert b[3][k] == pytest.approx(a[3][k], rel=1e-5, abs=1e-8), k
+
+
+# -- item 4: a run without any reward stops, saying why ------------------------------------------
+
+def test_run_without_any_reward_stops_with_a_clear_error(tmp_path):
+    from opo_train.train import TrainingStopped
+
+    def never(prompts, completions, **_):
+        return ["n/a"] * len(prompts)
+
+    with pytest.raises(TrainingStopped, match=r"3 steps in a row.*invalid values 48.*'n/a'"):
+        train(_cfg(tmp_path / "run", "max_steps=10"), reward_fns=never)
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / "checkpoints").exists()
