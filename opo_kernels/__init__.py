@@ -3,7 +3,7 @@
 ``fused_opo_loss(hidden, weight, targets, advantages, old_logps, mask, **options)`` computes the
 OPO loss straight from the last hidden states and the LM-head weight, one chunk of logits at a
 time; ``linear_logprobs`` is the differentiable log-prob primitive every loss here is built on.
-See SPEC §5 for the contract.
+The contract (math, API, numerics, bad input) is ``docs/contract.md``.
 """
 from .functional import (LOSSES, fused_opo_loss, fused_policy_loss, linear_logprobs, opo_loss,
                          policy_loss)

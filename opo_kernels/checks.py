@@ -1,28 +1,117 @@
-"""Input validation for the public API (SPEC §6): clear errors naming the argument, no clamping.
+"""Every validation rule of the package, written once: options, layouts, tensors, values.
 
-Every check that needs tensor values is batched into as few device syncs as possible.
+The public functions call these checks on entry and nothing below them checks again. Each error
+is a ``ValueError`` or ``TypeError`` whose message names the argument and the value or shapes
+seen. The option definitions (names, defaults, which loss reads which option) live here too, so a
+rule and the thing it rules are in one place. See ``docs/contract.md`` ("Bad input").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, fields
 
 import torch
 
-from .losses import ESCORTS, LOSSES, LossOptions
-
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo")
+ESCORTS = ("paper", "group_softmax")
+BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
+# (eps_low, eps_high) of the clipped baselines.
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2)}
 
 
-def _shape(t):
-    return tuple(t.shape)
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of the policy losses, with their defaults (docs/contract.md, "Options")."""
+    loss: str = "opo"
+    alpha: float = 0.4
+    mu: float = 1.0
+    tau: float = 1.0
+    level: str = "sequence"
+    seq_reduce: str = "mean"
+    ratio: str = "log"
+    normalize: str = "zscore"
+    norm_scope: str = "batch"
+    group_size: int | None = None
+    ref_correction: bool = False
+    max_log_ratio: float | None = None
+    escort: str = "paper"
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    max_completion_length: int | None = None
+    beta_r: float = 0.15
+    adaptive_tau: bool = True
+
+    def clip(self) -> tuple[float, float]:
+        lo, hi = CLIP_DEFAULTS[self.loss]
+        return (lo if self.clip_eps_low is None else self.clip_eps_low,
+                hi if self.clip_eps_high is None else self.clip_eps_high)
+
+
+OPTION_NAMES = tuple(f.name for f in fields(LossOptions))
+_DEFAULTS = LossOptions()
+
+# Which options each loss reads. group_size and max_completion_length describe the batch (the G
+# of each prompt group, the longest completion the sampler may produce) rather than the loss, so
+# trainers may pass them for every loss; they are still checked wherever given.
+_LAYOUT_OPTIONS = {"loss", "group_size", "max_completion_length"}
+_PAPER = {"alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize", "norm_scope",
+          "ref_correction", "max_log_ratio", "escort"}
+_GROUP_SOFTMAX = {"alpha", "mu", "tau", "max_log_ratio", "escort", "beta_r", "adaptive_tau"}
+_CLIPPED = {"clip_eps_low", "clip_eps_high"}
+
+
+def _used_options(o: LossOptions) -> set:
+    if o.loss == "opo":
+        used = _GROUP_SOFTMAX if o.escort == "group_softmax" else set(_PAPER)
+        if o.escort == "paper" and o.level == "token" and not o.ref_correction:
+            used = used - {"seq_reduce"}  # token level reduces no sequence (ℓ does, with ref_correction)
+        return used | _LAYOUT_OPTIONS
+    return _CLIPPED | _LAYOUT_OPTIONS
 
 
 def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
+    if isinstance(value, bool) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def _number(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+
+
+def check_positive(name: str, v) -> None:
+    """A finite number > 0."""
+    _number(name, v)
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v!r}")
+
+
+def _flag(name, v):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
+
+
+def positive_int(name: str, v, *, none_ok: bool = True) -> None:
+    if v is None and none_ok:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
+
+
+def option_kwargs(fn: str, options: dict) -> None:
+    """Unknown keyword arguments of ``fn`` raise a TypeError naming them."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{fn}() got unexpected keyword argument(s) {unknown}; the loss options "
+                        f"are {list(OPTION_NAMES)}")
+
+
 def check_options(o: LossOptions) -> None:
+    """Each option's value, and that no option the chosen loss does not read was changed."""
     check_choice("loss", o.loss, LOSSES)
     check_choice("level", o.level, ("sequence", "token"))
     check_choice("seq_reduce", o.seq_reduce, ("mean", "sum"))
@@ -34,45 +123,110 @@ def check_options(o: LossOptions) -> None:
     if not 0.0 <= o.alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {o.alpha!r}")
     for name in ("mu", "tau", "beta_r"):
-        v = getattr(o, name)
-        _number(name, v)
-        if not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v!r}")
+        check_positive(name, getattr(o, name))
     if o.max_log_ratio is not None:
-        _number("max_log_ratio", o.max_log_ratio)
-        if not o.max_log_ratio > 0:
-            raise ValueError(f"max_log_ratio must be > 0 or None, got {o.max_log_ratio!r}")
-    for name in ("clip_eps_low", "clip_eps_high"):
-        v = getattr(o, name)
-        if v is not None:
-            _number(name, v)
-            if not v >= 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {v!r}")
-    if o.group_size is not None and (not isinstance(o.group_size, int) or isinstance(o.group_size, bool)
-                                     or o.group_size < 1):
-        raise ValueError(f"group_size must be a positive int or None, got {o.group_size!r}")
+        check_positive("max_log_ratio", o.max_log_ratio)
+    if o.clip_eps_low is not None:
+        _number("clip_eps_low", o.clip_eps_low)
+        if not 0.0 <= o.clip_eps_low < 1.0:
+            raise ValueError(f"clip_eps_low must be in [0, 1) (the ratio's lower bound 1 - eps must "
+                             f"stay > 0), got {o.clip_eps_low!r}")
+    if o.clip_eps_high is not None:
+        _number("clip_eps_high", o.clip_eps_high)
+        if not o.clip_eps_high >= 0.0:
+            raise ValueError(f"clip_eps_high must be >= 0, got {o.clip_eps_high!r}")
+    _flag("ref_correction", o.ref_correction)
+    _flag("adaptive_tau", o.adaptive_tau)
+    positive_int("group_size", o.group_size)
+    positive_int("max_completion_length", o.max_completion_length)
+    used = _used_options(o)
+    for name in OPTION_NAMES:
+        if name not in used and getattr(o, name) != getattr(_DEFAULTS, name):
+            what = f"loss={o.loss!r}" + (f", escort={o.escort!r}" if o.loss == "opo" else "") + \
+                (f", level={o.level!r}" if name == "seq_reduce" else "")
+            raise ValueError(f"{name}={getattr(o, name)!r} has no effect with {what}: leave it at its "
+                             f"default {getattr(_DEFAULTS, name)!r}")
+    if o.norm_scope == "group" and o.group_size is None:
+        raise ValueError("norm_scope='group' needs group_size (the G of each prompt group), got None")
     if o.escort == "group_softmax":
-        if o.loss != "opo":
-            raise ValueError(f"escort='group_softmax' is an OPO weighting; got loss={o.loss!r}")
         if o.group_size is None:
-            raise ValueError("escort='group_softmax' needs group_size (the G of each prompt group)")
+            raise ValueError("escort='group_softmax' needs group_size (the G of each prompt group), "
+                             "got None")
         if o.alpha == 0:
             raise ValueError("escort='group_softmax' scales by 1/alpha: alpha must be > 0, got 0")
-    if o.max_completion_length is not None and (not isinstance(o.max_completion_length, int)
-                                                or o.max_completion_length < 1):
-        raise ValueError(f"max_completion_length must be a positive int or None, got "
-                         f"{o.max_completion_length!r}")
 
 
-def _number(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+def check_group_size(group_size, B: int) -> None:
+    if group_size is not None and B % group_size:
+        raise ValueError(f"group_size must divide the number of sequences B={B}, got "
+                         f"group_size={group_size!r}")
 
 
-def check_scalar_positive(name: str, v) -> None:
-    _number(name, v)
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {v!r}")
+def check_vocab_options(temperature, ignore_index) -> None:
+    check_positive("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_filter_eps(filter_eps) -> None:
+    if filter_eps is None:
+        return
+    _number("filter_eps", filter_eps)
+    if filter_eps < 0:
+        raise ValueError(f"filter_eps must be None or a finite number >= 0, got {filter_eps!r}")
+
+
+def check_backend_options(backend: str, chunk_size, filter_eps, deterministic) -> None:
+    """``chunk_size`` goes with the chunked backends, ``filter_eps`` and ``deterministic`` with
+    ``fused``. ``backend`` is the concrete backend ("auto" when it is not known yet: then only
+    the values are checked)."""
+    check_choice("backend", backend, BACKENDS)
+    positive_int("chunk_size", chunk_size)
+    check_filter_eps(filter_eps)
+    _flag("deterministic", deterministic)
+    if backend == "auto":
+        return
+    if chunk_size is not None and backend in ("fused", "reference"):
+        raise ValueError(f"chunk_size={chunk_size!r} has no effect with backend={backend!r} (it "
+                         "has no logits chunks): leave it None")
+    if backend != "fused":
+        if filter_eps is not None:
+            raise ValueError(f"filter_eps={filter_eps!r} applies to backend='fused' only, got "
+                             f"backend={backend!r}")
+        if deterministic:
+            raise ValueError(f"deterministic=True applies to backend='fused' only (the other "
+                             f"backends are deterministic already), got backend={backend!r}")
+
+
+def check_triton_device(device: torch.device, what: str, interpreted: bool | None = None) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (``interpreted``:
+    whether the kernels were built for it; default: ``TRITON_INTERPRET=1`` is set)."""
+    if interpreted is None:
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda" or (device.type == "cpu" and interpreted):
+        return
+    raise ValueError(f"{what} runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was "
+                     f"set before opo_kernels was imported; got tensors on {device} "
+                     f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
+
+
+def check_rows(name: str, t, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor:
+    """A per-row (n,) vector of a kernel's inputs, returned contiguous."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if not integer and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t.contiguous()
+
+
+def _shape(t):
+    return tuple(t.shape)
 
 
 @dataclass
@@ -102,8 +256,8 @@ def check_linear(hidden, weight, bias, targets) -> None:
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {_shape(weight)}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"weight must have at least one vocabulary row, got {_shape(weight)}")
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"weight must be (V, H) with V >= 1 and H >= 1, got {_shape(weight)}")
     if _shape(targets) != _shape(hidden)[:-1]:
         raise ValueError(f"targets shape {_shape(targets)} must equal hidden.shape[:-1] = "
                          f"{_shape(hidden)[:-1]}")
@@ -202,8 +356,25 @@ def valid_mask(targets: torch.Tensor, mask, ignore_index: int) -> torch.Tensor:
     return m.reshape(-1).float()
 
 
-def check_values(targets, V, mask, advantages, old_logps, lay: Layout) -> None:
-    """Value checks at valid positions, with one device sync for all of them."""
+def _bad_targets(t, V, valid):
+    vals = t[valid & ((t < 0) | (t >= V))][:5].tolist()
+    raise ValueError(f"targets must be in [0, V={V}) at valid positions, got e.g. {vals}")
+
+
+def check_targets(targets, V: int, valid) -> bool:
+    """targets (N,) in [0, V) wherever ``valid`` (N,) bool; returns whether any position is not
+    valid. One device sync."""
+    res = torch.stack([(valid & ((targets < 0) | (targets >= V))).any(), (~valid).any()]).tolist()
+    if res[0]:
+        _bad_targets(targets, V, valid)
+    return bool(res[1])
+
+
+def check_values(targets, V, mask, advantages, old_logps, lay: Layout) -> bool:
+    """Value checks at valid positions, with one device sync for all of them.
+
+    Returns whether any position is masked (the caller then keeps those rows out of the GEMMs).
+    """
     t = targets.reshape(-1)
     valid = mask > 0
     bad_t = (valid & ((t < 0) | (t >= V))).any()
@@ -214,15 +385,16 @@ def check_values(targets, V, mask, advantages, old_logps, lay: Layout) -> None:
     flags = [bad_t, bad_a]
     if old_logps is not None:
         flags.append((valid & ~torch.isfinite(old_logps.reshape(-1).float())).any())
+    flags.append((~valid).any())
     res = torch.stack(flags).tolist()
     if res[0]:
-        vals = t[valid & ((t < 0) | (t >= V))][:5].tolist()
-        raise ValueError(f"targets must be in [0, V={V}) at valid positions, got e.g. {vals}")
+        _bad_targets(t, V, valid)
     if res[1]:
         vals = advantages[seq_valid & ~torch.isfinite(advantages.float())][:5].tolist()
         raise ValueError(f"advantages must be finite for sequences with valid tokens, got e.g. {vals}")
-    if len(res) > 2 and res[2]:
+    if old_logps is not None and res[2]:
         raise ValueError("old_logps must be finite at valid positions, got NaN/inf")
+    return bool(res[-1])
 
 
 def check_loss_tensors(advantages, old_logps, targets) -> None:
@@ -244,3 +416,47 @@ def check_loss_tensors(advantages, old_logps, targets) -> None:
                              f"{_shape(targets)}")
         if old_logps.device != targets.device:
             raise ValueError(f"old_logps is on {old_logps.device}, targets on {targets.device}")
+
+
+def check_escort_inputs(advantages, valid, anchor_seq_logps) -> None:
+    """The tensors of :func:`opo_kernels.escort_weights`: (B,) float, finite where valid."""
+    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
+        raise TypeError(f"advantages must be a float tensor, got "
+                        f"{getattr(advantages, 'dtype', type(advantages).__name__)}")
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be (B,), one per sequence, got {_shape(advantages)}")
+    B = advantages.shape[0]
+    ok = torch.ones(B, dtype=torch.bool, device=advantages.device)
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or _shape(valid) != (B,):
+            raise ValueError(f"valid must be a (B,) = ({B},) tensor, got "
+                             f"{_shape(valid) if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+        ok = valid.to(torch.bool)
+    bad = ok & ~torch.isfinite(advantages.float())
+    if anchor_seq_logps is not None:
+        if not isinstance(anchor_seq_logps, torch.Tensor) or _shape(anchor_seq_logps) != (B,):
+            raise ValueError(f"anchor_seq_logps must be a (B,) = ({B},) tensor, got "
+                             f"{_shape(anchor_seq_logps) if isinstance(anchor_seq_logps, torch.Tensor) else type(anchor_seq_logps).__name__}")
+        bad_l = ok & ~torch.isfinite(anchor_seq_logps.float())
+        if bool(bad_l.any()):
+            raise ValueError(f"anchor_seq_logps must be finite for valid sequences, got e.g. "
+                             f"{anchor_seq_logps[bad_l][:5].tolist()}")
+    if bool(bad.any()):
+        raise ValueError(f"advantages must be finite for valid sequences, got e.g. "
+                         f"{advantages[bad][:5].tolist()}")
+
+
+def check_rewards(rewards, group_size, scale) -> None:
+    """The arguments of :func:`opo_kernels.group_advantages`."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-D tensor, got {type(rewards).__name__} "
+                         f"{tuple(getattr(rewards, 'shape', ()))}")
+    if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_size must be a positive int dividing len(rewards)={rewards.numel()}, "
+                         f"got {group_size!r}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale == "group" and group_size < 2:
+        raise ValueError("scale='group' needs group_size >= 2 (the unbiased std of one sample is undefined)")
+    if not bool(torch.isfinite(rewards.float()).all()):
+        raise ValueError(f"rewards must be finite, got {rewards.tolist()}")

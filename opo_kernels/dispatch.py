@@ -1,29 +1,154 @@
-"""Choose the implementation behind a ``backend=`` string.
+"""The backends: one object per implementation of the LM-head pass, asked for by every path.
 
-The vocabulary pass has one contract (see :mod:`opo_kernels.vocab_torch`) and three
-implementations: ``triton`` (:mod:`opo_kernels.vocab_triton`; on CPU tensors it runs under
-``TRITON_INTERPRET=1``), ``native`` (the C++/OpenMP op in ``csrc/``, loaded by
-:mod:`opo_kernels.native`) and ``torch``. ``fused`` (:mod:`opo_kernels.fused_linear`) replaces
-the whole GEMM + vocabulary pass and is dispatched one level up, in :mod:`opo_kernels.functional`.
+A :class:`Backend` answers three questions for hidden states ``(N, H)``, a weight ``(V, H)``, an
+optional bias and targets ``(N,)`` that are all valid (the public functions take masked positions
+out before a backend sees them, so no backend knows about ``mask`` or ``ignore_index``):
+
+* :meth:`Backend.logprobs` — per-token ``(logp, lse, entropy)``, fp32, no autograd;
+* :meth:`Backend.grads` — the gradients of ``sum(g_logp · logp + g_ent · entropy)`` w.r.t.
+  hidden, weight and bias, recomputing whatever the forward did not keep;
+* :attr:`Backend.one_pass` / :meth:`Backend.one_pass_loss` — whether it can compute a loss and its
+  gradients in one pass over the logits (the chunked backends can), and doing so.
+
+The backends (``backend=`` of the public functions):
+
+* ``triton`` / ``native`` / ``torch`` — :class:`ChunkedBackend`: the GEMM one token chunk at a
+  time (:mod:`opo_kernels.chunked`) and a vocabulary pass over each chunk of logits, in Triton
+  (:mod:`opo_kernels.vocab_triton`), C++/OpenMP (:mod:`opo_kernels.native`) or PyTorch
+  (:mod:`opo_kernels.vocab_torch`);
+* ``fused`` — :class:`FusedBackend`: Triton kernels that fuse the GEMM with the vocabulary pass
+  (:mod:`opo_kernels.fused_linear`); logits never reach memory;
+* ``reference`` — :class:`ReferenceBackend`: materialized fp32 logits, for tests;
+* ``auto`` — ``triton`` on CUDA tensors, ``native`` on CPU tensors (``torch`` if the native op
+  cannot be built).
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
+from . import checks, chunked
+from .checks import BACKENDS  # noqa: F401  (imported from here by callers)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to a concrete backend for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+class Backend:
+    """Base class; see the module docstring. ``temperature`` divides the logits."""
+
+    name = "?"
+    one_pass = False
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+
+    def logprobs(self, hidden, weight, bias, targets):
+        """``(logp, lse, entropy)``: three fp32 (N,) tensors."""
+        raise NotImplementedError
+
+    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+              need_hidden: bool, need_weight: bool, need_bias: bool):
+        """``(dhidden, dweight, dbias)`` in the dtypes of the inputs (None where not needed).
+        ``g_logp`` (N,) fp32; ``g_ent`` (N,) fp32 or None (no entropy term)."""
+        raise NotImplementedError
+
+    def one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight, need_bias):
+        raise NotImplementedError(f"backend {self.name!r} has no one-pass loss")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class ChunkedBackend(Backend):
+    """GEMM per token chunk + a vocabulary pass module (``vocab_forward`` / ``vocab_backward``)."""
+
+    one_pass = True
+
+    def __init__(self, name, vocab, temperature, chunk: int, chunks: list):
+        super().__init__(temperature)
+        self.name = name
+        self.vocab_forward, self.vocab_backward = vocab.vocab_forward, vocab.vocab_backward
+        self.chunk, self.chunks = chunk, chunks
+
+    def logprobs(self, hidden, weight, bias, targets):
+        return chunked.logprobs(self, hidden, weight, bias, targets)
+
+    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+              need_hidden, need_weight, need_bias):
+        return chunked.grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+                             need_hidden, need_weight, need_bias)
+
+    def one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight, need_bias):
+        return chunked.one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight,
+                                     need_bias)
+
+
+class FusedBackend(Backend):
+    """:mod:`opo_kernels.fused_linear`: the GEMM and the vocabulary pass in the same kernels."""
+
+    name = "fused"
+
+    def __init__(self, temperature, filter_eps, deterministic):
+        super().__init__(temperature)
+        self.filter_eps, self.deterministic = filter_eps, deterministic
+
+    def logprobs(self, hidden, weight, bias, targets):
+        from .fused_linear import fused_linear_forward
+        return fused_linear_forward(hidden, weight, bias, targets, self.temperature)
+
+    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+              need_hidden, need_weight, need_bias):
+        from .fused_linear import fused_linear_backward
+        return fused_linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+                                     self.temperature, need_hidden=need_hidden,
+                                     need_weight=need_weight, need_bias=need_bias,
+                                     filter_eps=self.filter_eps, deterministic=self.deterministic)
+
+
+class ReferenceBackend(Backend):
+    """Materialized fp32 logits and the textbook formulas (tests; memory N·V)."""
+
+    name = "reference"
+
+    def _scaled_logits(self, hidden, weight, bias):
+        z = hidden.float() @ weight.float().t()
+        if bias is not None:
+            z = z + bias.float()
+        return z / self.temperature
+
+    def logprobs(self, hidden, weight, bias, targets):
+        s = self._scaled_logits(hidden, weight, bias)
+        m = s.amax(-1, keepdim=True)
+        sm = s - m
+        e = sm.exp()
+        d = e.sum(-1)
+        lse = m.squeeze(-1) + d.log()
+        # −inf logits have e = 0: their e·(s − m) is 0, not 0·(−inf).
+        ent = d.log() - torch.where(e > 0, e * sm, 0.0).sum(-1) / d
+        logp = s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        return logp, lse, ent
+
+    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+              need_hidden, need_weight, need_bias):
+        s = self._scaled_logits(hidden, weight, bias)
+        p = torch.exp(s - lse[:, None])
+        dz = -g_logp[:, None] * p
+        dz.scatter_add_(1, targets[:, None], g_logp[:, None])
+        if g_ent is not None:
+            dz -= g_ent[:, None] * torch.where(p > 0, p * (s - lse[:, None] + entropy[:, None]), 0.0)
+        dz /= self.temperature
+        dh = (dz @ weight.float()).to(hidden.dtype) if need_hidden else None
+        dw = (dz.t() @ hidden.float()).to(weight.dtype) if need_weight else None
+        db = dz.sum(0).to(bias.dtype) if need_bias else None
+        return dh, dw, db
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` (possibly "auto") means for tensors on ``device``."""
+    checks.check_choice("backend", backend, BACKENDS)
+    if backend in ("triton", "fused"):
+        checks.check_triton_device(device, f"backend={backend!r}")
+        return backend
     if backend != "auto":
-        if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "opo_kernels is imported")
         return backend
     if device.type == "cuda":
         return "triton"
@@ -33,16 +158,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def vocab_pass(backend: str):
-    """Return ``(vocab_forward, vocab_backward)`` for a concrete chunked backend."""
-    if backend == "triton":
-        from . import vocab_triton as mod
-    elif backend == "native":
-        from . import native as mod
-        if not mod.available():
+def get_backend(backend: str, device: torch.device, *, temperature: float, V: int,
+                lengths: list[int], chunk_size=None, filter_eps=None,
+                deterministic=False) -> Backend:
+    """Validate the backend options and build the backend for one call."""
+    name = resolve(backend, device)
+    checks.check_backend_options(name, chunk_size, filter_eps, deterministic)
+    if name == "fused":
+        return FusedBackend(temperature, filter_eps, deterministic)
+    if name == "reference":
+        return ReferenceBackend(temperature)
+    if name == "triton":
+        from . import vocab_triton as vocab
+    elif name == "native":
+        from . import native as vocab
+        if not vocab.available():
             warnings.warn("opo_kernels: native CPU op unavailable; using the torch vocabulary pass",
                           RuntimeWarning, stacklevel=3)
-            from . import vocab_torch as mod
+            from . import vocab_torch as vocab
+            name = "torch"
     else:
-        from . import vocab_torch as mod
-    return mod.vocab_forward, mod.vocab_backward
+        from . import vocab_torch as vocab
+    chunk = chunk_size or chunked.default_chunk_tokens(V, device)
+    return ChunkedBackend(name, vocab, temperature, chunk, chunked.plan_chunks(lengths, chunk))

@@ -55,8 +55,9 @@ only when the dropped rows of W are incoherent; use exact mode for such inputs.
 meant for filtered mode, where few tiles per row are live.
 
 Offsets are int64 everywhere (N*V, N*H and V*H may pass 2^31). V, N, H need not be multiples of
-the tiles. Rows whose target is outside [0, V) get logp = 0, and grad_logp has no effect there
-(the gradient of the constant the forward returns); the entropy terms still apply.
+the tiles. Targets are in [0, V) (masked positions are taken out before a backend sees them); a
+row whose target is outside gets logp = 0 and grad_logp has no effect there. −inf logits (a −inf
+bias) have p = 0 and contribute 0 to the entropy and to every gradient, never 0·∞.
 
 On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (set before import) with small tiles
 and two work-arounds for the interpreter's ``tl.dot`` (``INTERP``): the logits tile is an explicit
@@ -69,16 +70,16 @@ language features of Triton <= 3.6 are used.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import checks
+
 __all__ = ["fused_linear_forward", "fused_linear_backward", "DEFAULT_FILTER_EPS", "num_splits"]
 
 DEFAULT_FILTER_EPS = 2.0 ** -12
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tile configurations. They may depend on the device type and dtype, never on N (batch invariance).
 # GPU values: H100 defaults chosen (without a GPU at hand) as the configurations that compile for
@@ -114,7 +115,7 @@ def _mm(a, b, acc, FP32_DOT: tl.constexpr, INTERP: tl.constexpr):
         # with fp32 accumulation that the GPU's bf16 MMA gives.
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif FP32_DOT:
-        # fp32 inputs must not silently drop to tf32 (SPEC 6: fp32 accuracy).
+        # fp32 inputs must not silently drop to tf32 (fp32 accuracy, docs/contract.md).
         out = tl.dot(a, b, acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)
@@ -403,73 +404,26 @@ def num_splits(V: int, block_v: int, splits: int | None = None) -> tuple[int, in
     return math.ceil(V / per), per
 
 
-def _check_device(t: torch.Tensor):
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("fused_linear on CPU tensors needs TRITON_INTERPRET=1 set before "
-                         "opo_kernels is imported")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"fused_linear supports cuda (or cpu under TRITON_INTERPRET=1) tensors, "
-                         f"got device {t.device}")
-
-
 def _check_inputs(hidden, weight, bias, targets, temperature):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    checks.check_linear(hidden, weight, bias, targets)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (N, H), got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be (V, H) with H = hidden.shape[1] = {hidden.shape[1]}, "
-                         f"got shape {tuple(weight.shape)}")
-    if hidden.dtype not in _DTYPES:
-        raise TypeError(f"hidden must be float32/bfloat16/float16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype must match hidden dtype {hidden.dtype}, got {weight.dtype}")
-    if targets.shape != (hidden.shape[0],):
-        raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},), got shape "
-                         f"{tuple(targets.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    if weight.shape[0] < 1 or hidden.shape[1] < 1:
-        raise ValueError(f"weight must have V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got shape "
-                             f"{tuple(bias.shape)}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be floating point, got {bias.dtype}")
-    devs = {t.device for t in (hidden, weight, targets) if t is not None}
-    if bias is not None:
-        devs.add(bias.device)
-    if len(devs) != 1:
-        raise ValueError(f"hidden, weight, bias and targets must be on one device, got "
-                         f"{sorted(str(d) for d in devs)}")
-    _check_device(hidden)
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    checks.check_triton_device(hidden.device, "backend='fused'")
+    checks.check_positive("temperature", temperature)
 
 
 def _row_vec(name, t, N, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != (N,):
-        raise ValueError(f"{name} must be (N,) = ({N},), got shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    return t.detach().to(torch.float32).contiguous()
+    return checks.check_rows(name, t, N, device).detach().to(torch.float32)
 
 
 def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, temperature: float = 1.0,
-                         ignore_index: int = -100, *, splits: int | None = None):
+                         targets: torch.Tensor, temperature: float = 1.0, *,
+                         splits: int | None = None):
     """Per-row log-prob, log-sum-exp and entropy of ``softmax((hidden @ weight.T + bias) / T)``.
 
     hidden (N, H) fp32/bf16/fp16, weight (V, H) same dtype, bias (V,) float or None,
-    targets (N,) integer. Returns ``(logp, lse, entropy)``, three fp32 (N,) tensors; rows whose
-    target is outside [0, V) (``ignore_index`` included) get ``logp = 0``. ``splits`` overrides
+    targets (N,) integer in [0, V). Returns ``(logp, lse, entropy)``, three fp32 (N,) tensors
+    (a row whose target is outside [0, V) gets ``logp = 0``). ``splits`` overrides
     the number of vocab splits (default: a function of V only; results depend on it only through
     fp32 rounding, and are bitwise reproducible for a fixed value). No autograd: see
     :func:`fused_linear_backward`.
@@ -505,19 +459,17 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 def resolve_filter_eps(filter_eps: float | None, dtype: torch.dtype) -> float:
     """The threshold actually used: ``None`` -> finfo(dtype).eps / 32 for bf16/fp16, 0 for fp32."""
+    checks.check_filter_eps(filter_eps)
     if filter_eps is None:
         return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 32
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) \
-            or not math.isfinite(filter_eps) or filter_eps < 0:
-        raise ValueError(f"filter_eps must be None or a finite number >= 0, got {filter_eps!r}")
     return float(filter_eps)
 
 
 def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, lse: torch.Tensor,
                           entropy: torch.Tensor | None, grad_logp: torch.Tensor,
-                          grad_entropy: torch.Tensor | None, temperature: float = 1.0,
-                          ignore_index: int = -100, *, need_hidden: bool = True,
+                          grad_entropy: torch.Tensor | None, temperature: float = 1.0, *,
+                          need_hidden: bool = True,
                           need_weight: bool = True, need_bias: bool = True,
                           filter_eps: float | None = None, deterministic: bool = False,
                           accum_fp32: bool = True):

@@ -7,7 +7,7 @@ computed once by :func:`make_plan`; :meth:`LossPlan.chunk_loss` then gives the l
 of any run of whole sequences. Summing the contributions of consecutive chunks gives the loss of
 the batch, which is what lets the fused path compute gradients one chunk of logits at a time.
 
-Math: SPEC §2 (OPO, paper mode), §3 (``escort="group_softmax"``), §4 (advantages, baselines).
+The math: ``docs/contract.md`` ("The OPO loss", "Reference-code weighting", "Baselines").
 """
 from __future__ import annotations
 
@@ -17,38 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo")
-# (ε_low, ε_high) of the clipped baselines, SPEC §4.
-CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2)}
-ESCORTS = ("paper", "group_softmax")
+from . import checks
+from .checks import LOSSES, LossOptions  # noqa: F401  (their home is checks; imported from here too)
+
 STD_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    loss: str = "opo"
-    alpha: float = 0.4
-    mu: float = 1.0
-    tau: float = 1.0
-    level: str = "sequence"
-    seq_reduce: str = "mean"
-    ratio: str = "log"
-    normalize: str = "zscore"
-    norm_scope: str = "batch"
-    group_size: int | None = None
-    ref_correction: bool = False
-    max_log_ratio: float | None = None
-    escort: str = "paper"
-    clip_eps_low: float | None = None
-    clip_eps_high: float | None = None
-    max_completion_length: int | None = None
-    beta_r: float = 0.15
-    adaptive_tau: bool = True
-
-    def clip(self) -> tuple[float, float]:
-        lo, hi = CLIP_DEFAULTS[self.loss]
-        return (lo if self.clip_eps_low is None else self.clip_eps_low,
-                hi if self.clip_eps_high is None else self.clip_eps_high)
 
 
 def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -68,26 +40,15 @@ def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
                      eps: float = STD_EPS) -> torch.Tensor:
-    """Group-relative advantages (paper Algorithm 1 step 5, SPEC §4).
+    """Group-relative advantages (paper Algorithm 1 step 5).
 
     rewards: (B,) float, laid out group by group (``B % group_size == 0``).
     scale: ``"group"`` — (R − mean_G R) / (std_G R + eps), unbiased std;
     ``"batch"`` — (R − mean_G R) / (std_batch R + eps); ``"none"`` — R − mean_G R (Dr. GRPO).
     Returns (B,) fp32.
     """
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
-        raise ValueError(f"rewards must be a 1-D tensor, got {type(rewards).__name__} "
-                         f"{tuple(getattr(rewards, 'shape', ()))}")
-    if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_size must be a positive int dividing len(rewards)={rewards.numel()}, "
-                         f"got {group_size!r}")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    if scale == "group" and group_size < 2:
-        raise ValueError("scale='group' needs group_size >= 2 (the unbiased std of one sample is undefined)")
+    checks.check_rewards(rewards, group_size, scale)
     r = rewards.float()
-    if not torch.isfinite(r).all():
-        raise ValueError(f"rewards must be finite, got {r.tolist()}")
     g = r.view(-1, group_size)
     centered = g - g.mean(dim=1, keepdim=True)
     if scale == "group":
@@ -108,14 +69,24 @@ def escort_weights(advantages: torch.Tensor, *, alpha: float = 0.4, tau: float =
                    normalize: str = "zscore", norm_scope: str = "batch",
                    group_size: int | None = None, anchor_seq_logps: torch.Tensor | None = None,
                    valid: torch.Tensor | None = None, process_group=None) -> torch.Tensor:
-    """Escort weights ω (paper Eq. 7 with the batch normalization of SPEC §2), no gradient.
+    """Escort weights ω (paper Eq. 7 with the batch normalization of docs/contract.md), no gradient.
 
-    advantages: (B,) float. anchor_seq_logps: (B,) anchor sequence log-probs ℓ for
-    ``ref_correction`` (x −= (1−α)ℓ). valid: (B,) bool, sequences that take part (the rest get
-    ω = 0 and are left out of every mean). ``process_group``: with ``norm_scope="batch"`` the max,
-    mean and std run over every rank of the group. Returns (B,) fp32.
+    advantages: (B,) float, finite for valid sequences. anchor_seq_logps: (B,) anchor sequence
+    log-probs ℓ for ``ref_correction`` (x −= (1−α)ℓ). valid: (B,) bool, sequences that take part
+    (the rest get ω = 0 and are left out of every mean; they may hold anything). ``process_group``:
+    with ``norm_scope="batch"`` the max, mean and std run over every rank of the group.
+    Returns (B,) fp32.
     """
-    _check_escort_args(alpha, tau, normalize, norm_scope, group_size, advantages.shape[0])
+    checks.check_options(LossOptions(alpha=alpha, tau=tau, normalize=normalize,
+                                     norm_scope=norm_scope, group_size=group_size))
+    checks.check_escort_inputs(advantages, valid, anchor_seq_logps)
+    checks.check_group_size(group_size if norm_scope == "group" else None, advantages.shape[0])
+    return _escort_weights(advantages, alpha, tau, normalize, norm_scope, group_size,
+                           anchor_seq_logps, valid, process_group)
+
+
+def _escort_weights(advantages, alpha, tau, normalize, norm_scope, group_size, anchor_seq_logps,
+                    valid, process_group):
     a = advantages.detach().float()
     ok = torch.ones_like(a, dtype=torch.bool) if valid is None else valid.to(torch.bool)
     x = (1.0 - alpha) * a / tau
@@ -150,21 +121,6 @@ def _normalize(w, mean, var, normalize):
     if normalize == "zscore":
         return (w - mean) / (var.sqrt() + STD_EPS)
     return w / mean.clamp_min(torch.finfo(torch.float32).tiny) - 1.0
-
-
-def _check_escort_args(alpha, tau, normalize, norm_scope, group_size, B):
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be > 0, got {tau!r}")
-    if normalize not in ("zscore", "center"):
-        raise ValueError(f"normalize must be 'zscore' or 'center', got {normalize!r}")
-    if norm_scope not in ("batch", "group"):
-        raise ValueError(f"norm_scope must be 'batch' or 'group', got {norm_scope!r}")
-    if norm_scope == "group":
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or B % group_size:
-            raise ValueError(f"norm_scope='group' needs a group_size that divides the number of "
-                             f"sequences B={B}, got group_size={group_size!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,9 +180,8 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
             else:
                 anchor = _reduce_seq(segment_sum(old * mask, lengths), seq_len, opts.seq_reduce)
         if not needs_full:
-            omega = escort_weights(advantages, alpha=opts.alpha, tau=opts.tau, normalize=opts.normalize,
-                                   norm_scope=opts.norm_scope, group_size=opts.group_size,
-                                   anchor_seq_logps=anchor, valid=valid, process_group=process_group)
+            omega = _escort_weights(advantages, opts.alpha, opts.tau, opts.normalize,
+                                    opts.norm_scope, opts.group_size, anchor, valid, process_group)
     if opts.loss == "opo" and opts.escort == "group_softmax":
         needs_full = True
     token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo")
@@ -242,10 +197,8 @@ def plan_full_batch(plan: LossPlan, logp: torch.Tensor, mask: torch.Tensor,
     o = plan.opts
     if o.loss == "opo" and o.escort == "paper" and plan.omega is None:
         anchor = _reduce_seq(segment_sum(logp.detach() * mask, plan.lengths), plan.seq_len, o.seq_reduce)
-        plan.omega = escort_weights(plan.adv, alpha=o.alpha, tau=o.tau, normalize=o.normalize,
-                                    norm_scope=o.norm_scope, group_size=o.group_size,
-                                    anchor_seq_logps=anchor, valid=plan.seq_len > 0,
-                                    process_group=process_group)
+        plan.omega = _escort_weights(plan.adv, o.alpha, o.tau, o.normalize, o.norm_scope,
+                                     o.group_size, anchor, plan.seq_len > 0, process_group)
     return plan
 
 
@@ -334,7 +287,7 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
 
 
 def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
-    """SPEC §3, the authors' released weighting; needs the whole batch (s0 = 0, s1 = B)."""
+    """The authors' released weighting (docs/contract.md); needs the whole batch (s0 = 0, s1 = B)."""
     o = plan.opts
     G = o.group_size
     lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens

@@ -3,22 +3,48 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
+from .checks import LossOptions
 from .functional import fused_policy_loss
+
+# Keyword arguments of fused_policy_loss that are neither tensors of one batch nor loss options.
+_CALL_OPTIONS = ("temperature", "ignore_index", "process_group", "backend", "chunk_size",
+                 "filter_eps", "deterministic")
+
+
+def _check_module_options(loss: str, options: dict) -> None:
+    """The options given to a module, checked when it is built (as a call would check them)."""
+    unknown = sorted(set(options) - set(checks.OPTION_NAMES) - set(_CALL_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {unknown}; the options are "
+                        f"{sorted(set(checks.OPTION_NAMES) - {'loss'}) + list(_CALL_OPTIONS)}")
+    checks.check_options(LossOptions(loss=loss, **{k: v for k, v in options.items()
+                                                   if k in checks.OPTION_NAMES}))
+    checks.check_vocab_options(options.get("temperature", 1.0), options.get("ignore_index", -100))
+    checks.check_backend_options(options.get("backend", "auto"), options.get("chunk_size"),
+                                 options.get("filter_eps"), options.get("deterministic", False))
 
 
 class FusedPolicyLoss(torch.nn.Module):
     """``FusedPolicyLoss(loss="grpo", **options)(hidden, weight, targets, advantages, ...)``.
 
-    Options are those of :func:`opo_kernels.fused_policy_loss`; keyword arguments given to
-    ``forward`` override them for that call. Returns ``(loss, metrics)``.
+    Options are those of :func:`opo_kernels.fused_policy_loss`, checked here; keyword arguments
+    given to ``forward`` override them for that call (all but ``loss``, fixed at construction).
+    Returns ``(loss, metrics)``.
     """
 
     def __init__(self, loss: str = "opo", **options):
         super().__init__()
+        if "loss" in options:
+            raise TypeError(f"{type(self).__name__} takes no 'loss' option (use FusedPolicyLoss)")
+        _check_module_options(loss, options)
         self.loss = loss
         self.options = options
 
     def forward(self, hidden, weight, targets, advantages, old_logps=None, mask=None, **overrides):
+        if "loss" in overrides:
+            raise TypeError(f"loss is fixed when the module is built (loss={self.loss!r}); build "
+                            f"another FusedPolicyLoss(loss={overrides['loss']!r}) instead")
         return fused_policy_loss(hidden, weight, targets, advantages, old_logps, mask,
                                  loss=self.loss, **{**self.options, **overrides})
 
@@ -28,7 +54,7 @@ class FusedPolicyLoss(torch.nn.Module):
 
 
 class FusedOPOLoss(FusedPolicyLoss):
-    """``FusedOPOLoss(alpha=0.4, mu=1.0, ...)``: the OPO loss (SPEC §2) as a module."""
+    """``FusedOPOLoss(alpha=0.4, mu=1.0, ...)``: the OPO loss as a module."""
 
     def __init__(self, **options):
         if "loss" in options:

@@ -168,18 +168,17 @@ def _ops():
     return torch.ops.opo
 
 
-def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  ignore_index: int = -100):
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """Per-row ``(logp, lse, entropy)``, each fp32 (n,), of ``logits`` (n, V) fp32/bf16/fp16
-    (last dim contiguous) and ``targets`` (n,) int64; rows with a target outside [0, V) (such
-    as ``ignore_index``) get logp 0. See :mod:`opo_kernels.vocab_torch` for the formulas."""
+    (last dim contiguous) and ``targets`` (n,) int64. See :mod:`opo_kernels.vocab_torch` for the
+    contract and the formulas."""
     return _ops().vocab_forward(logits, targets, float(temperature))
 
 
 def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                    grad_entropy: torch.Tensor | None, temperature: float = 1.0,
-                   ignore_index: int = -100, out: torch.Tensor | None = None):
+                   out: torch.Tensor | None = None):
     """Write dz (n, V) into ``out`` (default: a new tensor of ``logits``' dtype; may be
     ``logits`` itself) and return it. ``lse``, ``entropy``, ``grad_logp``, ``grad_entropy`` are
     (n,); the entropy term is skipped when ``grad_entropy`` is None."""

@@ -3,26 +3,25 @@
 This is the portable fallback behind ``backend="torch"`` and the behaviour every other
 vocabulary-pass backend (Triton, native C++) must reproduce. Contract (shared by all backends):
 
-``vocab_forward(logits, targets, temperature, ignore_index) -> (logp, lse, entropy)``
-    logits  (n, V) fp32/bf16/fp16, rows may be strided (last dim contiguous)
-    targets (n,) int64; rows whose target is outside [0, V) (e.g. ignore_index) give logp = 0
+``vocab_forward(logits, targets, temperature) -> (logp, lse, entropy)``
+    logits  (n, V) fp32/bf16/fp16, rows may be strided (last dim contiguous); −inf allowed
+    targets (n,) int64 in [0, V) (masked positions never reach a backend; a row with a target
+            outside [0, V) gets logp = 0 and no one-hot gradient)
     returns three fp32 (n,) tensors, with s = logits / temperature computed in fp32:
     lse = logsumexp(s), logp = s[target] - lse, entropy = lse - sum(softmax(s) * s).
 
-``vocab_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-ignore_index, out) -> out``
+``vocab_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, out) -> out``
     Writes dz = (g_logp * (onehot - p) - g_ent * p * (s - lse + entropy)) / temperature into
     ``out`` (n, V) (which may be ``logits`` itself: in-place) and returns it. ``grad_entropy`` and
-    ``entropy`` may be None (no entropy gradient). p = exp(s - lse). Rows with an out-of-range
-    target get no one-hot term.
+    ``entropy`` may be None (no entropy gradient). p = exp(s - lse); a −inf logit has p = 0 and
+    contributes 0 to the entropy and to every gradient (never 0·∞).
 """
 from __future__ import annotations
 
 import torch
 
 
-def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  ignore_index: int = -100):
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     n, V = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -41,7 +40,8 @@ def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
         d = e.sum(-1)
         log_d = torch.log(d)
         # Entropy relative to the row max: log d − Σ e·(s − m) / d, no cancellation of two lse-sized terms.
-        entropy[r0:r1] = log_d - (e * sm).sum(-1) / d
+        # e = 0 at −inf logits, where e·(s − m) is 0 (not 0·(−inf)).
+        entropy[r0:r1] = log_d - torch.where(e > 0, e * sm, 0.0).sum(-1) / d
         lse[r0:r1] = m.squeeze(-1) + log_d
         tgt = sm.gather(-1, safe[r0:r1].unsqueeze(-1)).squeeze(-1)
         logp[r0:r1] = torch.where(valid[r0:r1], tgt - log_d, torch.zeros_like(log_d))
@@ -51,7 +51,7 @@ def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
 def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                    grad_entropy: torch.Tensor | None, temperature: float = 1.0,
-                   ignore_index: int = -100, out: torch.Tensor | None = None):
+                   out: torch.Tensor | None = None):
     V = logits.shape[-1]
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -75,7 +75,7 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
             dz = p * (-g)
             if grad_entropy is not None:
                 ge = grad_entropy[r0:r1, None].float()
-                dz -= ge * p * (s - lse[r0:r1, None] + entropy[r0:r1, None])
+                dz -= ge * torch.where(p > 0, p * (s - lse[r0:r1, None] + entropy[r0:r1, None]), 0.0)
         t = targets[r0:r1]
         valid = (t >= 0) & (t < V)
         rows = torch.nonzero(valid).squeeze(-1)

@@ -27,13 +27,12 @@ Only Triton language features available in Triton 3.2-3.6 are used.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from . import checks
+
 _GPU_MAX_BLOCK = 4096
 _INTERPRETER_MAX_BLOCK = 16384
 
@@ -138,67 +137,33 @@ def _block_and_warps(V: int, device: torch.device, block_v: int | None):
     return block, num_warps
 
 
-def _check_device(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and INTERPRETED:
-        return
-    raise ValueError(f"the Triton vocabulary pass runs on CUDA tensors, or on CPU tensors when "
-                     f"TRITON_INTERPRET=1 was set before opo_kernels was imported; got logits on "
-                     f"{t.device} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
-
-
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (n, V), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.shape[1] == 0:
         raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
-    _check_device(logits)
+    checks.check_triton_device(logits.device, "the Triton vocabulary pass", INTERPRETED)
     return logits
 
 
-def _check_rows(name: str, t, n: int, device: torch.device, integer: bool = False) -> torch.Tensor:
-    """Validate a per-row vector and return it contiguous (n elements: copying is cheap)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
-    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if not integer and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    return t.contiguous()
-
-
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not temperature > 0.0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return temperature
-
-
-def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  ignore_index: int = -100, *, block_v: int | None = None):
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
+                  block_v: int | None = None):
     """Per-row log-prob of the target, log-sum-exp and entropy of ``logits / temperature``.
 
     logits  (n, V) fp32/bf16/fp16, CUDA (or CPU under TRITON_INTERPRET=1); rows may be strided,
             a non-contiguous last dim is copied.
-    targets (n,) integer; a target outside [0, V) (e.g. ``ignore_index``) gives logp = 0.
+    targets (n,) integer in [0, V) (a target outside gives logp = 0).
     block_v optional power-of-two block width (tests use it to force several blocks per row).
     Returns ``(logp, lse, entropy)``, three fp32 (n,) tensors.
     """
     logits = _check_logits(logits)
     n, V = logits.shape
-    targets = _check_rows("targets", targets, n, logits.device, integer=True)
-    temperature = _check_temperature(temperature)
+    targets = checks.check_rows("targets", targets, n, logits.device, integer=True)
+    checks.check_positive("temperature", temperature)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
 
@@ -218,8 +183,7 @@ def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
 def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                    grad_entropy: torch.Tensor | None, temperature: float = 1.0,
-                   ignore_index: int = -100, out: torch.Tensor | None = None, *,
-                   block_v: int | None = None):
+                   out: torch.Tensor | None = None, *, block_v: int | None = None):
     """Write the gradient w.r.t. logits of ``sum(g_logp * logp + g_ent * entropy)`` into ``out``.
 
     logits       (n, V) fp32/bf16/fp16 (as in :func:`vocab_forward`)
@@ -236,16 +200,16 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
     logits = _check_logits(logits)
     n, V = logits.shape
     device = logits.device
-    targets = _check_rows("targets", targets, n, device, integer=True)
-    lse = _check_rows("lse", lse, n, device).float()
-    grad_logp = _check_rows("grad_logp", grad_logp, n, device)
+    targets = checks.check_rows("targets", targets, n, device, integer=True)
+    lse = checks.check_rows("lse", lse, n, device).float()
+    grad_logp = checks.check_rows("grad_logp", grad_logp, n, device)
     has_ent = grad_entropy is not None
     if has_ent:
         if entropy is None:
             raise ValueError("entropy must be given when grad_entropy is given")
-        grad_entropy = _check_rows("grad_entropy", grad_entropy, n, device)
-        entropy = _check_rows("entropy", entropy, n, device).float()
-    temperature = _check_temperature(temperature)
+        grad_entropy = checks.check_rows("grad_entropy", grad_entropy, n, device)
+        entropy = checks.check_rows("entropy", entropy, n, device).float()
+    checks.check_positive("temperature", temperature)
 
     if out is None:
         out = torch.empty((n, V), dtype=logits.dtype, device=device)
@@ -253,7 +217,7 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != (n, V):
         raise ValueError(f"out must have the shape of logits {(n, V)}, got {tuple(out.shape)}")
-    if out.dtype not in _DTYPES:
+    if out.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
     if out.device != device:
         raise ValueError(f"out is on {out.device} but logits are on {device}")

@@ -388,6 +388,11 @@ def reference_loss(bt: Batch, options: dict, *, temperature=1.0, ignore_index=-1
 # Test plumbing
 # ------------------------------------------------------------------------------------------------
 
+def chunk_for(backend, chunk):
+    """``chunk_size`` for ``backend``: the backends without logits chunks refuse one."""
+    return None if backend in ("reference", "fused") else chunk
+
+
 try:
     import pytest
 

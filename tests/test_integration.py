@@ -77,7 +77,7 @@ def test_two_runs_are_bitwise_equal(layout, chunk_size, options, backend):
     outs = []
     for _ in range(2):
         h, w, b = leaves(bt)
-        loss, metrics = fused(bt, h, w, b, backend=backend, chunk_size=chunk_size, **options)
+        loss, metrics = fused(bt, h, w, b, backend=backend, chunk_size=ref.chunk_for(backend, chunk_size), **options)
         loss.backward()
         outs.append((loss.detach(), metrics, h.grad, w.grad, b.grad))
     (l1, m1, *g1), (l2, m2, *g2) = outs
@@ -95,12 +95,12 @@ def test_on_policy_anchor_gives_exact_zero_delta(layout, backend):
     for anchor_chunk in (None, 3, 16):
         with torch.no_grad():
             anchor = linear_logprobs(bt.hidden, bt.weight, bt.targets, bias=bt.bias,
-                                     backend=backend, chunk_size=anchor_chunk, **bt.layout_kw)
+                                     backend=backend, chunk_size=ref.chunk_for(backend, anchor_chunk), **bt.layout_kw)
         assert anchor.grad_fn is None
         for loss_chunk in (None, 3, 5, 16):
             for options in ({}, {"level": "token", "ratio": "exact"}, {"loss": "gspo"}):
                 h, w, b = leaves(bt)
-                loss, m = fused(bt, h, w, b, old=anchor, backend=backend, chunk_size=loss_chunk,
+                loss, m = fused(bt, h, w, b, old=anchor, backend=backend, chunk_size=ref.chunk_for(backend, loss_chunk),
                                 **options)
                 tag = f"anchor chunk {anchor_chunk}, loss chunk {loss_chunk}, {options}"
                 assert m["delta_abs_mean"].item() == 0.0, f"{tag}: |Δ| = {m['delta_abs_mean'].item()}"
@@ -232,7 +232,7 @@ def test_all_masked_batch(layout, options, backend):
         else:
             mask, targets = None, torch.full_like(bt.targets, -100)
         loss, m = fused_policy_loss(h, w, targets, bt.advantages, bt.old_logps, mask, bias=b,
-                                    backend=backend, chunk_size=5, **bt.layout_kw, **options)
+                                    backend=backend, chunk_size=ref.chunk_for(backend, 5), **bt.layout_kw, **options)
         loss.backward()
         assert loss.item() == 0.0, f"{how}: loss {loss.item()}"
         for name, gr in (("hidden", h.grad), ("weight", w.grad), ("bias", b.grad)):
@@ -262,7 +262,7 @@ def test_non_contiguous_inputs(backend):
         mask = bt.mask.t().contiguous().t()
         assert not targets.is_contiguous() and not old.is_contiguous() and not mask.is_contiguous()
         loss, m = fused_opo_loss(h, w_t.t(), targets, bt.advantages, old, mask, bias=b,
-                                 level="token", backend=backend, chunk_size=4)
+                                 level="token", backend=backend, chunk_size=ref.chunk_for(backend, 4))
         loss.backward()
         assert abs(loss.item() - want["loss"].item()) <= 1e-4 * abs(want["loss"].item()) + 2e-6, name
         assert_close(h.grad, want["grads"][0], **FP32, what=f"{name}: dhidden")
@@ -277,7 +277,7 @@ def test_gradient_scaling(dtype, backend):
     grads = {}
     for scale in (1.0, 2.0, 0.37):
         h, w, b = leaves(bt)
-        loss, _ = fused(bt, h, w, b, backend=backend, chunk_size=5)
+        loss, _ = fused(bt, h, w, b, backend=backend, chunk_size=ref.chunk_for(backend, 5))
         (scale * loss).backward()
         grads[scale] = (h.grad, w.grad, b.grad)
     for g1, g2 in zip(grads[1.0], grads[2.0]):
@@ -286,7 +286,7 @@ def test_gradient_scaling(dtype, backend):
         assert_close(g3, 0.37 * g1.double(), **(FP32 if dtype == torch.float32 else BF16), what="0.37")
     # The loss used twice in the graph, and next to another term.
     h, w, b = leaves(bt)
-    loss, _ = fused(bt, h, w, b, backend=backend, chunk_size=5)
+    loss, _ = fused(bt, h, w, b, backend=backend, chunk_size=ref.chunk_for(backend, 5))
     (loss + loss + 0.0 * h.sum()).backward()
     for g1, g2 in zip(grads[1.0], (h.grad, w.grad, b.grad)):
         assert torch.equal(2 * g1, g2)
@@ -301,7 +301,7 @@ def test_frozen_head_gives_hidden_grads_only(backend):
     bt = ref.make_batch("ids", seed=28)
     want = ref.reference_loss(bt, {})
     h, w, b = leaves(bt, weight_grad=False)
-    loss, _ = fused(bt, h, w, b, backend=backend, chunk_size=5)
+    loss, _ = fused(bt, h, w, b, backend=backend, chunk_size=ref.chunk_for(backend, 5))
     loss.backward()
     assert w.grad is None and b.grad is None
     assert_close(h.grad, want["grads"][0], **FP32, what="dhidden")
@@ -403,7 +403,7 @@ def test_autocast_bf16(options, backend):
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_modules(backend):
     bt = ref.make_batch("cu", seed=32)
-    mod = FusedOPOLoss(alpha=0.3, level="token", backend=backend, chunk_size=5)
+    mod = FusedOPOLoss(alpha=0.3, level="token", backend=backend, chunk_size=ref.chunk_for(backend, 5))
     assert "alpha=0.3" in repr(mod)
     h, w, b = leaves(bt)
     loss, m = mod(h, w, bt.targets, bt.advantages, bt.old_logps, bt.mask, bias=b, **bt.layout_kw)
@@ -450,7 +450,7 @@ def test_anchored_minibatch_steps(backend):
     for step in range(3):
         opt.zero_grad()
         loss, m = fused_opo_loss(h, w, bt.targets, bt.advantages, anchor, bt.mask, bias=bt.bias,
-                                 backend=backend, chunk_size=8, **bt.layout_kw)
+                                 backend=backend, chunk_size=ref.chunk_for(backend, 8), **bt.layout_kw)
         loss.backward()
         if step == 0:
             assert m["delta_abs_mean"].item() == 0.0

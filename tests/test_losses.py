@@ -121,7 +121,7 @@ def run_fused(bt, options, *, backend, chunk_size=None, temperature=1.0):
     """Call fused_policy_loss on fresh leaves; returns (loss, metrics, (dh, dw, db))."""
     h, w, b = _leaves(bt)
     loss, metrics = fused_policy_loss(h, w, bt.targets, bt.advantages, bt.old_logps, bt.mask,
-                                      bias=b, backend=backend, chunk_size=chunk_size,
+                                      bias=b, backend=backend, chunk_size=ref.chunk_for(backend, chunk_size),
                                       temperature=temperature, **bt.layout_kw, **options)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     loss.backward()
@@ -131,7 +131,7 @@ def run_fused(bt, options, *, backend, chunk_size=None, temperature=1.0):
 def check_against_reference(case, layout, dtype, backend, chunk_size, temperature=1.0, bias=True):
     bt = _batch(layout, dtype, bias, temperature)
     want = _reference(case, layout, dtype, bias, temperature)
-    loss, metrics, grads = run_fused(bt, CASES[case], backend=backend, chunk_size=chunk_size,
+    loss, metrics, grads = run_fused(bt, CASES[case], backend=backend, chunk_size=ref.chunk_for(backend, chunk_size),
                                      temperature=temperature)
     tag = f"{case}/{layout}/{dtype}/{backend}/chunk={chunk_size}/T={temperature}"
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
@@ -242,7 +242,7 @@ def test_fused_loss_on_policy_reference(case, backend):
     want = ref.reference_loss(bt, CASES[case], old=None)
     h, w, b = _leaves(bt)
     loss, metrics = fused_policy_loss(h, w, bt.targets, bt.advantages, None, bt.mask, bias=b,
-                                      backend=backend, chunk_size=5, **bt.layout_kw, **CASES[case])
+                                      backend=backend, chunk_size=ref.chunk_for(backend, 5), **bt.layout_kw, **CASES[case])
     loss.backward()
     assert abs(loss.item() - want["loss"].item()) <= 1e-4 * abs(want["loss"].item()) + 2e-6
     assert float(metrics["delta_abs_mean"]) == 0.0 and float(metrics["chi2"]) == 0.0
@@ -271,10 +271,12 @@ def test_linear_logprobs(backend, layout, chunk_size, dtype):
     bt = ref.make_batch(layout, dtype, junk_masked=False, temperature=0.8, seed=7)
     h, w, b = _leaves(bt)
     logp, ent = linear_logprobs(h, w, bt.targets, bias=b, temperature=0.8, return_entropy=True,
-                                backend=backend, chunk_size=chunk_size, **bt.layout_kw)
+                                backend=backend, chunk_size=ref.chunk_for(backend, chunk_size), **bt.layout_kw)
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
     assert logp.shape == bt.targets.shape and ent.shape == bt.targets.shape
-    assert bool((logp[bt.targets == -100] == 0).all()), "ignore_index positions must give log-prob 0"
+    ign = bt.targets == -100
+    assert bool((logp[ign] == 0).all()), "ignore_index positions must give log-prob 0"
+    assert bool((ent[ign] == 0).all()), "ignore_index positions must give entropy 0"
     # Backward through both outputs with arbitrary weights: exercises the entropy gradient too.
     g = torch.Generator().manual_seed(1)
     c1 = torch.randn(bt.targets.shape, generator=g)
@@ -283,6 +285,7 @@ def test_linear_logprobs(backend, layout, chunk_size, dtype):
 
     h64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (bt.hidden, bt.weight, bt.bias))
     lp64, ent64 = ref.logprobs(h64, w64, bt.targets, b64, 0.8)
+    ent64 = torch.where(ign, 0.0, ent64)
     ((lp64 * c1.double()).sum() + (ent64 * c2.double()).sum()).backward()
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert_close(logp, lp64, rtol=1e-5, atol_rel=1e-6, what="logp")
@@ -297,7 +300,7 @@ def test_linear_logprobs(backend, layout, chunk_size, dtype):
 def test_linear_logprobs_logp_only_no_bias(backend):
     bt = ref.make_batch("bt", bias=False, junk_masked=False, seed=8)
     h, w, _ = _leaves(bt)
-    logp = linear_logprobs(h, w, bt.targets, backend=backend, chunk_size=4)
+    logp = linear_logprobs(h, w, bt.targets, backend=backend, chunk_size=ref.chunk_for(backend, 4))
     assert isinstance(logp, torch.Tensor)
     logp.sum().backward()
     h64, w64 = (t.detach().double().requires_grad_(True) for t in (bt.hidden, bt.weight))
@@ -481,6 +484,7 @@ def test_triton_linear_logprobs_and_all_masked():
     (logp.sum() + 0.5 * ent.sum()).backward()
     h64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (bt.hidden, bt.weight, bt.bias))
     lp64, ent64 = ref.logprobs(h64, w64, bt.targets, b64, 0.7)
+    ent64 = torch.where(bt.targets == -100, 0.0, ent64)  # ignored positions: entropy 0 too
     (lp64.sum() + 0.5 * ent64.sum()).backward()
     assert_close(logp, lp64, rtol=1e-5, atol_rel=1e-6, what="logp")
     assert_close(ent, ent64, rtol=1e-5, atol_rel=1e-6, what="entropy")

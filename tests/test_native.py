@@ -270,7 +270,7 @@ def test_disabled_by_env(monkeypatch):
 
     monkeypatch.setenv("OPO_DISABLE_NATIVE", "1")
     assert native.available() is False
-    assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
     monkeypatch.delenv("OPO_DISABLE_NATIVE")
     assert native.available() is True
 
