@@ -30,14 +30,22 @@ def main(argv: list[str] | None = None) -> int:
         for p in sorted(CONFIG_DIR.glob("*.yaml")):
             print(p.stem)
         return 0
+    from .errors import ConfigError, TrainingStopped
     try:
         cfg = load_config(args.config, args.overrides)
-    except ValueError as e:
-        print(f"opo-train: error: {e}", file=sys.stderr)
+        from .train import train
+        train(cfg)
+    except ConfigError as e:  # a bad key, value, file, path, device or missing package
+        print(f"opo-train: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 2
-    from .train import train
-    train(cfg)
+    except TrainingStopped as e:
+        print(f"opo-train: stopped: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 from opo_kernels import LOSSES
 from opo_kernels.checks import check_options
 from opo_kernels.dispatch import BACKENDS
@@ -24,11 +26,6 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
 TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random init)
 
-
-
-class ConfigError(ValueError):
-    """A bad configuration: a key, a value, a file, or something the configuration asks of the
-    machine (a device, a package, a path). The command line prints it on one line and exits 2."""
 
 
 @dataclass
@@ -155,7 +152,7 @@ class Config:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> "Config":
         def bad(key, why):
-            raise ValueError(f"config key {key!r}: {why}, got {getattr(self, key)!r}")
+            raise ConfigError(f"config key {key!r}: {why}, got {getattr(self, key)!r}")
 
         def choice(key, options):
             if getattr(self, key) not in options:
@@ -169,7 +166,7 @@ class Config:
             check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
         except (TypeError, ValueError) as e:  # its messages start with the option's name
             key = re.match(r"[a-z_]+", str(e)).group(0)
-            raise ValueError(f"config key {key!r}: {e}") from None
+            raise ConfigError(f"config key {key!r}: {e}") from None
         choice("adv_scale", ("auto", "group", "batch", "none"))
         choice("dynamic_sampling", ("auto", "true", "false"))
         choice("engine", ("hf", "vllm"))
@@ -273,14 +270,14 @@ def _check_type(key: str, value: Any) -> Any:
     elif hint is dict:
         if isinstance(value, dict):
             return value
-    raise ValueError(f"config key {key!r} expects {getattr(hint, '__name__', hint)}, "
+    raise ConfigError(f"config key {key!r} expects {getattr(hint, '__name__', hint)}, "
                      f"got {value!r} ({type(value).__name__})")
 
 
-def _unknown(key: str) -> ValueError:
+def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(_FIELDS), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}")
 
 
 def apply(cfg: Config, updates: dict, source: str = "") -> Config:
@@ -291,24 +288,24 @@ def apply(cfg: Config, updates: dict, source: str = "") -> Config:
             raise _unknown(top)
         if sub:
             if _HINTS[top] is not dict:
-                raise ValueError(f"config key {top!r} is not a mapping; cannot set {key!r}")
+                raise ConfigError(f"config key {top!r} is not a mapping; cannot set {key!r}")
             getattr(cfg, top)[sub] = value
             continue
         try:
             setattr(cfg, top, _check_type(top, value))
-        except ValueError as e:
-            raise ValueError(f"{e}{f' (in {source})' if source else ''}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{e}{f' (in {source})' if source else ''}") from None
     return cfg
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` -> (key, YAML-parsed value)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ValueError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -328,17 +325,25 @@ def resolve_config_path(path: str) -> Path:
         if cand.exists():
             return cand
     shipped = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise ValueError(f"config file {path!r} not found (shipped configs: {shipped})")
+    raise ConfigError(f"config file {path!r} not found (shipped configs: {shipped})")
 
 
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- YAML file (default: the shipped toy config) <- overrides; validated."""
     cfg = Config()
     p = resolve_config_path(path or "toy")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{at}: "
+                          f"{getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
     apply(cfg, data, source=str(p))
     if isinstance(overrides, dict):
         apply(cfg, overrides, source="overrides")

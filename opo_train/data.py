@@ -12,6 +12,8 @@ import random
 import re
 from pathlib import Path
 
+from .errors import ConfigError
+
 # ----------------------------------------------------------------------------------------------
 # Toy tasks: a+b= and digit reversal, partial credit per digit (see rewards.toy_reward)
 # ----------------------------------------------------------------------------------------------
@@ -37,9 +39,9 @@ class ToyTask:
 
     def __init__(self, seed: int = 0, split: str = "train", digits: int = 2, op: str = "add"):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+            raise ConfigError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if op not in TOY_TASKS:
-            raise ValueError(f"config key 'toy_task' must be one of {TOY_TASKS}, got {op!r}")
+            raise ConfigError(f"config key 'toy_task' must be one of {TOY_TASKS}, got {op!r}")
         self.seed, self.split, self.digits, self.op = seed, split, digits, op
 
     def _draw(self, rng: random.Random) -> dict:
@@ -76,13 +78,13 @@ class ListDataset:
 
     def __init__(self, rows: list[dict], seed: int = 0, shuffle: bool = True, name: str = "dataset"):
         if not isinstance(rows, (list, tuple)) or not rows:
-            raise ValueError(f"{name}: needs a non-empty list of rows, got {type(rows).__name__} "
+            raise ConfigError(f"{name}: needs a non-empty list of rows, got {type(rows).__name__} "
                              f"of length {len(rows) if hasattr(rows, '__len__') else '?'}")
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
-                raise ValueError(f"{name}: row {i} must be a dict, got {type(r).__name__}")
+                raise ConfigError(f"{name}: row {i} must be a dict, got {type(r).__name__}")
             if not isinstance(r.get("prompt"), str) or not r["prompt"]:
-                raise ValueError(f"{name}: row {i} needs a non-empty string 'prompt', "
+                raise ConfigError(f"{name}: row {i} needs a non-empty string 'prompt', "
                                  f"got {r.get('prompt')!r}")
         self.rows, self.seed, self.shuffle = list(rows), seed, shuffle
         self._orders: dict[int, list[int]] = {}
@@ -149,7 +151,7 @@ def read_rows(path: str | Path) -> list[dict]:
     """Rows of a ``.jsonl`` / ``.json`` / ``.parquet`` file as dicts (errors name the line)."""
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"data file {str(p)!r} does not exist")
+        raise ConfigError(f"data file {str(p)!r} does not exist")
     if p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -159,13 +161,13 @@ def read_rows(path: str | Path) -> list[dict]:
                 import pandas as pd
                 return pd.read_parquet(p).to_dict("records")
             except ImportError:
-                raise ValueError(f"{p}: reading parquet needs pyarrow or pandas "
+                raise ConfigError(f"{p}: reading parquet needs pyarrow or pandas "
                                  f"(pip install pyarrow)") from None
     if p.suffix == ".json":
         with open(p) as f:
             data = json.load(f)
         if not isinstance(data, list):
-            raise ValueError(f"{p}: a .json data file must hold a list of rows")
+            raise ConfigError(f"{p}: a .json data file must hold a list of rows")
         return data
     rows = []
     with open(p) as f:
@@ -175,7 +177,7 @@ def read_rows(path: str | Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+                raise ConfigError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -199,28 +201,28 @@ def load_math(path: str | Path, *, levels=(), fraction: float = 1.0, size: int =
     for i, r in enumerate(read_rows(path)):
         where = f"{path}: row {i}"
         if not isinstance(r, dict):
-            raise ValueError(f"{where}: must be an object, got {type(r).__name__}")
+            raise ConfigError(f"{where}: must be an object, got {type(r).__name__}")
         prob = r.get("problem")
         if not isinstance(prob, str) or not prob.strip():
-            raise ValueError(f"{where}: 'problem' must be a non-empty string, got {prob!r}")
+            raise ConfigError(f"{where}: 'problem' must be a non-empty string, got {prob!r}")
         sol = r.get("solution")
         ans = r.get("answer")
         if ans is None:
             if not isinstance(sol, str):
-                raise ValueError(f"{where}: needs a 'solution' string (or an 'answer'), got {sol!r}")
+                raise ConfigError(f"{where}: needs a 'solution' string (or an 'answer'), got {sol!r}")
             ans = last_boxed(sol)
             if ans is None:
-                raise ValueError(f"{where}: 'solution' has no \\boxed{{...}} final answer")
+                raise ConfigError(f"{where}: 'solution' has no \\boxed{{...}} final answer")
         if want:
             if "level" not in r:
-                raise ValueError(f"{where}: no 'level' field but levels={sorted(want)} was asked")
+                raise ConfigError(f"{where}: no 'level' field but levels={sorted(want)} was asked")
             if _level_of(r["level"]) not in want:
                 continue
         out.append({"prompt": prob + prompt_suffix, "answer": str(ans), "problem": prob,
                     "solution": sol if isinstance(sol, str) else "",
                     "level": _level_of(r.get("level", ""))})
     if not out:
-        raise ValueError(f"{path}: no rows left after filtering by levels={sorted(want)}")
+        raise ConfigError(f"{path}: no rows left after filtering by levels={sorted(want)}")
     if fraction < 1.0:
         rng = random.Random(seed)
         keep = max(1, round(len(out) * fraction))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -37,7 +39,7 @@ def setup(device: str = "auto") -> DistInfo:
     """Join (or make) the default process group and pick this rank's device."""
     want_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if want_cuda and not torch.cuda.is_available():
-        raise ValueError("config key 'device': 'cuda' asked but no CUDA device is available")
+        raise ConfigError("config key 'device': 'cuda' asked but no CUDA device is available")
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")

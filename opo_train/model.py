@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ASSETS_DIR, TINY_MODEL, Config
+from .errors import ConfigError
 
 log = logging.getLogger("opo_train")
 
@@ -41,7 +42,7 @@ def load_tokenizer(cfg: Config):
                                       unk_token="<|unk|>")
     else:
         if not Path(path).exists():
-            raise ValueError(f"config key 'tokenizer'/'model': {path!r} is not a local directory "
+            raise ConfigError(f"config key 'tokenizer'/'model': {path!r} is not a local directory "
                              "(nothing is downloaded at run time)")
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
@@ -53,12 +54,12 @@ def hf_config(cfg: Config):
     from transformers import AutoConfig
     path = TINY_DIR if cfg.model == TINY_MODEL else Path(cfg.model)
     if not path.exists():
-        raise ValueError(f"config key 'model': {cfg.model!r} is not a local directory "
+        raise ConfigError(f"config key 'model': {cfg.model!r} is not a local directory "
                          "(nothing is downloaded at run time)")
     conf = AutoConfig.from_pretrained(str(path))
     for k, v in cfg.model_overrides.items():
         if not hasattr(conf, k):
-            raise ValueError(f"config key 'model_overrides': {type(conf).__name__} has no field {k!r}")
+            raise ConfigError(f"config key 'model_overrides': {type(conf).__name__} has no field {k!r}")
         setattr(conf, k, v)
     return conf
 
@@ -198,7 +199,7 @@ def build_policy(cfg: Config, info, seed: int) -> Policy:
     if cfg.fsdp:
         shard(policy, cfg, info)
     elif info.world > 1:
-        raise ValueError("config key 'fsdp': false is only allowed in a single process")
+        raise ConfigError("config key 'fsdp': false is only allowed in a single process")
     return policy
 
 

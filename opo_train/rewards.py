@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from .data import last_boxed
+from .errors import ConfigError
 
 log = logging.getLogger("opo_train")
 
@@ -147,7 +148,7 @@ def resolve_rewards(names, task: str, math_timeout: float = 5.0):
     for n in names:
         key = task if n == "auto" else n
         if key not in REWARDS:
-            raise ValueError(f"config key 'rewards': unknown reward {n!r}; known: {sorted(REWARDS)}")
+            raise ConfigError(f"config key 'rewards': unknown reward {n!r}; known: {sorted(REWARDS)}")
         fn = REWARDS[key]
         if fn is math_reward:
             def fn(prompts, completions, answer, _t=math_timeout, **kw):
@@ -340,7 +341,7 @@ class RewardRunner:
         if len(self.weights) != len(self.fns):
             raise ValueError(f"reward weights: need {len(self.fns)}, got {len(self.weights)}")
         if isolation not in ("process", "thread"):
-            raise ValueError(f"config key 'reward_isolation': must be 'process' or 'thread', "
+            raise ConfigError(f"config key 'reward_isolation': must be 'process' or 'thread', "
                              f"got {isolation!r}")
         if isolation == "process" and "fork" not in _mp_methods():
             log.warning("reward_isolation=process needs the 'fork' start method, not available "

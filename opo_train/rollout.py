@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
+
 log = logging.getLogger("opo_train")
 
 
@@ -103,10 +105,10 @@ class VLLMEngine:
         try:
             from vllm import LLM, SamplingParams  # noqa: F401
         except ImportError:
-            raise ValueError("config key 'engine': 'vllm' needs vLLM (pip install 'opo[vllm]')") from None
+            raise ConfigError("config key 'engine': 'vllm' needs vLLM (pip install 'opo[vllm]')") from None
         from .model import TINY_DIR, TINY_MODEL, resolve_dtype
         if device.type != "cuda":
-            raise ValueError("config key 'engine': 'vllm' needs a CUDA device")
+            raise ConfigError("config key 'engine': 'vllm' needs a CUDA device")
         self.cfg, self.tok = cfg, tokenizer
         path = str(TINY_DIR) if cfg.model == TINY_MODEL else cfg.model
         dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[resolve_dtype(cfg, device)]

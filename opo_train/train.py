@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import LOSS_OPTION_KEYS, Config, ConfigError, load_config
+from .config import LOSS_OPTION_KEYS, Config, load_config
+from .errors import ConfigError, TrainingStopped
 from .data import ToyTask, as_dataset, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
 from .metrics import MetricsLogger, console_line
@@ -33,10 +34,6 @@ from .rewards import RewardRunner, resolve_rewards
 from .rollout import make_engine
 
 log = logging.getLogger("opo_train")
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. no reward at all for several steps); the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +354,7 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
         cfg = config.validate()
     else:
         raise TypeError(f"config must be a Config, a path or a dict, got {type(config).__name__}")
+    preflight(cfg)
     info = setup(cfg.device)
     threads = torch.get_num_threads()
     if info.device.type == "cpu" and cfg.cpu_threads:
@@ -376,10 +374,10 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
     out_dir = Path(cfg.output_dir)
     P, G, M, W = cfg.prompts_per_step, cfg.group_size, cfg.minibatches, info.world
     if P % (M * W):
-        raise ValueError(f"config key 'prompts_per_step': {P} must be a multiple of "
+        raise ConfigError(f"config key 'prompts_per_step': {P} must be a multiple of "
                          f"minibatches x processes = {M} x {W}")
     if cfg.sft_steps and cfg.task != "toy":
-        raise ValueError("config key 'sft_steps': the warm start is only defined for task 'toy'")
+        raise ConfigError("config key 'sft_steps': the warm start is only defined for task 'toy'")
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg)
     policy = build_policy(cfg, info, cfg.seed)
@@ -556,6 +554,35 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
                   f"(first {k} steps) -> {summary['reward_last']:.3f} (last {k} steps); checkpoint "
                   f"{final}; metrics {out_dir / 'metrics.jsonl'}", flush=True)
     return summary
+
+
+def preflight(cfg: Config) -> None:
+    """What the configuration asks of the machine, checked before anything is built, so that a
+    wrong path, device, backend, package or key fails in a second with one line naming the key."""
+    from .model import hf_config, load_tokenizer
+    from .rewards import resolve_rewards
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device': 'cuda' asked but no CUDA device is available")
+    hf_config(cfg)          # model path, model_overrides keys
+    load_tokenizer(cfg)     # tokenizer path
+    resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout)
+    if cfg.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ConfigError("config key 'engine': 'vllm' needs vLLM (pip install 'opo[vllm]')") from None
+    # The kernel backend, tried on a tiny problem on the run's device (public API only).
+    import opo_kernels as ok
+    dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
+                                                          torch.cuda.is_available()) else "cpu")
+    try:
+        h = torch.zeros(1, 2, 8, device=dev)
+        ok.linear_logprobs(h, torch.zeros(16, 8, device=dev), torch.zeros(1, 2, dtype=torch.long,
+                                                                          device=dev),
+                           backend=cfg.kernel_backend)
+    except Exception as e:  # noqa: BLE001 - whatever the backend says, on one line
+        raise ConfigError(f"config key 'kernel_backend': {cfg.kernel_backend!r} cannot run on "
+                          f"{dev.type}: {' '.join(str(e).split())}") from None
 
 
 def claim_output_dir(cfg: Config, info: DistInfo, policy, optimizer, max_steps: int):
