@@ -179,16 +179,17 @@ def _fwd_partials_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
                          HAS_BIAS, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
         hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
         zt += tl.sum(tl.where(hit, s, 0.0), axis=1)
-        # Padding columns get a huge finite negative logit: exp gives 0 and 0 * (s - m) stays 0
-        # (with -inf it would be nan); every tile has a real column, so the max is real.
+        # Padding columns get a huge finite negative logit: exp gives 0.
         s = s + tl.where(col_ok, 0.0, -1.0e30)[None, :]
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        # d == 0 exactly before the first tile, where m = -inf: keep -inf * 0 out.
-        shift = (tl.where(d > 0.0, m, m_new) - m_new) * d
-        s = s - m_new[:, None]
+        # Real logits may be -inf (a -inf bias), so may the running max: every product below is
+        # guarded so that 0 * (-inf) never happens (d == 0 exactly while m = -inf).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_ref))
+        shift = d * tl.where(d > 0.0, m - m_ref, 0.0)
+        s = s - m_ref[:, None]
         e = tl.exp(s)
-        t = alpha * (t + shift) + tl.sum(e * s, axis=1)
+        t = alpha * (t + shift) + tl.sum(tl.where(e > 0.0, e * s, 0.0), axis=1)
         d = alpha * d + tl.sum(e, axis=1)
         m = m_new
 
@@ -223,7 +224,8 @@ def _fwd_merge_kernel(part_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, N, V, S, plan
         zt += tl.load(p + 3 * plane, mask=row_ok, other=0.0)
         w = tl.exp(m_s - big_m)
         d += w * d_s
-        t += w * (t_s + (m_s - big_m) * d_s)
+        # A split whose logits are all -inf has d_s = 0 and m_s = -inf: it adds nothing.
+        t += tl.where(d_s > 0.0, w * (t_s + (m_s - big_m) * d_s), 0.0)
         p += N
     d = tl.where(row_ok, d, 1.0)  # padding rows: keep log(0) out
     log_d = tl.log(d)
@@ -254,7 +256,8 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
     if HAS_ENT:
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
-        dz -= ge[:, None] * p * (s - lse[:, None] + ent[:, None])
+        # p == 0 at -inf logits, whose (s - lse + H) is -inf: their gradient is 0, not nan.
+        dz -= ge[:, None] * tl.where(p > 0.0, p * (s - lse[:, None] + ent[:, None]), 0.0)
         scale += tl.abs(ge)
     dz = dz * inv_temp
     # where() (not multiply) so that junk in padding rows/cols (possibly inf/nan) cannot leak.

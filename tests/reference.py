@@ -37,7 +37,8 @@ def logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-
     ok = (targets != ignore_index) & (targets >= 0) & (targets < V)
     idx = torch.where(ok, targets, torch.zeros_like(targets))
     logp = lsm.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * ok.double()
-    entropy = -(lsm.exp() * lsm).sum(-1)
+    # −inf logits (p = 0) add 0 to the entropy, and nothing to its gradient (never 0·∞).
+    entropy = -(lsm.exp() * torch.where(torch.isfinite(lsm), lsm, 0.0)).sum(-1)
     return logp, entropy
 
 
