@@ -99,6 +99,43 @@ class MetricsLogger:
             self.tb.close()
 
 
+def validation_line(row: dict, n: int, max_steps: int) -> str:
+    return (f"val  step {row['step']}/{max_steps}: accuracy {row['val_accuracy']:.3f} (share of {n} held-out "
+            f"prompts whose greedy answer has reward >= 1), mean reward {row['val_reward']:.3f}")
+
+
+class quiet_third_party:
+    """Silence other libraries' chatter for the duration of a run (FutureWarnings and
+    deprecation notes, transformers' info logs and progress bars); restored afterwards."""
+
+    def __enter__(self):
+        import warnings
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        for cat in (FutureWarning, DeprecationWarning, UserWarning):
+            for mod in ("transformers", "torch", "huggingface_hub", "safetensors", "accelerate",
+                        "peft", "datasets", "math_verify", "sympy"):
+                warnings.filterwarnings("ignore", category=cat, module=mod)
+        self._tf = None
+        try:
+            from transformers.utils import logging as tlog
+            self._tf = (tlog, tlog.get_verbosity(), tlog.is_progress_bar_enabled())
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+        except Exception:  # noqa: BLE001 - transformers missing or changed: nothing to quiet
+            self._tf = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._tf is not None:
+            tlog, verbosity, bars = self._tf
+            tlog.set_verbosity(verbosity)
+            if bars:
+                tlog.enable_progress_bar()
+        self._warn.__exit__(*exc)
+        return False
+
+
 def console_line(row: dict, max_steps: int) -> str:
     def f(k, fmt="{:.3f}"):
         v = row.get(k)

@@ -27,7 +27,7 @@ from .config import LOSS_OPTION_KEYS, Config, load_config
 from .errors import ConfigError, TrainingStopped
 from .data import ToyTask, as_dataset, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
-from .metrics import MetricsLogger, console_line
+from .metrics import MetricsLogger, console_line, quiet_third_party, validation_line
 from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
                     param_count, save_hf)
 from .rewards import RewardRunner, resolve_rewards
@@ -354,18 +354,19 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
         cfg = config.validate()
     else:
         raise TypeError(f"config must be a Config, a path or a dict, got {type(config).__name__}")
-    preflight(cfg)
-    info = setup(cfg.device)
-    threads = torch.get_num_threads()
-    if info.device.type == "cpu" and cfg.cpu_threads:
-        # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP
-        # threads that wait for a busy core slow every op down by an order of magnitude.
-        torch.set_num_threads(cfg.cpu_threads)
-    try:
-        return _run(cfg, info, reward_fns, dataset, val_dataset)
-    finally:
-        torch.set_num_threads(threads)
-        teardown(info)
+    with quiet_third_party():
+        preflight(cfg)
+        info = setup(cfg.device)
+        threads = torch.get_num_threads()
+        if info.device.type == "cpu" and cfg.cpu_threads:
+            # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP
+            # threads that wait for a busy core slow every op down by an order of magnitude.
+            torch.set_num_threads(cfg.cpu_threads)
+        try:
+            return _run(cfg, info, reward_fns, dataset, val_dataset)
+        finally:
+            torch.set_num_threads(threads)
+            teardown(info)
 
 
 def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
@@ -527,6 +528,8 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
             logger.log(row, console=console_line(row, max_steps) if info.is_main else None)
         else:
             logger.log(row)
+        if "val_accuracy" in row and info.is_main:
+            print(validation_line(row, len(val_rows), max_steps), flush=True)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
             ckpt.save(out_dir, step + 1, policy, optimizer, trainer_state(cfg, step + 1, train_data, runner),
                       info, cfg.keep_checkpoints)
