@@ -14,7 +14,7 @@ import torch
 
 import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
-from opo_kernels import (FusedOPOLoss, escort_weights, fused_opo_loss, fused_policy_loss,
+from opo_kernels import (FusedOPOLoss, FusedPolicyLoss, escort_weights, fused_opo_loss, fused_policy_loss,
                          group_advantages, linear_logprobs, opo_loss, policy_loss)
 
 B, T, H, V = 4, 5, 8, 37
@@ -408,3 +408,106 @@ def test_messages_are_specific():
     """The message names the offending argument, not a generic 'bad input'."""
     msg = raises(lambda: call(with_(targets=torch.randint(0, V, (B, T), dtype=torch.int32))), "targets")
     assert re.search(r"int64", msg), msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Options: every value checked, and an option the chosen loss does not read must not be changed
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss,name,value", [
+    ("grpo", "alpha", 0.7), ("grpo", "mu", 2.0), ("grpo", "tau", 0.5), ("grpo", "level", "token"),
+    ("grpo", "ratio", "exact"), ("grpo", "max_log_ratio", 0.1), ("grpo", "ref_correction", True),
+    ("grpo", "normalize", "center"), ("dapo", "norm_scope", "group"), ("gspo", "escort", "group_softmax"),
+    ("dr_grpo", "seq_reduce", "sum"), ("gspo", "beta_r", 0.3), ("grpo", "adaptive_tau", False),
+    ("opo", "clip_eps_low", 0.1), ("opo", "clip_eps_high", 0.3), ("opo", "beta_r", 0.3),
+    ("opo", "adaptive_tau", False),
+])
+def test_option_the_loss_does_not_read_raises(loss, name, value):
+    raises(lambda: call(base(), loss=loss, **{name: value}), name, repr(value), loss)
+
+
+@pytest.mark.parametrize("name,value", [("level", "token"), ("ratio", "exact"),
+                                        ("normalize", "center"), ("ref_correction", True),
+                                        ("seq_reduce", "sum")])
+def test_option_group_softmax_does_not_read_raises(name, value):
+    raises(lambda: call(base(), escort="group_softmax", group_size=2, **{name: value}), name,
+           "group_softmax")
+
+
+def test_seq_reduce_at_token_level_needs_ref_correction():
+    raises(lambda: call(base(), level="token", seq_reduce="sum"), "seq_reduce", "token")
+    assert torch.isfinite(call(base(), level="token", seq_reduce="sum", ref_correction=True)[0])
+
+
+def test_options_the_loss_reads_at_their_defaults_are_accepted():
+    """A trainer may pass every option with its default whatever the loss (and the batch facts
+    group_size and max_completion_length)."""
+    defaults = dict(alpha=0.4, mu=1.0, tau=1.0, level="sequence", seq_reduce="mean", ratio="log",
+                    normalize="zscore", norm_scope="batch", ref_correction=False,
+                    max_log_ratio=None, escort="paper", clip_eps_low=None, clip_eps_high=None,
+                    beta_r=0.15, adaptive_tau=True, group_size=2, max_completion_length=8)
+    for loss in ("opo", "grpo", "dapo", "gspo", "dr_grpo"):
+        assert torch.isfinite(call(base(), loss=loss, **defaults)[0])
+
+
+@pytest.mark.parametrize("loss,name,value", [
+    ("grpo", "clip_eps_low", 1.5), ("grpo", "clip_eps_low", 1.0), ("grpo", "clip_eps_high", math.inf),
+    ("opo", "temperature", math.inf), ("opo", "mu", math.inf), ("opo", "tau", math.inf),
+    ("opo", "alpha", math.inf), ("opo", "max_log_ratio", math.inf), ("opo", "max_log_ratio", 0.0),
+    ("opo", "group_size", 2.5), ("opo", "ref_correction", 1), ("dr_grpo", "max_completion_length", 0),
+])
+def test_bad_option_value(loss, name, value):
+    raises(lambda: call(base(), loss=loss, **{name: value}), name, repr(value))
+
+
+def test_group_size_must_divide_the_batch_whatever_the_scope():
+    raises(lambda: call(base(), group_size=3), "group_size", "3")
+
+
+def test_unknown_option_name():
+    raises(lambda: call(base(), alpah=0.3), "alpah")
+    raises(lambda: call(base(), fn=fused_opo_loss, alpah=0.3), "alpah")
+    raises(lambda: opo_loss(-torch.rand(B, T), None, torch.randn(B), alpah=0.3), "alpah")
+
+
+@pytest.mark.parametrize("backend,name,value", [
+    ("torch", "filter_eps", 0.01), ("reference", "deterministic", True), ("fused", "chunk_size", 8),
+    ("reference", "chunk_size", 8), ("fused", "filter_eps", -1.0), ("torch", "deterministic", 1),
+])
+def test_backend_options_go_with_their_backend(backend, name, value):
+    raises(lambda: call(base(), backend=backend, **{name: value}), name, repr(value))
+
+
+def test_module_constructors_validate():
+    raises(lambda: FusedOPOLoss(alpah=0.3), "alpah")
+    raises(lambda: FusedOPOLoss(mu=-1.0), "mu", "-1.0")
+    raises(lambda: FusedOPOLoss(clip_eps_low=0.1), "clip_eps_low", "opo")
+    raises(lambda: FusedPolicyLoss("grpo", alpha=0.7), "alpha", "grpo")
+    raises(lambda: FusedPolicyLoss("ppo"), "loss", "'ppo'")
+    raises(lambda: FusedOPOLoss(temperature=0.0), "temperature")
+    raises(lambda: FusedOPOLoss(backend="gpu"), "backend", "'gpu'")
+    raises(lambda: FusedOPOLoss(filter_eps=-1.0), "filter_eps")
+
+
+def test_module_forward_loss_override_is_a_clear_error():
+    a = base()
+    msg = raises(lambda: FusedOPOLoss()(a["hidden"], a["weight"], a["targets"], a["advantages"],
+                                        loss="grpo"), "loss")
+    assert "multiple values" not in msg
+
+
+def test_zero_hidden_size():
+    a = base()
+    raises(lambda: call(with_(hidden=torch.randn(B, T, 0), weight=torch.randn(V, 0))), "H", "(37, 0)")
+    raises(lambda: linear_logprobs(torch.randn(B, T, 0), torch.randn(V, 0), a["targets"]), "H")
+
+
+def test_escort_weights_checks_its_advantages():
+    raises(lambda: escort_weights(torch.randn(2, 3)), "advantages", "(2, 3)")
+    adv = torch.randn(6)
+    adv[2] = math.nan
+    raises(lambda: escort_weights(adv), "advantages", "nan")
+    valid = torch.ones(6, dtype=torch.bool)
+    valid[2] = False
+    w = escort_weights(adv, valid=valid)  # an invalid sequence may hold anything
+    assert torch.isfinite(w).all() and w[2] == 0
