@@ -83,6 +83,7 @@ class Config:
     reward_timeout: float = 30.0   # seconds for one reward call over the whole batch
     reward_isolation: str = "process"  # process (a forked worker: a hang costs nothing) | thread
     reward_max_failed_steps: int = 3   # stop after this many steps in a row without any reward; 0 = never
+    zero_signal_steps: int = 10    # warn when reward and gradient stay zero this many steps; 0 = never
     math_verify_timeout: float = 5.0  # seconds per answer inside the math reward
 
     # -- loss -----------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class Config:
                 bad(key, "must be >= 1")
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
                     "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs",
-                    "reward_max_failed_steps"):
+                    "reward_max_failed_steps", "zero_signal_steps"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.group_size < 2:
@@ -316,22 +317,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def resolve_config_path(path: str) -> Path:
-    """A path as given, or the name of a shipped config (``toy``, ``exp1_...``)."""
+def resolve_config_path(path: str, relative_to: Path | None = None) -> Path:
+    """A path as given (or relative to the YAML that names it), or the name of a shipped config
+    (``toy``, ``exp1_...``)."""
     p = Path(path)
-    if p.exists():
-        return p
-    for cand in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
-        if cand.exists():
+    cands = [p]
+    if relative_to is not None and not p.is_absolute():
+        cands.insert(0, relative_to / p)
+    cands += [CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
+    for cand in cands:
+        if cand.is_file():
             return cand
     shipped = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config file {path!r} not found (shipped configs: {shipped})")
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (default: the shipped toy config) <- overrides; validated."""
-    cfg = Config()
-    p = resolve_config_path(path or "toy")
+def _read_yaml(p: Path) -> dict:
     try:
         with open(p) as f:
             data = yaml.safe_load(f) or {}
@@ -344,7 +345,35 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
         raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
-    apply(cfg, data, source=str(p))
+    return data
+
+
+def _layers(p: Path, chain: tuple = ()) -> list[tuple[Path, dict]]:
+    """The YAML files to apply, base first: a file may name its base config with ``base:``
+    (a shipped name such as ``toy``, or a path, relative to the file)."""
+    if p.resolve() in chain:
+        names = " -> ".join(str(c) for c in (*chain, p.resolve()))
+        raise ConfigError(f"config key 'base': the bases form a cycle ({names})")
+    data = _read_yaml(p)
+    base = data.pop("base", None)
+    if base is None:
+        return [(p, data)]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config key 'base' (in {p}): must name a config file or a shipped "
+                          f"config, got {base!r}")
+    try:
+        bp = resolve_config_path(base, relative_to=p.parent)
+    except ConfigError as e:
+        raise ConfigError(f"config key 'base' (in {p}): {e}") from None
+    return _layers(bp, (*chain, p.resolve())) + [(p, data)]
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file (default: the shipped toy config; its ``base:`` first, recursively)
+    <- overrides; validated."""
+    cfg = Config()
+    for p, data in _layers(resolve_config_path(path or "toy")):
+        apply(cfg, data, source=str(p))
     if isinstance(overrides, dict):
         apply(cfg, overrides, source="overrides")
     else:

@@ -429,7 +429,7 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
             versions["engine"] = versions["policy"]
 
     # ---- RL: outer iterations ---------------------------------------------------------------
-    failed_steps = 0
+    failed_steps = zero_steps = 0
     for step in range(start_step, max_steps):
         t_step = time.perf_counter()
         lr = learning_rate(cfg, step, max_steps)
@@ -517,6 +517,17 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
         # 6. log, validate, checkpoint
         row = summarize(step + 1, cfg, info, g_rewards, g_raw, adv, g_len, g_trunc, keep_group, stats,
                         t_rollout, t_anchor, t_update, gen_tokens, lr, runner)
+        flat_signal = not row.get("reward_std") and not row.get("grad_norm")
+        zero_steps = zero_steps + 1 if flat_signal else 0
+        if cfg.zero_signal_steps and zero_steps == cfg.zero_signal_steps and info.is_main:
+            rm = row.get("reward_mean")
+            log.warning(
+                "no learning signal: for %d steps every sample got the same reward (%s) and the "
+                "gradient is zero. The policy cannot improve like this: a randomly initialized "
+                "model must first learn the answer format (keep the warm start, sft_steps > 0, or "
+                "start from a trained model), or the reward needs partial credit; check the config "
+                "this run started from (a YAML can name its base with `base: toy`).",
+                zero_steps, "none" if rm is None else f"{rm:.3f}")
         row["elapsed"] = time.time() - t_start
         row["step_time"] = time.perf_counter() - t_step
         if cfg.val_every and val_rows and (step + 1) % cfg.val_every == 0:

@@ -156,3 +156,25 @@ def test_learning_rate_schedule():
     assert lrs[-1] == pytest.approx(1e-4)
     cfg = load_config(None, ["lr=1e-3", "warmup_steps=0", "lr_schedule=constant"])
     assert learning_rate(cfg, 50, 100) == 1e-3
+
+
+def test_yaml_names_its_base_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: toy\nmax_steps: 7\nlr: 1.0e-3\n")
+    cfg = load_config(str(tmp_path / "mine.yaml"))
+    toy = load_config("toy")
+    assert (cfg.max_steps, cfg.lr) == (7, 1e-3)
+    # everything else is the toy config's, not the dataclass defaults
+    assert (cfg.toy_task, cfg.sft_steps, cfg.warmup_steps) == (toy.toy_task, toy.sft_steps, toy.warmup_steps)
+    assert cfg.sft_steps > 0 and cfg.toy_task != Config().toy_task
+    # a chain of bases, relative to the file that names it; overrides still win
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../mine.yaml\nseed: 3\n")
+    c2 = load_config(str(tmp_path / "sub" / "child.yaml"), ["max_steps=9"])
+    assert (c2.seed, c2.max_steps, c2.lr, c2.sft_steps) == (3, 9, 1e-3, toy.sft_steps)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="'base'.*cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: nothing_like_it\n")
+    with pytest.raises(ValueError, match=r"'base'.*nothing_like_it.*not found"):
+        load_config(str(tmp_path / "c.yaml"))

@@ -156,3 +156,18 @@ def test_run_without_any_reward_stops_with_a_clear_error(tmp_path):
         train(_cfg(tmp_path / "run", "max_steps=10"), reward_fns=never)
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- item 9: a run that cannot learn says so ------------------------------------------------------
+
+def test_zero_reward_and_gradient_are_warned_about(tmp_path, caplog):
+    cfg = _cfg(tmp_path / "run", "toy_task=add", "sft_steps=0", "max_steps=3", "zero_signal_steps=2")
+    with caplog.at_level("WARNING", logger="opo_train"):
+        train(cfg)
+    assert _rows(tmp_path / "run")[-1]["reward_mean"] == 0.0
+    msgs = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+    assert len(msgs) == 1 and "2 steps" in msgs[0] and "sft_steps" in msgs[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="opo_train"):  # a run with a signal: no warning
+        train(_cfg(tmp_path / "run2", "max_steps=3", "zero_signal_steps=2"), reward_fns=varied)
+    assert "no learning signal" not in caplog.text
