@@ -10,14 +10,16 @@ One outer iteration (a "step"):
                  backward, clip, optimizer step (Δ = 0 on the first mini-batch, ≠ 0 after)
 6. log / validate / checkpoint
 
-Read :func:`train` top to bottom; each helper above it does one of those things.
+One :class:`Experience` carries a step's data through the steps (``rollout`` → ``score`` →
+``advantages`` → ``minibatches`` → ``anchor_and_update`` → ``summarize``); ``_loop`` reads top to
+bottom in named sections.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from .metrics import MetricsLogger, console_line, quiet_third_party, validation_
 from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
                     param_count, save_hf)
 from .rewards import RewardRunner, resolve_rewards
-from .rollout import make_engine
+from .rollout import Sample, make_engine
 
 log = logging.getLogger("opo_train")
 
@@ -369,14 +371,159 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
             teardown(info)
 
 
-def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
-    # ---- set-up -----------------------------------------------------------------------------
-    t_start = time.time()
-    out_dir = Path(cfg.output_dir)
-    P, G, M, W = cfg.prompts_per_step, cfg.group_size, cfg.minibatches, info.world
+@dataclass
+class Experience:
+    """One outer iteration's data, carried from rollout to metrics.
+
+    Per-sample lists (``raw_rewards``, ``rewards``, ``lengths``, ``truncated``, ``advantages``)
+    are global: index ``group * G + sample`` over the step's P prompts, the same on every rank
+    (group advantages and DAPO's filter need every reward). Token-level data are held for this
+    rank's groups only, keyed by the global group index.
+    """
+    step: int                                    # 0-based outer iteration
+    lr: float
+    rows: list[dict]                             # the step's P prompt rows
+    share: list[list[int]]                       # this rank's groups, per mini-batch
+    prompt_ids: dict[int, list[int]] = field(default_factory=dict)
+    samples: dict[int, list[Sample]] = field(default_factory=dict)       # G completions per group
+    completions: dict[int, list[str]] = field(default_factory=dict)      # decoded
+    raw_rewards: list = field(default_factory=list)   # from the reward functions (None: no reward)
+    rewards: list = field(default_factory=list)       # after shaping (DAPO's overlong penalty)
+    lengths: list = field(default_factory=list)
+    truncated: list = field(default_factory=list)
+    advantages: list = field(default_factory=list)
+    keep: list = field(default_factory=list)          # per group: takes part in the update
+    batches: list = field(default_factory=list)       # this rank's mini-batches (model inputs)
+    anchors: list = field(default_factory=list)       # their log-probs under π_θ at rollout time
+    stats: list = field(default_factory=list)         # one dict per optimizer step
+    times: dict = field(default_factory=dict)
+    gen_tokens: int = 0                               # generated on this rank
+
+    @property
+    def groups(self) -> list[int]:
+        return [g for mb in self.share for g in mb]
+
+
+@dataclass
+class Run:
+    """What a run is made of (built once by :func:`_setup`)."""
+    cfg: Config
+    info: DistInfo
+    tok: object
+    policy: object
+    optimizer: object
+    engine: object
+    runner: RewardRunner
+    train_data: object
+    val_rows: list | None
+    max_steps: int
+    packed: bool
+    out_dir: Path
+    weights: dict = field(default_factory=lambda: {"policy": 0, "engine": -1})
+
+    def sync_engine(self) -> None:
+        """The engine samples with the policy's weights of the moment: pushed before a rollout
+        or a validation when an optimizer step has changed them since the last push."""
+        if self.weights["engine"] != self.weights["policy"]:
+            self.engine.load_weights(iter_full_params(self.policy))
+            self.weights["engine"] = self.weights["policy"]
+
+
+# ---- the steps of one outer iteration, in order ------------------------------------------------
+
+def rollout(run: Run, step: int) -> Experience:
+    """1. The engine gets the current weights and samples G completions per prompt of this
+    rank's share of the step's prompts."""
+    cfg, info = run.cfg, run.info
+    P, G = cfg.prompts_per_step, cfg.group_size
+    exp = Experience(step=step, lr=learning_rate(cfg, step, run.max_steps),
+                     rows=run.train_data.batch(step, P),
+                     share=rank_share(P, cfg.minibatches, info.world, info.rank))
+    t0 = time.perf_counter()
+    run.engine.wake()
+    run.sync_engine()
+    groups = exp.groups
+    ids = format_prompts([exp.rows[g] for g in groups], run.tok, cfg)
+    out = run.engine.generate(ids, G, seed=step_seed(cfg, step, info.rank))
+    run.engine.sleep()
+    for g, p, smp in zip(groups, ids, out):
+        exp.prompt_ids[g], exp.samples[g] = p, smp
+        exp.completions[g] = [run.tok.decode(s.tokens, skip_special_tokens=True) for s in smp]
+    exp.times["rollout"] = time.perf_counter() - t0
+    exp.gen_tokens = sum(len(s.tokens) for smp in out for s in smp)
+    return exp
+
+
+def score(run: Run, exp: Experience) -> None:
+    """2. Rewards of this rank's completions (contained, see ``RewardRunner``), DAPO's overlong
+    shaping, then every rank gets every reward (``all_gather``)."""
+    cfg, G = run.cfg, run.cfg.group_size
+    flat = [(g, k) for g in exp.groups for k in range(G)]
+    rows = [exp.rows[g] for g, _ in flat]
+    columns = {c: [r.get(c) for r in rows] for c in (rows[0] if rows else {}) if c != "prompt"}
+    raw = run.runner([r["prompt"] for r in rows], [exp.completions[g][k] for g, k in flat], columns,
+                     [list(exp.samples[g][k].tokens) for g, k in flat])
+    local = []
+    for (g, k), r in zip(flat, raw):
+        smp = exp.samples[g][k]
+        shaped = r + overlong_penalty(len(smp.tokens), cfg) if (r is not None and cfg.loss == "dapo") else r
+        local.append((g * G + k, r, shaped, len(smp.tokens), smp.truncated))
+    n = cfg.prompts_per_step * G
+    exp.raw_rewards, exp.rewards = [None] * n, [None] * n
+    exp.lengths, exp.truncated = [0] * n, [False] * n
+    for part in all_gather_objects(local, run.info):
+        for i, r, shaped, length, trunc in part:
+            exp.raw_rewards[i], exp.rewards[i], exp.lengths[i], exp.truncated[i] = r, shaped, length, trunc
+
+
+def advantages(run: Run, exp: Experience) -> None:
+    """3. Group advantages over the global batch; a group takes part when two or more of its
+    samples have a reward, and (DAPO's dynamic sampling) when those are not all equal."""
+    cfg, G = run.cfg, run.cfg.group_size
+    exp.advantages = compute_advantages(exp.rewards, G, cfg.effective_adv_scale())
+    exp.keep = []
+    for g in range(cfg.prompts_per_step):
+        vals = [r for r in exp.rewards[g * G:(g + 1) * G] if r is not None]
+        exp.keep.append(len(vals) > 1 and (len(set(vals)) > 1 or not cfg.use_dynamic_sampling()))
+
+
+def minibatches(run: Run, exp: Experience) -> None:
+    """4a. This rank's kept groups as model inputs, one batch per mini-batch (a rank with nothing
+    in a mini-batch gets stand-ins: every rank runs the same number of FSDP forwards)."""
+    cfg, G, pad = run.cfg, run.cfg.group_size, run.tok.pad_token_id
+    for mb in exp.share:
+        seqs = []
+        for g in (g for g in mb if exp.keep[g]):
+            for k, smp in enumerate(exp.samples[g]):
+                valid = (exp.rewards[g * G + k] is not None and len(smp.tokens) > 0
+                         and not (cfg.overlong_filter and smp.truncated))
+                seqs.append(Seq(exp.prompt_ids[g] + smp.tokens, len(exp.prompt_ids[g]),
+                                exp.advantages[g * G + k], valid))
+        exp.batches.append(collate(seqs or dummy_seqs(pad, G), pad, run.info.device, run.packed))
+
+
+def anchor_and_update(run: Run, exp: Experience) -> None:
+    """4b. Anchor log-probs of every mini-batch (π_ref = π_θ, no grad), then 5. one optimizer
+    step per mini-batch against that frozen anchor."""
+    exp.times["anchor"] = exp.times["update"] = 0.0
+    if not any(exp.keep):  # the same on every rank: every rank has every reward
+        return
+    t0 = time.perf_counter()
+    exp.anchors = anchor_logprobs(run.policy, exp.batches, run.cfg)
+    t1 = time.perf_counter()
+    exp.stats = update_policy(run.policy, run.optimizer, exp.batches, exp.anchors, run.cfg,
+                              run.info, exp.lr)
+    run.weights["policy"] += 1
+    exp.times["anchor"], exp.times["update"] = t1 - t0, time.perf_counter() - t1
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def _setup(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> Run:
+    P, M, W = cfg.prompts_per_step, cfg.minibatches, info.world
     if P % (M * W):
         raise ConfigError(f"config key 'prompts_per_step': {P} must be a multiple of "
-                         f"minibatches x processes = {M} x {W}")
+                          f"minibatches x processes = {M} x {W}")
     if cfg.sft_steps and cfg.task != "toy":
         raise ConfigError("config key 'sft_steps': the warm start is only defined for task 'toy'")
     torch.manual_seed(cfg.seed)
@@ -396,169 +543,114 @@ def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
                           resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout),
                           cfg.reward_weights or None, cfg.reward_timeout, cfg.reward_isolation)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / P)
+    return Run(cfg, info, tok, policy, optimizer, engine, runner, train_data, val_rows, max_steps,
+               packed, Path(cfg.output_dir))
+
+
+def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
+    t_start = time.time()
+    run = _setup(cfg, info, reward_fns, dataset, val_dataset)
+    try:
+        return _loop(run, t_start)
+    finally:
+        run.runner.close()
+
+
+def _loop(run: Run, t_start: float) -> dict:
+    cfg, info, out_dir, max_steps = run.cfg, run.info, run.out_dir, run.max_steps
 
     # ---- output_dir: ours alone; resume only forwards -----------------------------------------
-    found, state = claim_output_dir(cfg, info, policy, optimizer, max_steps)
-    start_step, sft_rows = (state["step"], None) if found else (0, None)
+    found, state = claim_output_dir(cfg, info, run.policy, run.optimizer, max_steps)
+    start_step = state["step"] if found else 0
     if found:
-        runner.errors, runner.timeouts = state.get("reward_errors", 0), state.get("reward_timeouts", 0)
-        runner.invalid = state.get("reward_invalid", 0)
+        run.runner.errors = state.get("reward_errors", 0)
+        run.runner.timeouts = state.get("reward_timeouts", 0)
+        run.runner.invalid = state.get("reward_invalid", 0)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
-        print(f"opo-train: {param_count(policy) / 1e6:.2f}M params, {W} process(es) on "
+        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params, {info.world} process(es) on "
               f"{info.device.type}, loss={cfg.loss} ({cfg.loss_impl}), {max_steps} steps x "
-              f"{P} prompts x {G} samples, {'packed' if packed else 'padded'} batches, "
-              f"engine={cfg.engine} -> {out_dir}", flush=True)
+              f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
+              f"{'packed' if run.packed else 'padded'} batches, engine={cfg.engine} -> {out_dir}",
+              flush=True)
         if found:
             print(f"resumed from {found} (step {start_step})", flush=True)
     logger = MetricsLogger(out_dir, info.is_main, resume_step=start_step if found else None,
                            tensorboard=cfg.tensorboard)
 
     # ---- warm start -------------------------------------------------------------------------
+    sft_rows = None
     if cfg.sft_steps and found is None:
-        sft_rows = warm_start(policy, tok, cfg, info, packed, out_dir)
-
-    # The engine samples with the policy's weights of the moment: pushed before a rollout or a
-    # validation whenever an optimizer step has changed them since the last push.
-    versions = {"policy": 0, "engine": -1}
-
-    def sync_engine():
-        if versions["engine"] != versions["policy"]:
-            engine.load_weights(iter_full_params(policy))
-            versions["engine"] = versions["policy"]
+        sft_rows = warm_start(run.policy, run.tok, cfg, info, run.packed, out_dir)
 
     # ---- RL: outer iterations ---------------------------------------------------------------
     failed_steps = zero_steps = 0
     for step in range(start_step, max_steps):
         t_step = time.perf_counter()
-        lr = learning_rate(cfg, step, max_steps)
-        rows = train_data.batch(step, P)
-        share = rank_share(P, M, W, info.rank)
-        my_groups = [i for mb in share for i in mb]
-        my_rows = [rows[i] for i in my_groups]
-
-        # 1. rollout: push the current weights, sample G completions per prompt
-        t0 = time.perf_counter()
-        engine.wake()
-        sync_engine()
-        prompt_ids = format_prompts(my_rows, tok, cfg)
-        samples = engine.generate(prompt_ids, G, seed=step_seed(cfg, step, info.rank))
-        engine.sleep()
-        t_rollout = time.perf_counter() - t0
-        gen_tokens = sum(len(s.tokens) for grp in samples for s in grp)
-
-        # 2. rewards (contained), DAPO overlong shaping
-        flat = [(gi, s) for gi, grp in enumerate(samples) for s in grp]
-        completions = [tok.decode(s.tokens, skip_special_tokens=True) for _, s in flat]
-        prompts = [my_rows[gi]["prompt"] for gi, _ in flat]
-        columns = {k: [my_rows[gi].get(k) for gi, _ in flat] for k in my_rows[0] if k != "prompt"}
-        rewards = runner(prompts, completions, columns, [list(s.tokens) for _, s in flat])
-        raw_rewards = list(rewards)
-        if cfg.loss == "dapo":
-            rewards = [None if r is None else r + overlong_penalty(len(s.tokens), cfg)
-                       for r, (_, s) in zip(rewards, flat)]
-
-        # 3. group advantages over the global batch (every rank sees every reward)
-        everything = all_gather_objects((my_groups, rewards, raw_rewards,
-                                         [len(s.tokens) for _, s in flat],
-                                         [s.truncated for _, s in flat]), info)
-        g_rewards: list = [None] * (P * G)
-        g_raw, g_len, g_trunc = [None] * (P * G), [0] * (P * G), [False] * (P * G)
-        for groups, rw, raw, lens, trunc in everything:
-            for j, gi in enumerate(groups):
-                for s in range(G):
-                    g_rewards[gi * G + s], g_raw[gi * G + s] = rw[j * G + s], raw[j * G + s]
-                    g_len[gi * G + s], g_trunc[gi * G + s] = lens[j * G + s], trunc[j * G + s]
-        failed_steps = failed_steps + 1 if all(r is None for r in g_rewards) else 0
+        exp = rollout(run, step)                       # 1. sample with the current weights
+        score(run, exp)                                # 2. rewards, gathered over ranks
+        failed_steps = failed_steps + 1 if all(r is None for r in exp.rewards) else 0
         if cfg.reward_max_failed_steps and failed_steps >= cfg.reward_max_failed_steps:
+            r = run.runner
             raise TrainingStopped(
                 f"no sample got a reward in {failed_steps} steps in a row (reward errors "
-                f"{runner.errors}, timeouts {runner.timeouts}, invalid values {runner.invalid}; last: "
-                f"{runner.last_failure or 'every function returned None'}): fix the reward "
+                f"{r.errors}, timeouts {r.timeouts}, invalid values {r.invalid}; last: "
+                f"{r.last_failure or 'every function returned None'}): fix the reward "
                 f"function(s); reward_max_failed_steps=0 never stops")
-        adv = compute_advantages(g_rewards, G, cfg.effective_adv_scale())
-        # A group takes part when it has a reward at all; DAPO's dynamic sampling also drops
-        # groups whose rewards are all equal (zero advantage, no signal).
-        keep_group = []
-        for gi in range(P):
-            vals = [r for r in g_rewards[gi * G:gi * G + G] if r is not None]
-            keep_group.append(len(vals) > 1 and (len(set(vals)) > 1 or not cfg.use_dynamic_sampling()))
-        kept = sum(keep_group)  # the same on every rank: every rank has every reward
+        advantages(run, exp)                           # 3. group advantages, DAPO filter
+        minibatches(run, exp)                          # 4. model inputs per mini-batch
+        anchor_and_update(run, exp)                    # 4-5. frozen anchor, optimizer steps
 
-        # 4. mini-batches of this rank's kept groups, and their anchor log-probs (π_ref = π_θ)
-        batches = []
-        for mb in share:
-            seqs = []
-            for gi in mb:
-                if not keep_group[gi]:
-                    continue
-                j = my_groups.index(gi)
-                for s in range(G):
-                    smp = samples[j][s]
-                    ok = g_rewards[gi * G + s] is not None and not (cfg.overlong_filter and smp.truncated)
-                    seqs.append(Seq(prompt_ids[j] + smp.tokens, len(prompt_ids[j]),
-                                    adv[gi * G + s], ok and len(smp.tokens) > 0))
-            batches.append(collate(seqs or dummy_seqs(tok.pad_token_id, G), tok.pad_token_id,
-                                   info.device, packed))
-        t1 = time.perf_counter()
-        stats = []
-        if kept:
-            anchors = anchor_logprobs(policy, batches, cfg)
-            t_anchor = time.perf_counter() - t1
-            # 5. several optimizer steps on the frozen anchor
-            t2 = time.perf_counter()
-            stats = update_policy(policy, optimizer, batches, anchors, cfg, info, lr)
-            versions["policy"] += 1
-            t_update = time.perf_counter() - t2
-        else:
-            t_anchor = t_update = 0.0
-
-        # 6. log, validate, checkpoint
-        row = summarize(step + 1, cfg, info, g_rewards, g_raw, adv, g_len, g_trunc, keep_group, stats,
-                        t_rollout, t_anchor, t_update, gen_tokens, lr, runner)
-        flat_signal = not row.get("reward_std") and not row.get("grad_norm")
-        zero_steps = zero_steps + 1 if flat_signal else 0
+        # ---- 6. metrics, validation, checkpoint ------------------------------------------------
+        row = summarize(exp, cfg, info, run.runner)
+        zero_steps = zero_steps + 1 if not row.get("reward_std") and not row.get("grad_norm") else 0
         if cfg.zero_signal_steps and zero_steps == cfg.zero_signal_steps and info.is_main:
-            rm = row.get("reward_mean")
-            log.warning(
-                "no learning signal: for %d steps every sample got the same reward (%s) and the "
-                "gradient is zero. The policy cannot improve like this: a randomly initialized "
-                "model must first learn the answer format (keep the warm start, sft_steps > 0, or "
-                "start from a trained model), or the reward needs partial credit; check the config "
-                "this run started from (a YAML can name its base with `base: toy`).",
-                zero_steps, "none" if rm is None else f"{rm:.3f}")
+            _warn_zero_signal(zero_steps, row)
         row["elapsed"] = time.time() - t_start
         row["step_time"] = time.perf_counter() - t_step
-        if cfg.val_every and val_rows and (step + 1) % cfg.val_every == 0:
-            engine.wake()
-            sync_engine()  # score the weights after this step's updates
-            row.update(validate(engine, val_rows, tok, runner, cfg, info, step + 1))
-            engine.sleep()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == max_steps:
-            logger.log(row, console=console_line(row, max_steps) if info.is_main else None)
-        else:
-            logger.log(row)
+        if cfg.val_every and run.val_rows and (step + 1) % cfg.val_every == 0:
+            run.engine.wake()
+            run.sync_engine()  # score the weights after this step's updates
+            row.update(validate(run.engine, run.val_rows, run.tok, run.runner, cfg, info, step + 1))
+            run.engine.sleep()
+        console = (step + 1) % cfg.log_every == 0 or step + 1 == max_steps
+        logger.log(row, console=console_line(row, max_steps) if console and info.is_main else None)
         if "val_accuracy" in row and info.is_main:
-            print(validation_line(row, len(val_rows), max_steps), flush=True)
+            print(validation_line(row, len(run.val_rows), max_steps), flush=True)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
-            ckpt.save(out_dir, step + 1, policy, optimizer, trainer_state(cfg, step + 1, train_data, runner),
-                      info, cfg.keep_checkpoints)
+            ckpt.save(out_dir, step + 1, run.policy, run.optimizer,
+                      trainer_state(cfg, step + 1, run.train_data, run.runner), info,
+                      cfg.keep_checkpoints)
 
     # ---- the end: final checkpoint, HF export, plot -----------------------------------------
     if found is not None and start_step == max_steps:
         final = found  # resumed at the end: the checkpoint already holds these weights
     else:
-        final = ckpt.save(out_dir, max_steps, policy, optimizer,
-                          trainer_state(cfg, max_steps, train_data, runner), info, cfg.keep_checkpoints)
+        final = ckpt.save(out_dir, max_steps, run.policy, run.optimizer,
+                          trainer_state(cfg, max_steps, run.train_data, run.runner), info,
+                          cfg.keep_checkpoints)
     if cfg.export_hf:
-        save_hf(policy, tok, out_dir / "hf_model", info)
+        save_hf(run.policy, run.tok, out_dir / "hf_model", info)
     png = logger.plot(extra_rows=sft_rows) if cfg.plot else None
     logger.close()
-    runner.close()
+    return _summary(logger, final, out_dir, t_start, info)
+
+
+def _warn_zero_signal(n: int, row: dict) -> None:
+    rm = row.get("reward_mean")
+    log.warning(
+        "no learning signal: for %d steps every sample got the same reward (%s) and the "
+        "gradient is zero. The policy cannot improve like this: a randomly initialized model must "
+        "first learn the answer format (keep the warm start, sft_steps > 0, or start from a "
+        "trained model), or the reward needs partial credit; check the config this run started "
+        "from (a YAML can name its base with `base: toy`).", n, "none" if rm is None else f"{rm:.3f}")
+
+
+def _summary(logger, final, out_dir: Path, t_start: float, info: DistInfo) -> dict:
     summary = dict(logger.rows[-1]) if logger.rows else {}
     summary.update(checkpoint=str(final), output_dir=str(out_dir), wall_time=time.time() - t_start,
-                   plot=str(png) if png else None)
+                   plot=str(logger.dir / "metrics.png") if (logger.dir / "metrics.png").exists() else None)
     if info.is_main:
         rw = [r["reward_mean"] for r in logger.rows if r.get("reward_mean") is not None]
         k = max(1, min(10, len(rw) // 4))
@@ -650,9 +742,12 @@ def trainer_state(cfg: Config, step: int, data, runner: RewardRunner) -> dict:
             "reward_timeouts": runner.timeouts, "reward_invalid": runner.invalid}
 
 
-def summarize(step, cfg, info, rewards, raw, adv, lens, trunc, keep_group, stats, t_rollout,
-              t_anchor, t_update, gen_tokens, lr, runner) -> dict:
-    """One metrics row: global reward stats (every rank has all rewards) + update stats."""
+def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner) -> dict:
+    """One metrics row: global reward stats (every rank has all rewards) + update stats.
+    ``accuracy`` is the share of samples whose (unshaped) reward is >= 1, i.e. fully correct."""
+    step, raw, rewards, adv, lens = exp.step + 1, exp.raw_rewards, exp.rewards, exp.advantages, exp.lengths
+    trunc, keep_group, stats, gen_tokens, lr = exp.truncated, exp.keep, exp.stats, exp.gen_tokens, exp.lr
+    t_rollout, t_anchor, t_update = exp.times["rollout"], exp.times["anchor"], exp.times["update"]
     valid = [r for r in raw if r is not None]
     n = max(len(valid), 1)
     mean = sum(valid) / n
