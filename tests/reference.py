@@ -1,4 +1,4 @@
-"""A float64 reference of the opo_kernels math, written from SPEC §1–§4 for the tests.
+"""A float64 reference of the opo_kernels math, written from docs/contract.md for the tests.
 
 Nothing here imports opo_kernels: the logits are materialized in float64 and every loss is written
 out sequence by sequence with plain autograd, so a test can compare the fused kernels with the
@@ -19,7 +19,7 @@ CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), 
 
 
 # ------------------------------------------------------------------------------------------------
-# Log-probs (SPEC §1)
+# Log-probs (contract: Notation)
 # ------------------------------------------------------------------------------------------------
 
 def logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
@@ -52,7 +52,7 @@ def spans(lengths):
 
 
 # ------------------------------------------------------------------------------------------------
-# Advantages and escort weights (SPEC §2, §4)
+# Advantages and escort weights (contract: The OPO loss, Advantages)
 # ------------------------------------------------------------------------------------------------
 
 def group_advantages(rewards, group_size, scale="group", eps=STD_EPS):
@@ -105,7 +105,7 @@ def escort_weights(advantages, alpha=0.4, tau=1.0, normalize="zscore", norm_scop
 
 
 # ------------------------------------------------------------------------------------------------
-# The losses (SPEC §2, §3, §4)
+# The losses (contract: The OPO loss, Reference-code weighting, Baselines)
 # ------------------------------------------------------------------------------------------------
 
 def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, mu=1.0, tau=1.0,
@@ -238,7 +238,7 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
 
 def _group_softmax(logp, old, A, okm, sp, L, valid, *, alpha, mu, tau, group_size, beta_r,
                    adaptive_tau, vocab_size, clamp, zero, metrics, finish):
-    """SPEC §3: the authors' released weighting, group by group."""
+    """The authors' released weighting (contract: Reference-code weighting), group by group."""
     B = len(sp)
     seqlogp = [None] * B
     old_seqlogp = [None] * B

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §6): a ValueError/TypeError whose message names the argument and what was seen.
+"""Bad input (docs/contract.md, "Bad input"): a ValueError/TypeError whose message names the argument and what was seen.
 
 Each test breaks one argument of an otherwise valid call. The "meta" device stands in for a
 second device (no CUDA here). Values that are bad only at valid positions (targets out of range,
@@ -214,7 +214,7 @@ def _check_ignored(a, options):
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("options", MASKED_NONFINITE_OPTIONS, ids=MASKED_IDS)
 def test_nonfinite_old_logps_at_masked_positions_are_ignored(options, value):
-    """NaN/inf anchor log-probs where the mask is 0 must neither raise nor leak (SPEC §6)."""
+    """NaN/inf anchor log-probs where the mask is 0 must neither raise nor leak."""
     a = base()
     a["mask"][0, 1] = False
     a["old_logps"][0, 1] = value
@@ -223,7 +223,7 @@ def test_nonfinite_old_logps_at_masked_positions_are_ignored(options, value):
 
 @pytest.mark.parametrize("options", MASKED_NONFINITE_OPTIONS, ids=MASKED_IDS)
 def test_nonfinite_advantage_of_sequence_without_valid_tokens_is_ignored(options):
-    """A sequence with L = 0 "takes no part in anything" (SPEC §1): its NaN advantage neither."""
+    """A sequence with L = 0 "takes no part in anything" (contract: Notation): its NaN advantage neither."""
     a = base()
     a["mask"][3] = False
     a["advantages"][3] = math.nan

@@ -24,7 +24,7 @@ def _native_available() -> bool:
 
 
 NATIVE = _native_available()
-# Backends that promise a deterministic, batch-invariant forward (SPEC §2 note).
+# Backends that promise a deterministic, batch-invariant forward (contract: Numerics).
 DET_BACKENDS = ["torch",
                 pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="native CPU op unavailable"))]
 CPU_BACKENDS = DET_BACKENDS + ["reference"]
@@ -90,7 +90,7 @@ def test_two_runs_are_bitwise_equal(layout, chunk_size, options, backend):
 @pytest.mark.parametrize("layout", ["bt", "cu", "ids"])
 def test_on_policy_anchor_gives_exact_zero_delta(layout, backend):
     """Anchor from linear_logprobs under no_grad on the same weights: Δ = 0 exactly, whatever the
-    chunk sizes of the anchor pass and of the loss (SPEC §2: deterministic, batch-invariant)."""
+    chunk sizes of the anchor pass and of the loss (contract: Numerics: deterministic, batch-invariant)."""
     bt = ref.make_batch(layout, junk_masked=False, seed=22)
     for anchor_chunk in (None, 3, 16):
         with torch.no_grad():
@@ -197,7 +197,7 @@ def test_linear_logprobs_batch_invariant_large_batches(backend):
 
 @pytest.mark.parametrize("backend", DET_BACKENDS)
 def test_linear_logprobs_batch_invariant_small_batches(backend):
-    """The same for batches of fewer than 16 rows (a single row, a short sequence): SPEC §2
+    """The same for batches of fewer than 16 rows (a single row, a short sequence): the contract's Numerics
     promises a batch-invariant forward without a lower bound on the batch size."""
     g = torch.Generator().manual_seed(24)
     N, H, V = 64, 32, 257

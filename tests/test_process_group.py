@@ -1,5 +1,5 @@
 """ω normalized over a data-parallel group: 2 gloo ranks, each holding half of the batch, must
-get the escort weights of the whole batch (SPEC §2, norm_scope="batch" with process_group)."""
+get the escort weights of the whole batch (contract: The OPO loss, norm_scope="batch" with process_group)."""
 import os
 import socket
 

@@ -18,7 +18,7 @@ def grad(name, z, **kw):
 
 
 def omega_pair():
-    """Escort weights of the group [+1, -1] (SPEC §2: z-score of exp((1-alpha) A / tau))."""
+    """Escort weights of the group [+1, -1] (contract: z-score of exp((1-alpha) A / tau))."""
     a = torch.tensor([1.0, -1.0], dtype=torch.float64)
     w = torch.exp((1 - ALPHA) * a - ((1 - ALPHA) * a).max())
     return ((w - w.mean()) / (w.std(unbiased=False) + 1e-6)).tolist()
