@@ -389,6 +389,22 @@ def reference_loss(bt: Batch, options: dict, *, temperature=1.0, ignore_index=-1
 # Test plumbing
 # ------------------------------------------------------------------------------------------------
 
+def native_available() -> bool:
+    """Whether the native CPU op builds here (tests of the native backend skip otherwise)."""
+    try:
+        from opo_kernels import native
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(native.available())
+
+
+def backends(*names):
+    """pytest params for ``names``; "native" is skipped where the op does not build."""
+    import pytest
+    skip = pytest.mark.skipif(not native_available(), reason="native CPU op unavailable")
+    return [pytest.param(n, marks=skip) if n == "native" else n for n in names]
+
+
 def chunk_for(backend, chunk):
     """``chunk_size`` for ``backend``: the backends without logits chunks refuse one."""
     return None if backend in ("reference", "fused") else chunk

@@ -6,8 +6,6 @@ in-place edits of a gradient change the next backward's result, and makes a thir
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -15,12 +13,8 @@ import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import fused_policy_loss
 
-try:
-    NATIVE = bool(importlib.import_module("opo_kernels.native").available())
-except ImportError:  # pragma: no cover
-    NATIVE = False
-ONE_PASS = ["torch", "triton",
-            pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="native op unavailable"))]
+ONE_PASS = ref.backends("torch", "triton", "native")
+
 
 
 def _loss(bt, h, w, b, backend):

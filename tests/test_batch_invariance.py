@@ -8,20 +8,16 @@ BLAS); the others check the bits.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
+import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import fused_policy_loss, linear_logprobs
 from opo_kernels.chunked import gemm_rows
 
-try:
-    NATIVE = bool(importlib.import_module("opo_kernels.native").available())
-except ImportError:  # pragma: no cover
-    NATIVE = False
-CHUNKED = ["torch", pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="no native op"))]
+CHUNKED = ref.backends("torch", "native")
+
 
 
 def _data(N, H, V=2000, seed=0):

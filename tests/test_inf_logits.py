@@ -5,8 +5,6 @@ including when the entropy is part of the objective.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -14,12 +12,8 @@ import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import fused_policy_loss, linear_logprobs
 
-try:
-    NATIVE = bool(importlib.import_module("opo_kernels.native").available())
-except ImportError:  # pragma: no cover
-    NATIVE = False
-BACKENDS = ["torch", "reference", "triton", "fused",
-            pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="native op unavailable"))]
+BACKENDS = ref.backends("torch", "reference", "triton", "fused", "native")
+
 
 
 def _data(seed=0, N=10, H=16, V=300):

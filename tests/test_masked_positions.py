@@ -6,8 +6,6 @@ and every backend must give the float64 reference's numbers computed without the
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -15,13 +13,8 @@ import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import fused_policy_loss, linear_logprobs
 
-try:
-    NATIVE = bool(importlib.import_module("opo_kernels.native").available())
-except ImportError:  # pragma: no cover
-    NATIVE = False
+BACKENDS = ref.backends("torch", "reference", "triton", "fused", "native")
 
-BACKENDS = ["torch", "reference", "triton", "fused",
-            pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="native op unavailable"))]
 
 
 def _poisoned(via: str, seed=0):
