@@ -210,10 +210,25 @@ def check_triton_device(device: torch.device, what: str, interpreted: bool | Non
                      f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
 
 
+def check_entropy_for_grad(entropy, grad_entropy) -> None:
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("entropy must be given when grad_entropy is given")
+
+
+def check_logps(logps, mask_valid) -> None:
+    """The per-token log-probs of :func:`opo_kernels.policy_loss`: float, (B, T) or (N,), finite
+    where valid (``mask_valid`` (N,) bool or None)."""
+    if not isinstance(logps, torch.Tensor) or not logps.is_floating_point():
+        raise TypeError(f"logps must be a float tensor, got {getattr(logps, 'dtype', type(logps).__name__)}")
+    if logps.dim() not in (1, 2):
+        raise ValueError(f"logps must be (B, T) or (N,), got {tuple(logps.shape)}")
+    if mask_valid is not None and not bool(torch.isfinite(logps.reshape(-1)[mask_valid]).all()):
+        raise ValueError("logps must be finite at valid positions, got NaN/inf")
+
+
 def check_rows(name: str, t, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor:
     """A per-row (n,) vector of a kernel's inputs, returned contiguous."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if tuple(t.shape) != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     if t.device != device:
@@ -240,11 +255,15 @@ class Layout:
     T: int | None               # padded length for (B, T) inputs
 
 
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_linear(hidden, weight, bias, targets) -> None:
     """Types, dtypes, devices and shapes of the LM-head inputs."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32/bfloat16/float16, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:

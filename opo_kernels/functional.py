@@ -64,8 +64,7 @@ def _logprobs(be, h2, weight, bias, targets, want_grad: bool):
 
 
 def _check_head(hidden, weight, bias, targets, temperature, ignore_index):
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    checks.check_tensor("hidden", hidden)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     checks.check_linear(hidden, weight, bias, targets)
     checks.check_vocab_options(temperature, ignore_index)
@@ -208,10 +207,7 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     ``logps``) for the metrics. vocab_size: needed by ``escort="group_softmax"`` with adaptive τ.
     Options as :func:`fused_policy_loss`. Returns ``(loss, metrics)``.
     """
-    if not isinstance(logps, torch.Tensor) or not logps.is_floating_point():
-        raise TypeError(f"logps must be a float tensor, got {getattr(logps, 'dtype', type(logps).__name__)}")
-    if logps.dim() not in (1, 2):
-        raise ValueError(f"logps must be (B, T) or (N,), got {tuple(logps.shape)}")
+    checks.check_logps(logps, None)
     checks.check_loss_tensors(advantages, old_logps, logps)
     lay = checks.layout(logps, advantages.shape[0], seq_ids, cu_seqlens)
     opts = _options("policy_loss", loss, options, lay)
@@ -219,9 +215,8 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
         raise ValueError("escort='group_softmax' with adaptive_tau needs vocab_size (for H / log V)")
     m = torch.ones(logps.numel(), dtype=torch.float32, device=logps.device) if mask is None else \
         checks.valid_mask(torch.zeros_like(logps, dtype=torch.int64), mask, -1)
+    checks.check_logps(logps, m > 0)
     lp = logps.reshape(-1).float()
-    if not torch.isfinite(lp[m > 0]).all():
-        raise ValueError("logps must be finite at valid positions, got NaN/inf")
     checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
     lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
     old = _masked_old(old_logps, m)

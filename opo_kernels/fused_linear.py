@@ -492,10 +492,9 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     dev = hidden.device
     lse = _row_vec("lse", lse, N, dev)
     g = _row_vec("grad_logp", grad_logp, N, dev)
+    checks.check_entropy_for_grad(entropy, grad_entropy)
     has_ent = grad_entropy is not None
     if has_ent:
-        if entropy is None:
-            raise ValueError("entropy is required when grad_entropy is given")
         ge = _row_vec("grad_entropy", grad_entropy, N, dev)
         ent = _row_vec("entropy", entropy, N, dev)
     else:

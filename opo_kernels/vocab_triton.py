@@ -203,10 +203,9 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
     targets = checks.check_rows("targets", targets, n, device, integer=True)
     lse = checks.check_rows("lse", lse, n, device).float()
     grad_logp = checks.check_rows("grad_logp", grad_logp, n, device)
+    checks.check_entropy_for_grad(entropy, grad_entropy)
     has_ent = grad_entropy is not None
     if has_ent:
-        if entropy is None:
-            raise ValueError("entropy must be given when grad_entropy is given")
         grad_entropy = checks.check_rows("grad_entropy", grad_entropy, n, device)
         entropy = checks.check_rows("entropy", entropy, n, device).float()
     checks.check_positive("temperature", temperature)
