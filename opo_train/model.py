@@ -239,12 +239,13 @@ def param_count(policy: Policy) -> int:
     return sum(p.numel() for p in policy.parameters())
 
 
-def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> None:
+def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> Path | None:
     """HF-format export (``from_pretrained`` loads it); gathered on every rank, written by rank 0."""
     from transformers import AutoModelForCausalLM
     state = {n: t.to("cpu", torch.float32) for n, t in iter_full_params(policy)}
     if not info.is_main:
-        return
+        return None
+    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     conf = policy.hf_config
     model = AutoModelForCausalLM.from_config(conf)
@@ -254,9 +255,16 @@ def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> None:
     if missing or unexpected:
         raise RuntimeError(f"HF export: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(str(tmp), safe_serialization=True)
+    # Batched generate needs the prompts flush right (pad on the left); the trainer pads its own
+    # batches, so the exported tokenizer says left whatever it was loaded with.
     tokenizer.save_pretrained(str(tmp))
+    tc = tmp / "tokenizer_config.json"
+    conf_json = json.loads(tc.read_text()) if tc.exists() else {}
+    conf_json["padding_side"] = "left"
+    tc.write_text(json.dumps(conf_json, indent=2))
     (tmp / "opo_train.json").write_text(json.dumps({"exported_by": "opo_train"}))
     if out_dir.exists():
         import shutil
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+    return out_dir

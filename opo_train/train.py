@@ -766,16 +766,19 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
     for k, v in zip(keys, sums):
         if k != "clip_frac" or cfg.loss != "opo":
             row[k] = v / wsum if stats else None
+    has_omega = cfg.loss == "opo"  # ω (escort weights) exists only in OPO; None for the baselines
+    if not has_omega:
+        row["omega_std"] = None
     if stats:
         first = [s for s in stats if s["minibatch"] == 0 and s["epoch"] == 0]
         last = stats[-1]
         row["delta_abs_first"] = first[0]["delta_abs_mean"] if first else None
         row["delta_abs_last"] = last["delta_abs_mean"]
-        om_min = min(s["omega_min"] for s in stats)
-        om_max = max(s["omega_max"] for s in stats)
+        om_min = min(s.get("omega_min", math.inf) for s in stats)
+        om_max = max(s.get("omega_max", -math.inf) for s in stats)
         lo_hi = all_gather_objects((om_min, om_max), info)
-        row["omega_min"] = min(x[0] for x in lo_hi)
-        row["omega_max"] = max(x[1] for x in lo_hi)
+        row["omega_min"] = min(x[0] for x in lo_hi) if has_omega else None
+        row["omega_max"] = max(x[1] for x in lo_hi) if has_omega else None
     a_rng = (max(adv) - min(adv)) if adv else 0.0
     row["adv_range"] = a_rng
     row["grad_response_eff"] = (row["grad_norm"] / (0.5 * a_rng)) if (stats and a_rng > 0) else None

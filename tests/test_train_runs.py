@@ -171,3 +171,46 @@ def test_zero_reward_and_gradient_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="opo_train"):  # a run with a signal: no warning
         train(_cfg(tmp_path / "run2", "max_steps=3", "zero_signal_steps=2"), reward_fns=varied)
     assert "no learning signal" not in caplog.text
+
+
+# -- item 10: the HF export pads on the left, and any checkpoint can be exported ------------------
+
+def test_hf_export_pads_left_and_checkpoints_export(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opo_train.export import main as export_main
+    out = tmp_path / "run"
+    train(_cfg(out, "max_steps=2", "save_every=1", "export_hf=true"), reward_fns=varied)
+    tok = AutoTokenizer.from_pretrained(out / "hf_model")
+    assert tok.padding_side == "left"
+    m = AutoModelForCausalLM.from_pretrained(out / "hf_model").eval()
+    prompts = ["12>", "98765>"]
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        together = m.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        for i, p in enumerate(prompts):  # batched greedy == one prompt at a time
+            ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            alone = m.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+            assert together[i, -3:].tolist() == alone[0, -3:].tolist()
+    # any DCP checkpoint -> HF: the final one equals the run's own export, an earlier one differs
+    assert export_main([str(out / "checkpoints" / "step_000002"), str(tmp_path / "e2")]) == 0
+    assert export_main([str(out / "checkpoints" / "step_000001"), str(tmp_path / "e1")]) == 0
+    e2 = AutoModelForCausalLM.from_pretrained(tmp_path / "e2").state_dict()
+    e1 = AutoModelForCausalLM.from_pretrained(tmp_path / "e1").state_dict()
+    ref = m.state_dict()
+    assert e2.keys() == ref.keys()
+    assert all(torch.equal(e2[k], ref[k]) for k in ref)
+    assert any(not torch.equal(e1[k], ref[k]) for k in ref)
+    assert AutoTokenizer.from_pretrained(tmp_path / "e1").padding_side == "left"
+
+
+# -- item 11: metrics say what they mean -----------------------------------------------------------
+
+def test_baselines_log_no_omega(tmp_path):
+    train(_cfg(tmp_path / "g", "max_steps=1", "loss=grpo"), reward_fns=varied)
+    row = _rows(tmp_path / "g")[-1]
+    assert row["optimizer_steps"] == 2
+    assert row["omega_min"] is None and row["omega_max"] is None and row["omega_std"] is None
+    train(_cfg(tmp_path / "o", "max_steps=1"), reward_fns=varied)
+    row = _rows(tmp_path / "o")[-1]
+    assert row["omega_min"] < row["omega_max"]
