@@ -51,7 +51,7 @@ class Config:
     fsdp: bool = True              # False: plain module, only allowed with one process
 
     # -- task and data --------------------------------------------------------------------------
-    task: str = "toy"              # toy (built-in arithmetic) | math (MATH-format files)
+    task: str = "toy"              # toy (built-in) | math (MATH-format files) | hf (datasets.load_dataset)
     toy_task: str = "add"          # add ("37+45=" -> "82") | reverse ("3817>" -> "7183")
     toy_digits: int = 2            # add: operands of up to this many digits; reverse: 2..digits+2
     train_file: str = ""           # jsonl / parquet with problem, solution, level
@@ -63,7 +63,7 @@ class Config:
     val_size: int = 0              # 0 = all validation rows
     val_every: int = 0             # steps between validations; 0 = never
     prompt_suffix: str = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-    chat_template: str = "auto"    # auto (use the tokenizer's template if it has one) | true | false
+    chat_template: str = "auto"    # auto (the tokenizer's, if any) | true | false | a Jinja template
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {enable_thinking: false}
     max_prompt_length: int = 512
 
@@ -172,7 +172,7 @@ class Config:
         choice("dynamic_sampling", ("auto", "true", "false"))
         choice("engine", ("hf", "vllm"))
         choice("reward_isolation", ("process", "thread"))
-        choice("task", ("toy", "math"))
+        choice("task", ("toy", "math", "hf"))
         choice("toy_task", ("add", "reverse"))
         choice("lr_schedule", ("constant", "cosine"))
         if not 0.0 <= self.lr_min_ratio <= 1.0:
@@ -180,7 +180,8 @@ class Config:
         choice("dtype", ("auto", "float32", "bfloat16"))
         choice("device", ("auto", "cpu", "cuda"))
         choice("packed", ("auto", "true", "false"))
-        choice("chat_template", ("auto", "true", "false"))
+        if self.chat_template not in ("auto", "true", "false") and "{" not in self.chat_template:
+            bad("chat_template", "must be auto, true, false or a Jinja chat template")
         choice("attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
         for key in ("temperature", "lr", "sft_lr", "reward_timeout", "math_verify_timeout"):
             if not getattr(self, key) > 0:
@@ -206,8 +207,8 @@ class Config:
             bad("max_steps", "one of max_steps / epochs must be > 0")
         if self.max_steps == 0 and self.task == "toy":
             bad("max_steps", "the toy task is infinite: set max_steps")
-        if self.task == "math" and not self.train_file:
-            bad("train_file", "task 'math' needs a train_file (jsonl or parquet)")
+        if self.task in ("math", "hf") and not self.train_file:
+            bad("train_file", f"task {self.task!r} needs a train_file (a local file or dataset directory)")
         if self.val_every and not (self.val_file or self.task == "toy"):
             bad("val_file", "val_every > 0 needs a val_file")
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):

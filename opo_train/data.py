@@ -83,9 +83,9 @@ class ListDataset:
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
                 raise ConfigError(f"{name}: row {i} must be a dict, got {type(r).__name__}")
-            if not isinstance(r.get("prompt"), str) or not r["prompt"]:
-                raise ConfigError(f"{name}: row {i} needs a non-empty string 'prompt', "
-                                 f"got {r.get('prompt')!r}")
+            if not (isinstance(r.get("prompt"), str) and r["prompt"]) and not is_conversation(r.get("prompt")):
+                raise ConfigError(f"{name}: row {i} needs a 'prompt': a non-empty string or a list of "
+                                  f"messages ({{'role': ..., 'content': ...}}), got {r.get('prompt')!r}")
         self.rows, self.seed, self.shuffle = list(rows), seed, shuffle
         self._orders: dict[int, list[int]] = {}
 
@@ -115,11 +115,46 @@ class ListDataset:
         return self.rows[: n or len(self.rows)]
 
 
+def is_conversation(prompt) -> bool:
+    """A conversational prompt: a non-empty list of ``{"role": ..., "content": ...}`` messages."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and
+            all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt))
+
+
 def as_dataset(obj, seed: int = 0, name: str = "dataset"):
-    """Accept a prompt source (has ``batch``) or a list of row dicts."""
-    if hasattr(obj, "batch"):
+    """Accept a prompt source (``batch(step, n)``: ``ToyTask``, ``ListDataset`` or your own), an
+    HF ``datasets.Dataset`` / ``IterableDataset`` (rows read once), or a list of row dicts."""
+    mod = type(obj).__module__ or ""
+    if mod.startswith("datasets"):  # HF datasets have a .batch() of their own: not a prompt source
+        rows = [dict(r) for r in obj]
+        return ListDataset(rows, seed=seed, name=name)
+    if hasattr(obj, "batch") and not isinstance(obj, (list, tuple)):
         return obj
-    return ListDataset(obj, seed=seed, name=name)
+    return ListDataset(list(obj) if not isinstance(obj, list) else obj, seed=seed, name=name)
+
+
+def load_hf_rows(path: str, split: str = "train") -> list[dict]:
+    """Rows of a local file (json/jsonl/csv/parquet) or a saved dataset directory, read through
+    ``datasets`` (nothing is downloaded: a name that is not a local path is refused)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config key 'train_file'/'val_file': {path!r} is not a local file or "
+                          f"directory (nothing is downloaded at run time)")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("config key 'task': 'hf' needs the datasets package "
+                          "(pip install datasets)") from None
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()
+                       or (p / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
+        ds = datasets.load_dataset(fmt, data_files=str(p), split=split) if fmt else \
+            datasets.load_dataset(str(p), split=split)
+    return [dict(r) for r in ds]
 
 
 # ----------------------------------------------------------------------------------------------

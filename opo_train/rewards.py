@@ -34,6 +34,14 @@ log = logging.getLogger("opo_train")
 # Toy reward: partial credit per digit
 # ----------------------------------------------------------------------------------------------
 
+def _text(completion) -> str:
+    """A completion's text: a string, or TRL's conversational ``[{"role": "assistant",
+    "content": ...}]``."""
+    if isinstance(completion, (list, tuple)):
+        return "".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+    return completion if isinstance(completion, str) else str(completion)
+
+
 def toy_reward(prompts, completions, answer, **_) -> list[float]:
     """Digits of the completion compared with the answer, right-aligned.
 
@@ -42,7 +50,7 @@ def toy_reward(prompts, completions, answer, **_) -> list[float]:
     """
     out = []
     for comp, ans in zip(completions, answer):
-        pred = comp.strip()
+        pred = _text(comp).strip()
         if not pred.isdigit() or not pred.isascii():
             out.append(0.0)
             continue
@@ -124,7 +132,7 @@ def math_reward(prompts, completions, answer, *, timeout: float = 5.0, **_) -> l
     """
     out = []
     for comp, gold in zip(completions, answer):
-        pred = last_boxed(comp)
+        pred = last_boxed(_text(comp))
         if pred is None:
             out.append(0.0)
         elif _normalize(pred) == _normalize(str(gold)):

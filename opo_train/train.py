@@ -27,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import LOSS_OPTION_KEYS, Config, load_config
 from .errors import ConfigError, TrainingStopped
-from .data import ToyTask, as_dataset, load_math
+from .data import ToyTask, as_dataset, is_conversation, load_hf_rows, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
 from .metrics import MetricsLogger, console_line, quiet_third_party, validation_line
 from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
@@ -238,20 +238,39 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
 # ----------------------------------------------------------------------------------------------
 
 def format_prompts(rows: list[dict], tok, cfg: Config) -> list[list[int]]:
-    use_chat = cfg.chat_template == "true" or (cfg.chat_template == "auto" and
-                                               getattr(tok, "chat_template", None))
+    """Prompt token ids. A conversational prompt (a list of messages) always goes through the
+    chat template; a string prompt does when ``chat_template`` is true, or auto and the tokenizer
+    has one (as a single user message). ``chat_template`` may also be a Jinja template."""
+    custom = cfg.chat_template if cfg.chat_template not in ("auto", "true", "false") else None
+    has_template = bool(custom or getattr(tok, "chat_template", None))
+    wrap_strings = cfg.chat_template == "true" or custom is not None or (
+        cfg.chat_template == "auto" and has_template)
     out = []
     for r in rows:
-        if use_chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                          add_generation_prompt=True, tokenize=True,
-                                          **cfg.chat_template_kwargs)
+        msgs = r["prompt"] if is_conversation(r["prompt"]) else (
+            [{"role": "user", "content": r["prompt"]}] if wrap_strings else None)
+        if msgs is not None:
+            if not has_template:
+                raise ConfigError("config key 'chat_template': conversational prompts need a chat "
+                                  "template and the tokenizer has none; set chat_template to a "
+                                  "Jinja template")
+            kw = dict(cfg.chat_template_kwargs)
+            if custom:
+                kw["chat_template"] = custom
+            ids = tok.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=True, **kw)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         else:
             ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
         out.append(list(ids)[-cfg.max_prompt_length:])
     return out
+
+
+def as_completions(rows: list[dict], texts: list[str]) -> list:
+    """What reward functions get, as in TRL: the text, or for a conversational prompt the list
+    ``[{"role": "assistant", "content": text}]``."""
+    return [[{"role": "assistant", "content": t}] if is_conversation(r["prompt"]) else t
+            for r, t in zip(rows, texts)]
 
 
 def step_seed(cfg: Config, step: int, rank: int, salt: int = 0) -> int:
@@ -266,9 +285,10 @@ def validate(engine, rows: list[dict], tok, runner: RewardRunner, cfg: Config, i
     if share:
         samples = engine.generate(format_prompts(share, tok, cfg), 1, seed=step_seed(cfg, step, info.rank, 7),
                                   greedy=True)
-        comps = [tok.decode(g[0].tokens, skip_special_tokens=True) for g in samples]
+        comps = as_completions(share, [tok.decode(g[0].tokens, skip_special_tokens=True) for g in samples])
         cols = {k: [r.get(k) for r in share] for k in share[0] if k != "prompt"}
-        rewards = runner([r["prompt"] for r in share], comps, cols)
+        rewards = runner([r["prompt"] for r in share], comps, cols,
+                         [list(g[0].tokens) for g in samples])
         for r in rewards:
             total += 1
             reward_sum += r or 0.0
@@ -327,6 +347,9 @@ def _default_data(cfg: Config):
     if cfg.task == "toy":
         val = ToyTask(cfg.seed, "val", cfg.toy_digits, cfg.toy_task).fixed(cfg.val_size or 64)
         return ToyTask(cfg.seed, "train", cfg.toy_digits, cfg.toy_task), val
+    if cfg.task == "hf":
+        val = load_hf_rows(cfg.val_file)[:cfg.val_size or None] if cfg.val_file else None
+        return as_dataset(load_hf_rows(cfg.train_file), seed=cfg.data_seed, name=cfg.train_file), val
     train_rows = load_math(cfg.train_file, levels=cfg.train_levels, fraction=cfg.train_fraction,
                            seed=cfg.data_seed, prompt_suffix=cfg.prompt_suffix)
     val_rows = None
@@ -461,7 +484,8 @@ def score(run: Run, exp: Experience) -> None:
     flat = [(g, k) for g in exp.groups for k in range(G)]
     rows = [exp.rows[g] for g, _ in flat]
     columns = {c: [r.get(c) for r in rows] for c in (rows[0] if rows else {}) if c != "prompt"}
-    raw = run.runner([r["prompt"] for r in rows], [exp.completions[g][k] for g, k in flat], columns,
+    raw = run.runner([r["prompt"] for r in rows],
+                     as_completions(rows, [exp.completions[g][k] for g, k in flat]), columns,
                      [list(exp.samples[g][k].tokens) for g, k in flat])
     local = []
     for (g, k), r in zip(flat, raw):

@@ -117,7 +117,7 @@ def test_shipped_math_fixture_loads():
 
 
 def test_list_dataset_rows_and_epochs():
-    with pytest.raises(ValueError, match="row 1 needs a non-empty string 'prompt'"):
+    with pytest.raises(ValueError, match="row 1 needs a 'prompt': a non-empty string or a list of messages"):
         ListDataset([{"prompt": "a"}, {"question": "b"}])
     with pytest.raises(ValueError, match="row 0 must be a dict"):
         ListDataset(["a"])
