@@ -33,14 +33,15 @@ def gemm_rows(device: torch.device) -> int:
 
 
 def default_chunk_tokens(V: int, device: torch.device) -> int:
-    """Token-chunk size from the vocabulary: a fp32 logits chunk of ≤ 64 MiB on CPU, 512 MiB on GPU
+    """Token-chunk size from the vocabulary: a fp32 logits chunk of ≤ 64 MiB on CPU, 2 GiB on GPU
     (at least one GEMM block).
 
-    On CPU each chunk re-reads the whole weight in two GEMMs, so fewer, larger chunks are
-    faster; 64 MiB keeps the peak above inputs and gradients at a fifth of a materializing loss
+    Each chunk re-reads the whole weight in two GEMMs and adds a V × H product into the fp32
+    weight gradient, so fewer, larger chunks are faster (on an H200 at V = 151936, H = 4096,
+    N = 8192: 2 GiB chunks take 58 ms where 512 MiB chunks took 109 ms, bench/results); 64 MiB keeps the peak above inputs and gradients at a fifth of a materializing loss
     at the CPU benchmark shape (bench/results).
     """
-    budget = (64 << 20) if device.type == "cpu" else (512 << 20)
+    budget = (64 << 20) if device.type == "cpu" else (2048 << 20)
     rows = max(gemm_rows(device), budget // (4 * max(V, 1)))
     return 1 << (rows.bit_length() - 1)
 
@@ -145,12 +146,28 @@ class Head:
         elif fresh:
             dw.copy_(_mm_fp32_out(dz.t().to(h.dtype), h))
         else:
-            dw += _mm_fp32_out(dz.t().to(h.dtype), h)
+            _addmm_fp32_(dw, dz.t().to(h.dtype), h)
 
     def finish_weight(self, dw: torch.Tensor | None) -> torch.Tensor | None:
         if dw is not None and self.dw_fresh:  # no token at all: the gradient is zero
             dw.zero_()
         return dw
+
+
+_ADDMM_DTYPE = [True]  # cleared the first time torch refuses addmm(out_dtype=) on this build
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for bf16/fp16 a, b: one GEMM accumulating into the fp32 output where
+    torch offers it (CUDA: 4.2 ms instead of 5.4 ms for a 2048-row chunk at V = 151936, H = 4096
+    on an H200), else through an fp32 temporary."""
+    if _ADDMM_DTYPE[0] and acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_DTYPE[0] = False
+    acc += _mm_fp32_out(a, b)
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
