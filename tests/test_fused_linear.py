@@ -87,7 +87,7 @@ def _reference_filtered(h, w, b, t, T, g, ge, eps):
 
 
 def _close(a, ref, atol, rtol=0.0, what=""):
-    a = a.double().cpu()
+    a, ref = a.double().cpu(), ref.double().cpu()
     err = (a - ref).abs()
     lim = atol + rtol * ref.abs()
     assert bool((err <= lim).all()), f"{what}: max err {err.max().item():.3e}"

@@ -213,7 +213,10 @@ def test_large_logits_no_overflow(device, temperature):
     gl = torch.ones(4, device=device)
     dz = vocab_triton.vocab_backward(logits, targets, lse, entropy, gl, gl, temperature, block_v=64)
     assert torch.isfinite(dz).all()
-    close(dz, ref_backward(logits.cpu(), targets.cpu(), gl.cpu(), gl.cpu(), temperature), atol=1e-5)
+    # |s| reaches 80 / 0.7: s - lse carries an fp32 rounding of ~|s| * 2^-24 (8e-6 on the GPU's
+    # fast exp path), so dz at the dominant column (exactly 0 in fp64) is off by that much.
+    atol = 1e-5 + 2 * float(logits.abs().max()) / temperature * 2.0 ** -24
+    close(dz, ref_backward(logits.cpu(), targets.cpu(), gl.cpu(), gl.cpu(), temperature), atol=atol)
 
 
 def test_minus_inf_columns(device):
