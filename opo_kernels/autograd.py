@@ -4,8 +4,9 @@
   the forward, ``backend.grads`` (which recomputes the logits) in the backward.
 * :class:`OnePassLoss` — ``hidden, weight, bias -> (loss, metric sums, entropy sum)`` for backends
   with ``one_pass``: the forward computes the loss and its gradients together; the backward
-  returns them scaled by the incoming gradient, always as new tensors (the saved ones stay
-  private, so a retained graph can run backward again and a caller may modify what it got).
+  hands them out scaled by the incoming gradient and keeps no reference to them (no extra
+  copy of dweight: a caller may modify what it got); a second backward through a retained graph
+  computes them again.
 """
 from __future__ import annotations
 
@@ -34,24 +35,39 @@ class LinearLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None
 
 
+def _one_pass(backend, hidden, weight, bias, la, needs):
+    """The backend's one-pass loss, with the gradients in the dtypes of weight and bias."""
+    loss, sums, ent_sum, dh, dw, db = backend.one_pass_loss(hidden, weight, bias, la, *needs)
+    if dw is not None and weight.dtype != torch.float32:
+        dw = dw.to(weight.dtype)
+    if db is not None and bias.dtype != torch.float32:
+        db = db.to(bias.dtype)
+    return loss, sums, ent_sum, [dh, dw, db]
+
+
 class OnePassLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, backend, la):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        loss, sums, ent_sum, dh, dw, db = backend.one_pass_loss(hidden, weight, bias, la,
-                                                                need_h, need_w, need_b)
-        if dw is not None and weight.dtype != torch.float32:
-            dw = dw.to(weight.dtype)
-        if db is not None and bias.dtype != torch.float32:
-            db = db.to(bias.dtype)
-        ctx.save_for_backward(dh, dw, db)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 bias is not None and ctx.needs_input_grad[2])
+        loss, sums, ent_sum, grads = _one_pass(backend, hidden, weight, bias, la, needs)
+        # The gradients are kept outside save_for_backward: the first backward hands them out
+        # (they are nobody else's), so a caller may modify them; a later backward through a
+        # retained graph computes them again from the saved inputs.
+        ctx.grads = grads
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.backend, ctx.la, ctx.needs = backend, la, needs
         ctx.mark_non_differentiable(sums, ent_sum)
         return loss, sums, ent_sum
 
     @staticmethod
     def backward(ctx, g_loss, _g_sums, _g_ent):
-        # The gradients were formed for d(loss) = 1. A product is a new tensor: never hand out
-        # the saved buffers themselves.
-        return tuple(None if t is None else t * g_loss.to(t.dtype)
-                     for t in ctx.saved_tensors) + (None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            hidden, weight, bias = ctx.saved_tensors
+            grads = _one_pass(ctx.backend, hidden, weight, bias, ctx.la, ctx.needs)[3]
+        # The gradients were formed for d(loss) = 1; scale them (in place: they are ours to give).
+        unit = g_loss.device.type == "cpu" and g_loss.item() == 1.0
+        if not unit:
+            grads = [None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads]
+        return grads[0], grads[1], grads[2], None, None

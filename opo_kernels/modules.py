@@ -35,8 +35,6 @@ class FusedPolicyLoss(torch.nn.Module):
 
     def __init__(self, loss: str = "opo", **options):
         super().__init__()
-        if "loss" in options:
-            raise TypeError(f"{type(self).__name__} takes no 'loss' option (use FusedPolicyLoss)")
         _check_module_options(loss, options)
         self.loss = loss
         self.options = options
