@@ -49,6 +49,11 @@ class Config:
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
     packed: str = "auto"           # auto (padding-free when flash-attn is usable) | true | false
     fsdp: bool = True              # False: plain module, only allowed with one process
+    lora_r: int = 0                # > 0: train LoRA adapters (peft) of this rank; the base is frozen
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0      # keep 0: dropout makes the anchor differ from the policy (Δ ≠ 0)
+    lora_target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
     # -- task and data --------------------------------------------------------------------------
     task: str = "toy"              # toy (built-in) | math (MATH-format files) | hf (datasets.load_dataset)
@@ -196,7 +201,7 @@ class Config:
                 bad(key, "must be >= 1")
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
                     "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs",
-                    "reward_max_failed_steps", "zero_signal_steps"):
+                    "reward_max_failed_steps", "zero_signal_steps", "lora_r"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.group_size < 2:
@@ -217,6 +222,10 @@ class Config:
             bad("keep_checkpoints", "must be >= 1")
         if not 0.0 < self.adam_beta1 < 1.0 or not 0.0 < self.adam_beta2 < 1.0:
             bad("adam_beta1", "betas must be in (0, 1)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad("lora_dropout", "must be in [0, 1)")
+        if self.lora_r and not self.lora_target_modules:
+            bad("lora_target_modules", "lora_r > 0 needs at least one module name")
         if self.resume and self.overwrite:
             bad("overwrite", "contradicts resume=true (continue the run, or delete it: not both)")
         return self

@@ -188,13 +188,39 @@ class Policy(nn.Module):
         return name
 
 
+def lora_config(cfg: Config):
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("config key 'lora_r': LoRA needs peft (pip install peft)") from None
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), bias="none")
+
+
+def add_lora(hf, cfg: Config):
+    """LoRA adapters (peft) on the decoder's attention/MLP modules; everything else frozen,
+    including the LM head, which the fused loss head keeps using as is."""
+    from peft import inject_adapter_in_model
+    conf = lora_config(cfg)
+    try:
+        inject_adapter_in_model(conf, hf.model)
+    except ValueError as e:
+        raise ConfigError(f"config key 'lora_target_modules': {' '.join(str(e).split())[:300]}") from None
+    for n, p in hf.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    return conf
+
+
 def build_policy(cfg: Config, info, seed: int) -> Policy:
-    """HF model -> Policy -> (optionally) activation checkpointing -> FSDP2."""
+    """HF model -> (LoRA) -> Policy -> (optionally) activation checkpointing -> FSDP2."""
     torch.manual_seed(seed)  # the same random init on every rank
     hf = build_hf_model(cfg, info.device)
+    lora = add_lora(hf, cfg) if cfg.lora_r else None
     if cfg.activation_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(hf)
+    policy.lora_config = lora
+    policy.base_model_path = cfg.model
     policy.train()
     if cfg.fsdp:
         shard(policy, cfg, info)
@@ -226,27 +252,86 @@ def shard(policy: Policy, cfg: Config, info) -> None:
     fully_shard(policy, mesh=mesh, mp_policy=mp_keep)
 
 
+def _full(p):
+    t = p.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def iter_full_params(policy: Policy):
-    """(HF name, full tensor) for every parameter, gathered one at a time (FSDP2 DTensors)."""
+    """(HF name, full tensor) for every parameter of the plain HF model, gathered one at a time
+    (FSDP2 DTensors). With LoRA, each adapted weight comes merged: W + (B @ A) · scaling."""
+    pending: dict = {}
     for name, p in policy.named_parameters():
-        t = p.detach()
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        yield policy.hf_name(name), t
+        if ".base_layer." not in name and ".lora_" not in name:
+            yield policy.hf_name(name), _full(p)
+            continue
+        prefix = name.split(".base_layer.")[0] if ".base_layer." in name else name.split(".lora_")[0]
+        part = "A" if ".lora_A." in name else "B" if ".lora_B." in name else name.rsplit(".", 1)[1]
+        d = pending.setdefault(prefix, {})
+        d[part] = _full(p)
+        if {"A", "B", "weight"} <= d.keys():  # peft's order: base weight (bias), A, B
+            mod = policy.get_submodule(prefix)
+            scale = mod.scaling["default"]
+            w = d["weight"]
+            yield policy.hf_name(prefix + ".weight"), w + (d["B"].float() @ d["A"].float()).to(w.dtype) * scale
+            if "bias" in d:
+                yield policy.hf_name(prefix + ".bias"), d["bias"]
+            del pending[prefix]
+
+
+def save_adapter(policy: Policy, out_dir: Path, info) -> Path | None:
+    """The LoRA adapter in peft's format (``PeftModel.from_pretrained(base, out_dir)``, then
+    ``merge_and_unload()``). The base is ``base_model_name_or_path``: the run's model directory,
+    or for the tiny random-init model a copy of its base weights saved next to the adapter."""
+    lora = {policy.hf_name(n): _full(p).cpu() for n, p in policy.named_parameters() if ".lora_" in n}
+    base = {}
+    if policy.base_model_path == TINY_MODEL:
+        for n, p in policy.named_parameters():
+            if ".lora_" not in n:
+                base[policy.hf_name(n.replace(".base_layer.", "."))] = _full(p).to("cpu", torch.float32)
+    if not info.is_main:
+        return None
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"base_model.model." + k.replace(".default.", "."): v.contiguous() for k, v in lora.items()}
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    conf = policy.lora_config
+    if base:
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_config(policy.hf_config)
+        m.load_state_dict(base, strict=False)
+        m.save_pretrained(str(out_dir / "base_model"))
+        conf.base_model_name_or_path = "base_model"
+    else:
+        conf.base_model_name_or_path = str(policy.base_model_path)
+    conf.save_pretrained(str(out_dir))
+    return out_dir
 
 
 def param_count(policy: Policy) -> int:
     return sum(p.numel() for p in policy.parameters())
 
 
+def trainable_params(policy: Policy) -> list:
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
 def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> Path | None:
-    """HF-format export (``from_pretrained`` loads it); gathered on every rank, written by rank 0."""
+    """HF-format export (``from_pretrained`` loads it); gathered on every rank, written by rank 0.
+    With LoRA the model is the merged one, and ``adapter/`` holds the adapter in peft's format."""
+    import shutil
+
     from transformers import AutoModelForCausalLM
-    state = {n: t.to("cpu", torch.float32) for n, t in iter_full_params(policy)}
-    if not info.is_main:
-        return None
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if info.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    state = {n: t.to("cpu", torch.float32) for n, t in iter_full_params(policy)}
+    if getattr(policy, "lora_config", None) is not None:
+        save_adapter(policy, tmp / "adapter", info)
+    if not info.is_main:
+        return None
     conf = policy.hf_config
     model = AutoModelForCausalLM.from_config(conf)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -264,7 +349,6 @@ def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> Path | None:
     tc.write_text(json.dumps(conf_json, indent=2))
     (tmp / "opo_train.json").write_text(json.dumps({"exported_by": "opo_train"}))
     if out_dir.exists():
-        import shutil
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir

@@ -31,7 +31,7 @@ from .data import ToyTask, as_dataset, is_conversation, load_hf_rows, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
 from .metrics import MetricsLogger, console_line, quiet_third_party, validation_line
 from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
-                    param_count, save_hf)
+                    param_count, save_hf, trainable_params)
 from .rewards import RewardRunner, resolve_rewards
 from .rollout import Sample, make_engine
 
@@ -305,7 +305,7 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
     """Cross-entropy on the answers of the toy task's ``sft`` split (disjoint from the RL and
     validation splits), through the same fused log-prob kernel. Logged to sft_metrics.jsonl."""
     task = ToyTask(cfg.seed, "sft", cfg.toy_digits, cfg.toy_task)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(trainable_params(policy), lr=cfg.sft_lr, betas=(0.9, 0.98))
     logger = MetricsLogger(output_dir, info.is_main, tensorboard=False, filename="sft_metrics.jsonl")
     t0 = time.time()
     for k in range(cfg.sft_steps):
@@ -553,7 +553,7 @@ def _setup(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> Run
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg)
     policy = build_policy(cfg, info, cfg.seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(trainable_params(policy), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     engine = make_engine(cfg, tok, info.device)
     packed = cfg.packed == "true" or (cfg.packed == "auto" and flash_attn_available(info.device))
@@ -593,7 +593,9 @@ def _loop(run: Run, t_start: float) -> dict:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
-        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params, {info.world} process(es) on "
+        lora = (f" (LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable_params(run.policy)) / 1e6:.3f}M "
+                f"trainable)" if cfg.lora_r else "")
+        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params{lora}, {info.world} process(es) on "
               f"{info.device.type}, loss={cfg.loss} ({cfg.loss_impl}), {max_steps} steps x "
               f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
               f"{'packed' if run.packed else 'padded'} batches, engine={cfg.engine} -> {out_dir}",

@@ -65,3 +65,35 @@ def test_hf_datasets_dataset_and_local_file(tmp_path):
     summary = train(load_config(None, [*SMALL, "max_steps=1", f"output_dir={tmp_path / 'run2'}"]),
                     dataset=ds)
     assert summary["step"] == 1
+
+
+def test_lora_run_trains_adapters_only_and_exports_merged_and_adapter(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def varied(prompts, completions, **_):
+        return [sum(map(ord, c)) % 7 / 6 for c in completions]
+
+    out = tmp_path / "lora"
+    cfg = load_config(None, [*SMALL, "max_steps=2", "lora_r=4", "lora_alpha=8", "export_hf=true",
+                             "lr=1e-2", f"output_dir={out}"])
+    summary = train(cfg, reward_fns=varied)
+    rows = _rows(out)
+    assert rows[-1]["optimizer_steps"] == 2 and rows[-1]["grad_norm"] > 0
+    assert rows[0]["delta_abs_first"] == 0.0 and rows[-1]["delta_abs_last"] > 0
+    assert summary["step"] == 2
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf_model").eval()
+    adapter = out / "hf_model" / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(adapter / "base_model").eval()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    # only adapted modules changed; the head and embeddings are the base's
+    m_sd = merged.state_dict()
+    assert torch.equal(m_sd["lm_head.weight"], base_sd["lm_head.weight"])
+    assert torch.equal(m_sd["model.embed_tokens.weight"], base_sd["model.embed_tokens.weight"])
+    assert not torch.equal(m_sd["model.layers.0.self_attn.q_proj.weight"],
+                           base_sd["model.layers.0.self_attn.q_proj.weight"])
+    # base + adapter, merged by peft == the exported merged model
+    again = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    for k, v in m_sd.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-5, atol=1e-6)
