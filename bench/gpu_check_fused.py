@@ -287,7 +287,61 @@ def tile_sweep(h, w, y, g, lse, save, res):
     return out
 
 
+def markdown(res: dict) -> str:
+    """Tables of one gpu_check_fused JSON: times and ratios, errors against fp32 and the bf16
+    peers, reruns and batch invariance, sweeps (``python bench/gpu_check_fused.py --report F``)."""
+    sh = res["shape"]
+    out = [f"### Fused kernels alone: {res['device']}, N={sh['N']} H={sh['H']} V={sh['V']} "
+           f"{sh['dtype']}, triton {res['triton']}, torch {res['torch']}", "",
+           f"Tile configs: fwd {res['configs']['fwd']}, bwd {res['configs']['bwd']}; default "
+           f"filter_eps {res['default_filter_eps']}. Entropy (nats): {res['entropy_nats']}.", "",
+           "| variant | fwd+bwd ms | bwd ms | x floor | MiB above inputs+grads | rel err dhidden "
+           "| rel err dweight | bitwise rerun |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    t = res["times_ms"]
+    out.insert(4, f"Floor (3 bare GEMMs): {t.get('floor_3gemm')} ms; forward alone: peaked "
+                  f"{t.get('fwd_peaked')} ms, flat {t.get('fwd_flat')} ms.\n")
+    for key, ratio in res["ratio_to_floor"].items():
+        e = res["rel_err"].get(key) or {}
+        mem = res["mem_above_inputs_and_grads_mib"].get(key)
+        out.append(f"| {key} | {t.get('fwd_bwd_' + key, float('nan')):.1f} | "
+                   f"{t.get('bwd_' + key, float('nan')):.1f} | {ratio:.2f} | "
+                   f"{'' if mem is None else f'{mem:.1f}'} | {e.get('dhidden', float('nan')):.2e} | "
+                   f"{e.get('dweight', float('nan')):.2e} | {e.get('bitwise_rerun', '')} |")
+    out += ["", "| inputs | forward bitwise rerun | batch invariant | logp rel err (opo) "
+            "| logp rel err (Liger Triton, bf16 logits) | torch materialized bf16: logp / dhidden "
+            "/ dweight |", "|---|---|---|---:|---:|---|"]
+    for kind, c in (res.get("checks") or {}).items():
+        pe = (res.get("peer_rel_err") or {}).get(kind) or {}
+        if not c:
+            continue
+        lg = pe.get("liger_triton_logp")
+        out.append(f"| {kind} | {c.get('forward_bitwise_rerun')} | "
+                   f"{c.get('forward_batch_invariant')} | {c.get('logp_rel_err', float('nan')):.2e} | "
+                   f"{lg if isinstance(lg, str) else f'{lg:.2e}' if lg is not None else ''} | "
+                   + " / ".join(f"{pe[k]:.2e}" for k in ("torch_materialized_logp",
+                                                         "torch_materialized_dhidden",
+                                                         "torch_materialized_dweight") if k in pe)
+                   + " |")
+    sw = res.get("sweep_ms") or {}
+    for table, rows in sw.items():
+        cells = ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v[:40]}"
+                          for k, v in rows.items())
+        out += ["", f"Sweep `{table}` (ms): {cells}"]
+    for eps, row in (res.get("filter_eps_sweep") or {}).items():
+        if row:
+            out.append(f"\nfilter_eps {float(eps):.3g}: bwd {row['bwd_ms']:.1f} ms, rel err "
+                       f"dhidden {row.get('dhidden', float('nan')):.2e}, dweight "
+                       f"{row.get('dweight', float('nan')):.2e}")
+    if res.get("errors"):
+        out += ["", f"Errors: {res['errors']}"]
+    return "\n".join(out)
+
+
 def main(argv=None):
+    if "--report" in (sys.argv[1:] if argv is None else argv):
+        args = sys.argv[1:] if argv is None else argv
+        print(markdown(json.load(open(args[args.index("--report") + 1]))))
+        return
     if "--compile-only" in (sys.argv[1:] if argv is None else argv):
         sys.exit(0 if compile_only() else 1)
     ap = argparse.ArgumentParser()

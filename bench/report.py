@@ -40,29 +40,42 @@ def derive_case(case: dict) -> None:
             r["x_naive_mem"] = r["peak_bytes"] / naive["peak_bytes"]
 
 
+# Targets at the headline shape: CPU (issue 4) and GPU (issue 12).
+LIMITS = {"cpu": {"x_floor": 1.05, "x_liger": 0.5, "x_naive_mem": 0.25},
+          "cuda": {"x_floor": 1.3, "x_liger": 1 / 3, "x_liger_mem": 1 / 20}}
+
+
 def targets(cases: list, device: str) -> list:
-    """Issue 4's three ratios for the auto backend (and the fused one on CUDA) at the headline
-    shape, per inputs kind."""
+    """The targets' ratios for the auto backend (and the fused one on CUDA) at the headline
+    shape, per inputs kind: time to the floor and to Liger's chunked GRPO, memory to the naive
+    loss and to Liger's, time to Liger's Triton GRPO and to the naive loss under torch.compile."""
     out = []
     names = (AUTO_METHOD[device], "opo_fused") if device == "cuda" else (AUTO_METHOD[device],)
     for c in cases:
         if c["group"] != "headline":
             continue
         rows = {r["name"]: r for r in c["methods"]}
-        liger = rows.get("liger_grpo_chunked")
+
+        def ratio(r, other, key):
+            o = rows.get(other)
+            if r["status"] != "ok" or o is None or o["status"] != "ok" or not o.get(key):
+                return None
+            return r[key] / o[key]
         for name in names:
             r = rows.get(name)
             if r is None:
                 continue
             ok = r["status"] == "ok"
-            lok = ok and liger is not None and liger["status"] == "ok"
             out.append({
                 "inputs": c["inputs"], "method": name, "status": r["status"],
                 "x_floor": r.get("x_floor") if ok else None,
                 "x_floor_min": r.get("x_floor_min") if ok else None,
-                "x_liger": r["time_s"] / liger["time_s"] if lok else None,
-                "x_liger_min": r["min_s"] / liger["min_s"] if lok else None,
+                "x_liger": ratio(r, "liger_grpo_chunked", "time_s"),
+                "x_liger_min": ratio(r, "liger_grpo_chunked", "min_s"),
                 "x_naive_mem": r.get("x_naive_mem") if ok else None,
+                "x_liger_mem": ratio(r, "liger_grpo_chunked", "peak_bytes"),
+                "x_liger_triton": ratio(r, "liger_triton_grpo", "time_s"),
+                "x_naive_compile": ratio(r, "naive_opo_compile", "time_s"),
             })
     return out
 
@@ -99,17 +112,31 @@ def case_header(case: dict) -> str:
 def targets_table(run: dict) -> str:
     if not run.get("targets"):
         return ""
-    rows = ["| inputs | method | x floor (<= 1.05): median / best | x Liger chunked time (<= 0.5): "
-            "median / best | x naive peak memory (<= 0.25) |", "|---|---|---:|---:|---:|"]
+    lim = LIMITS[run["meta"]["device"]]
 
-    def cell(v, lim):
+    def cell(v, key=None):
         if v is None:
             return "n/a"
-        return f"{v:.3f} {'ok' if v <= lim else 'MISSED'}"
+        if key is None:
+            return f"{v:.3f}"
+        return f"{v:.3f} {'ok' if v <= lim[key] else 'MISSED'}"
+    if run["meta"]["device"] == "cuda":
+        rows = ["| inputs | method | x floor (<= 1.3) | x Liger chunked time (<= 0.33) "
+                "| x Liger chunked memory (<= 0.05) | x Liger Triton time | x naive compiled time |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for t in run["targets"]:
+            rows.append(f"| {t['inputs']} | {t['method']} | {cell(t['x_floor'], 'x_floor')} | "
+                        f"{cell(t['x_liger'], 'x_liger')} | "
+                        f"{cell(t.get('x_liger_mem'), 'x_liger_mem')} | "
+                        f"{cell(t.get('x_liger_triton'))} | {cell(t.get('x_naive_compile'))} |")
+        return "\n".join(rows)
+    rows = ["| inputs | method | x floor (<= 1.05): median / best | x Liger chunked time (<= 0.5): "
+            "median / best | x naive peak memory (<= 0.25) |", "|---|---|---:|---:|---:|"]
     for t in run["targets"]:
-        rows.append(f"| {t['inputs']} | {t['method']} | {cell(t['x_floor'], 1.05)} / "
-                    f"{cell(t.get('x_floor_min'), 1.05)} | {cell(t['x_liger'], 0.5)} / "
-                    f"{cell(t.get('x_liger_min'), 0.5)} | {cell(t['x_naive_mem'], 0.25)} |")
+        rows.append(f"| {t['inputs']} | {t['method']} | {cell(t['x_floor'], 'x_floor')} / "
+                    f"{cell(t.get('x_floor_min'), 'x_floor')} | {cell(t['x_liger'], 'x_liger')} / "
+                    f"{cell(t.get('x_liger_min'), 'x_liger')} | "
+                    f"{cell(t['x_naive_mem'], 'x_naive_mem')} |")
     return "\n".join(rows)
 
 
@@ -122,7 +149,7 @@ def markdown(run: dict) -> str:
            f"Load average (1 min) at start / end: {m.get('load_avg_start')} / "
            f"{m.get('load_avg_end')}.", ""]
     if run.get("targets"):
-        out += ["### Targets (issue 4) at the headline shape", "", targets_table(run), ""]
+        out += ["### Targets at the headline shape", "", targets_table(run), ""]
     for case in run["cases"]:
         out += [case_header(case), case_table(case), ""]
     if run.get("plots"):
@@ -191,12 +218,51 @@ def write(run: dict, out_dir: Path, stem: str) -> dict:
     return paths
 
 
+def readme_table(run: dict, source: str) -> str:
+    """The README's compact table of a run's headline cases (time x floor and peak memory per
+    method and inputs kind), generated, never typed."""
+    cases = [c for c in run["cases"] if c["group"] == "headline"]
+    if not cases:
+        return ""
+    head = "| method | " + " | ".join(f"{c['inputs']}: ms | x floor | MiB" for c in cases) + " |"
+    rows = [head, "|---|" + "---:|---:|---:|" * len(cases)]
+    for i, r0 in enumerate(cases[0]["methods"]):
+        cells = []
+        for c in cases:
+            r = c["methods"][i]
+            if r["status"] != "ok":
+                cells.append(f"{r['status'][:40]} | | ")
+                continue
+            cells.append(f"{r['time_s'] * 1e3:.1f} | {r['x_floor']:.2f} | "
+                         f"{r['peak_bytes'] / MiB:.0f}")
+        rows.append(f"| {r0['name']} | " + " | ".join(cells) + " |")
+    m = run["meta"]
+    return (f"{m['device_name']}, {cases[0]['label']}, {m['timing']}; memory = peak above inputs "
+            f"and gradients. From `{source}` (`{m['command']}`).\n\n" + "\n".join(rows))
+
+
+README_BEGIN, README_END = "<!-- bench:{}:begin -->", "<!-- bench:{}:end -->"
+
+
+def update_readme(readme: Path, key: str, text: str) -> None:
+    """Replace the block between the README's ``bench:<key>`` markers with ``text``."""
+    body = readme.read_text()
+    b, e = README_BEGIN.format(key), README_END.format(key)
+    i, j = body.find(b), body.find(e)
+    if i < 0 or j < i:
+        raise SystemExit(f"{readme}: markers {b} ... {e} not found")
+    readme.write_text(body[:i + len(b)] + "\n" + text + "\n" + body[j:])
+
+
 def main(argv=None):
-    """``python -m bench.report RUN.json``: recompute the ratios and rewrite the .md and PNGs."""
+    """``python -m bench.report RUN.json [--readme README.md --key NAME]``: recompute the ratios,
+    rewrite the .md and PNGs, and optionally the README block between ``bench:NAME`` markers."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     ap.add_argument("json", type=Path)
+    ap.add_argument("--readme", type=Path, help="README whose marked block gets the table")
+    ap.add_argument("--key", default="gpu", help="marker name of the README block")
     args = ap.parse_args(argv)
     run = json.loads(args.json.read_text())
     for case in run["cases"]:
@@ -204,6 +270,9 @@ def main(argv=None):
     run["targets"] = targets(run["cases"], run["meta"]["device"])
     paths = write(run, args.json.parent, args.json.stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.readme:
+        update_readme(args.readme, args.key, readme_table(run, args.json.as_posix()))
+        print(f"updated {args.readme} (bench:{args.key})")
 
 
 if __name__ == "__main__":
