@@ -40,7 +40,7 @@ if [ "$SMOKE" = "--smoke" ]; then
 else
   BENCH=(--device cuda --preset gpu-headline --sweep none --inputs both)
   FUSED=(--sweep)
-  TRAINER=(--device cuda --steps 6)
+  TRAINER=(--device cuda --steps 4)
   TESTS=(tests/test_vocab_triton.py tests/test_fused_linear.py tests/test_losses.py -k "not native")
 fi
 
@@ -61,7 +61,7 @@ timeout 150 python3 bench/gpu_check_fused.py "$OUT/fused.json" "${FUSED[@]}" 2>&
 
 # 4. The trainer's step, toy task on a scaled-up model: fused vs materializing loss head.
 stamp trainer
-timeout 70 python3 -m bench.trainer_step "${TRAINER[@]}" --out "$OUT/trainer.json" 2>&1 \
+timeout 150 python3 -m bench.trainer_step "${TRAINER[@]}" --out "$OUT/trainer.json" 2>&1 \
   | grep -E "^\{|Error|error" | tail -8
 
 stamp summary
