@@ -138,7 +138,11 @@ class Config:
     keep_checkpoints: int = 2
     export_hf: bool = True
     plot: bool = True
-    tensorboard: bool = True       # used when tensorboard is installed
+    tensorboard: bool = True       # false: no TensorBoard even when report_to names it
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
+    wandb_project: str = "opo"     # wandb runs offline unless WANDB_API_KEY / WANDB_MODE say otherwise
+    log_completions_every: int = 0 # steps between tables of sample completions; 0 = never
+    log_completions_count: int = 4 # samples per table (completions.jsonl, console, wandb)
 
     # -- derived helpers ------------------------------------------------------------------------
     def effective_adv_scale(self) -> str:
@@ -201,7 +205,8 @@ class Config:
                 bad(key, "must be >= 1")
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
                     "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs",
-                    "reward_max_failed_steps", "zero_signal_steps", "lora_r"):
+                    "reward_max_failed_steps", "zero_signal_steps", "lora_r",
+                    "log_completions_every", "log_completions_count"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.group_size < 2:
@@ -226,6 +231,10 @@ class Config:
             bad("lora_dropout", "must be in [0, 1)")
         if self.lora_r and not self.lora_target_modules:
             bad("lora_target_modules", "lora_r > 0 needs at least one module name")
+        for dest in self.report_to:
+            if dest not in ("tensorboard", "wandb", "none"):
+                raise ConfigError(f"config key 'report_to': {dest!r} is not one of tensorboard, wandb, "
+                                  f"none (got {self.report_to!r})")
         if self.resume and self.overwrite:
             bad("overwrite", "contradicts resume=true (continue the run, or delete it: not both)")
         return self

@@ -26,14 +26,17 @@ def _clean(v):
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int | None = None,
-                 tensorboard: bool = True, filename: str = "metrics.jsonl"):
+                 tensorboard: bool = True, filename: str = "metrics.jsonl", wandb_config: dict | None = None):
         self.enabled = enabled
         self.dir = Path(output_dir)
         self.path = self.dir / filename
         self.rows: list[dict] = []
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb_config is not None:
+            self.wandb = start_wandb(self.dir, wandb_config)
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             keep = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
@@ -59,6 +62,9 @@ class MetricsLogger:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, row.get("step", 0))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                           step=row.get("step", 0))
         if console:
             print(console, file=sys.stdout, flush=True)
 
@@ -94,9 +100,43 @@ class MetricsLogger:
         plt.close(fig)
         return out
 
+    def log_samples(self, step: int, samples: list[dict], console: bool = True) -> None:
+        """A table of sample completions: appended to completions.jsonl, printed, sent to wandb."""
+        if not self.enabled or not samples:
+            return
+        with open(self.dir / "completions.jsonl", "a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, **s}) + "\n")
+        if console:
+            print(f"samples step {step}:", flush=True)
+            for s in samples:
+                adv = "-" if s.get("advantage") is None else f"{s['advantage']:+.2f}"
+                rw = "none" if s.get("reward") is None else f"{s['reward']:.3f}"
+                print(f"  reward {rw:>6}  adv {adv:>6}  {str(s['prompt'])[-60:]!r} -> "
+                      f"{str(s['completion'])[:80]!r}", flush=True)
+        if self.wandb is not None:
+            import wandb
+            cols = ["step", "prompt", "completion", "reward", "advantage"]
+            table = wandb.Table(columns=cols, data=[[step, str(s["prompt"]), str(s["completion"]),
+                                                     s.get("reward"), s.get("advantage")] for s in samples])
+            self.wandb.log({"completions": table}, step=step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(out_dir: Path, config: dict):
+    """A wandb run (offline when no API key or mode is configured: nothing needs a network)."""
+    import os
+
+    import wandb
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+    return wandb.init(project=config.get("wandb_project") or "opo", name=out_dir.name,
+                      dir=str(out_dir), config=config)
 
 
 def validation_line(row: dict, n: int, max_steps: int) -> str:

@@ -603,7 +603,8 @@ def _loop(run: Run, t_start: float) -> dict:
         if found:
             print(f"resumed from {found} (step {start_step})", flush=True)
     logger = MetricsLogger(out_dir, info.is_main, resume_step=start_step if found else None,
-                           tensorboard=cfg.tensorboard)
+                           tensorboard=cfg.tensorboard and "tensorboard" in cfg.report_to,
+                           wandb_config=cfg.to_dict() if "wandb" in cfg.report_to else None)
 
     # ---- warm start -------------------------------------------------------------------------
     sft_rows = None
@@ -644,6 +645,8 @@ def _loop(run: Run, t_start: float) -> dict:
         logger.log(row, console=console_line(row, max_steps) if console and info.is_main else None)
         if "val_accuracy" in row and info.is_main:
             print(validation_line(row, len(run.val_rows), max_steps), flush=True)
+        if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+            logger.log_samples(step + 1, sample_table(exp, cfg.group_size, cfg.log_completions_count))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
             ckpt.save(out_dir, step + 1, run.policy, run.optimizer,
                       trainer_state(cfg, step + 1, run.train_data, run.runner), info,
@@ -661,6 +664,19 @@ def _loop(run: Run, t_start: float) -> dict:
     png = logger.plot(extra_rows=sft_rows) if cfg.plot else None
     logger.close()
     return _summary(logger, final, out_dir, t_start, info)
+
+
+def sample_table(exp: Experience, G: int, n: int) -> list[dict]:
+    """The first ``n`` of this rank's samples of the step: prompt, completion, reward, advantage."""
+    out = []
+    for g in exp.groups:
+        for k, text in enumerate(exp.completions[g]):
+            if len(out) == n:
+                return out
+            i = g * G + k
+            out.append({"prompt": exp.rows[g]["prompt"], "completion": text,
+                        "reward": exp.raw_rewards[i], "advantage": exp.advantages[i] if exp.advantages else None})
+    return out
 
 
 def _warn_zero_signal(n: int, row: dict) -> None:
@@ -698,6 +714,15 @@ def preflight(cfg: Config) -> None:
     hf_config(cfg)          # model path, model_overrides keys
     load_tokenizer(cfg)     # tokenizer path
     resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout)
+    if "wandb" in cfg.report_to:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("config key 'report_to': 'wandb' needs the wandb package "
+                              "(pip install wandb)") from None
+    if cfg.lora_r:
+        from .model import lora_config
+        lora_config(cfg)  # peft installed?
     if cfg.engine == "vllm":
         try:
             import vllm  # noqa: F401

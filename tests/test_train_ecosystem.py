@@ -97,3 +97,25 @@ def test_lora_run_trains_adapters_only_and_exports_merged_and_adapter(tmp_path):
     again = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
     for k, v in m_sd.items():
         torch.testing.assert_close(again[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_report_to_and_sample_tables(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    cfg = load_config(None, [*SMALL, "max_steps=2", "tensorboard=true", "report_to=[tensorboard]",
+                             "log_completions_every=1", "log_completions_count=3", f"output_dir={out}"])
+    train(cfg)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    table = _rows(out, "completions.jsonl")
+    assert [r["step"] for r in table] == [1, 1, 1, 2, 2, 2]
+    assert set(table[0]) == {"step", "prompt", "completion", "reward", "advantage"}
+    assert "samples step 2:" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'report_to'"):
+        load_config(None, ["report_to=[mlflow]"])
+    try:
+        import wandb  # noqa: F401
+    except ImportError:  # not installed here: a clear error naming the key, before anything runs
+        with pytest.raises(ValueError, match="'report_to'.*wandb"):
+            train(load_config(None, [*SMALL, "max_steps=1", "report_to=[wandb]",
+                                     f"output_dir={tmp_path / 'w'}"]))
+        assert not (tmp_path / "w").exists()
