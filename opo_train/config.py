@@ -81,6 +81,7 @@ class Config:
     top_p: float = 1.0
     vllm_gpu_memory_utilization: float = 0.4
     vllm_sleep: bool = True        # free the KV cache between rollout and training
+    tensor_parallel_size: int = 1  # vLLM: ranks per engine (torchrun; must divide the world)
 
     # -- rewards --------------------------------------------------------------------------------
     rewards: list = field(default_factory=lambda: ["auto"])  # names in rewards.REWARDS; auto = task's
@@ -200,7 +201,7 @@ class Config:
         if not 0.0 < self.train_fraction <= 1.0:
             bad("train_fraction", "must be in (0, 1]")
         for key in ("prompts_per_step", "max_new_tokens", "minibatches", "ppo_epochs", "log_every",
-                    "sft_batch_size", "max_prompt_length", "toy_digits"):
+                    "sft_batch_size", "max_prompt_length", "toy_digits", "tensor_parallel_size"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",

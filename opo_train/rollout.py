@@ -8,9 +8,9 @@ around the training phase.
 
 - :class:`HFEngine`: ``transformers`` ``generate`` on a private, unsharded copy of the model
   (CPU and GPU; the default).
-- :class:`VLLMEngine`: a colocated vLLM ``LLM`` per rank (``distributed_executor_backend=
-  "external_launcher"``, tensor parallel 1), sleep mode between phases. vLLM is an optional extra
-  (``pip install opo[vllm]``); it could not be run on the machine this was written on.
+- :class:`VLLMEngine`: a colocated vLLM ``LLM`` per rank or tensor-parallel group (external
+  launcher under torchrun, an in-process engine core otherwise), sleep mode between phases. vLLM
+  is an optional extra (``pip install opo[vllm]``); it has not been run by us (no GPU here).
 """
 from __future__ import annotations
 
@@ -93,15 +93,26 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """Colocated vLLM: one engine per trainer rank, sharing its GPU.
+    """Colocated vLLM: one engine per trainer rank (or per group of ``tensor_parallel_size``
+    ranks), sharing the GPU with the trainer. Written against vLLM's public ``LLM`` API (read
+    for vLLM 0.33); it has not been run by us: no GPU where it was written.
 
-    Weights: each outer iteration, ``load_weights`` streams the FSDP2 full tensors into vLLM's
-    model (``model.load_weights`` does vLLM's own fusing of q/k/v and gate/up). Memory: with
-    ``vllm_sleep`` the KV cache (level 1 sleep also offloads weights to CPU) is released during
-    the training phase and retaken before the next rollout.
+    - In one process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps vLLM's engine core inside the
+      trainer's process (its default would start it in another process, where the model cannot
+      be reached to push weights). Under torchrun: ``distributed_executor_backend=
+      "external_launcher"``, which joins the torchrun ranks instead of spawning workers.
+    - ``tensor_parallel_size`` k > 1 (torchrun only, k dividing the world): consecutive ranks
+      form one engine; they gather their prompts, generate them together, and each keeps its own.
+    - Weights: ``load_weights`` streams the FSDP2 full tensors (LoRA merged) into vLLM's model
+      (``model.load_weights`` does vLLM's own fusing of q/k/v and gate/up, and TP slicing).
+    - Memory (``vllm_sleep``): after a rollout, ``sleep(level=1)`` offloads the weights to CPU
+      and drops the KV cache; before the next one the weights wake first, the new weights are
+      loaded, and only then is the KV cache reallocated (``wake_up(tags=...)``), so the peak
+      never holds both the old KV cache and the trainer's state.
     """
 
     def __init__(self, cfg, tokenizer, device: torch.device):
+        import os
         try:
             from vllm import LLM, SamplingParams  # noqa: F401
         except ImportError:
@@ -110,59 +121,94 @@ class VLLMEngine:
         if device.type != "cuda":
             raise ConfigError("config key 'engine': 'vllm' needs a CUDA device")
         self.cfg, self.tok = cfg, tokenizer
+        tp = cfg.tensor_parallel_size
+        launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if tp > 1 and (not launched or world % tp):
+            raise ConfigError(f"config key 'tensor_parallel_size': {tp} needs torchrun with a number "
+                              f"of processes divisible by it (got {world if launched else 'no torchrun'})")
+        self.tp_group = None
+        if tp > 1:
+            import torch.distributed as dist
+            self.tp_group, _ = dist.new_subgroups(group_size=tp)
         path = str(TINY_DIR) if cfg.model == TINY_MODEL else cfg.model
         dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[resolve_dtype(cfg, device)]
-        import os
-        # Under torchrun every rank owns one engine on its own GPU (external_launcher: vLLM
-        # joins the torchrun environment instead of spawning workers).
-        launcher = {"distributed_executor_backend": "external_launcher"} if "RANK" in os.environ else {}
+        if launched:
+            extra = {"distributed_executor_backend": "external_launcher"}
+        else:
+            # In-process engine core: the model (and load_weights) is reachable from here.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            extra = {}
         self.llm = LLM(model=path, tokenizer=cfg.tokenizer or path, dtype=dtype,
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
-                       enable_sleep_mode=cfg.vllm_sleep, seed=cfg.seed, tensor_parallel_size=1,
-                       enable_prefix_caching=True, **launcher)
-        self.asleep = False
+                       enable_sleep_mode=cfg.vllm_sleep, seed=cfg.seed, tensor_parallel_size=tp,
+                       enable_prefix_caching=True, **extra)
+        self.asleep = False       # weights offloaded, KV cache dropped
+        self.kv_ready = True
 
     def _model(self):
-        executor = self.llm.llm_engine.model_executor
+        """vLLM's model object in this process (in-process engine core or external launcher)."""
+        engine = self.llm.llm_engine
+        executor = getattr(engine, "model_executor", None)
+        if executor is None:  # V1 without the compatibility attribute: the in-process core's
+            core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
+            executor = getattr(core, "model_executor", None)
+        if executor is None:
+            return None
         worker = executor.driver_worker
         worker = getattr(worker, "worker", worker)  # V1 wraps the worker
         return worker.model_runner.model
 
     def load_weights(self, named_tensors) -> None:
         if self.asleep:
-            self.wake()
-        self._model().load_weights(((n, t) for n, t in named_tensors))
+            self.llm.wake_up(tags=["weights"])  # weights back first; the KV cache after the load
+            self.asleep, self.kv_ready = False, False
+        model = self._model()
+        if model is not None:
+            model.load_weights(((n, t) for n, t in named_tensors))
+        else:  # public fallback: runs the function on every worker's model (in-process here)
+            tensors = list(named_tensors)
+            self.llm.apply_model(lambda m: m.load_weights(iter(tensors)))
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def sleep(self) -> None:
         if self.cfg.vllm_sleep and not self.asleep:
             self.llm.sleep(level=1)
-            self.asleep = True
+            self.asleep, self.kv_ready = True, False
 
     def wake(self) -> None:
+        """Called before sampling: weights (if still asleep), then the KV cache."""
         if self.asleep:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=["weights"])
             self.asleep = False
+        if not self.kv_ready:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.kv_ready = True
 
     def generate(self, prompt_ids, n, *, seed: int, greedy: bool = False, max_new_tokens=None):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         self.wake()
         cfg = self.cfg
-        # One seed per prompt: reproducible, and prompts do not share a random stream.
-        sps = [SamplingParams(n=n, max_tokens=max_new_tokens or cfg.max_new_tokens, seed=seed + i,
+        jobs = [(seed + i, p) for i, p in enumerate(prompt_ids)]  # one seed per prompt
+        mine = slice(0, len(jobs))
+        if self.tp_group is not None:  # one engine per TP group: everyone generates everything
+            import torch.distributed as dist
+            parts = [None] * dist.get_world_size(self.tp_group)
+            dist.all_gather_object(parts, jobs, group=self.tp_group)
+            r = dist.get_rank(self.tp_group)
+            start = sum(len(x) for x in parts[:r])
+            mine = slice(start, start + len(jobs))
+            jobs = [j for part in parts for j in part]
+        sps = [SamplingParams(n=n, max_tokens=max_new_tokens or cfg.max_new_tokens, seed=sd,
                               temperature=0.0 if greedy else cfg.temperature,
-                              top_p=1.0 if greedy else cfg.top_p) for i in range(len(prompt_ids))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sps,
+                              top_p=1.0 if greedy else cfg.top_p) for sd, _ in jobs]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for _, p in jobs], sps,
                                  use_tqdm=False)
         res = []
-        for o in outs:
-            group = []
-            for c in o.outputs:
-                toks = list(c.token_ids)
-                group.append(Sample(toks, c.finish_reason == "length"))
-            res.append(group)
+        for o in outs[mine]:
+            res.append([Sample(list(c.token_ids), c.finish_reason == "length") for c in o.outputs])
         return res
 
 

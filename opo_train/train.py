@@ -463,8 +463,8 @@ def rollout(run: Run, step: int) -> Experience:
                      rows=run.train_data.batch(step, P),
                      share=rank_share(P, cfg.minibatches, info.world, info.rank))
     t0 = time.perf_counter()
+    run.sync_engine()   # new weights first (vLLM: into the woken weights, before its KV cache)
     run.engine.wake()
-    run.sync_engine()
     groups = exp.groups
     ids = format_prompts([exp.rows[g] for g in groups], run.tok, cfg)
     out = run.engine.generate(ids, G, seed=step_seed(cfg, step, info.rank))
@@ -637,8 +637,8 @@ def _loop(run: Run, t_start: float) -> dict:
         row["elapsed"] = time.time() - t_start
         row["step_time"] = time.perf_counter() - t_step
         if cfg.val_every and run.val_rows and (step + 1) % cfg.val_every == 0:
-            run.engine.wake()
             run.sync_engine()  # score the weights after this step's updates
+            run.engine.wake()
             row.update(validate(run.engine, run.val_rows, run.tok, run.runner, cfg, info, step + 1))
             run.engine.sleep()
         console = (step + 1) % cfg.log_every == 0 or step + 1 == max_steps
