@@ -111,6 +111,7 @@ class Config:
     clip_eps_high: typing.Optional[float] = None
     adv_scale: str = "auto"        # auto (none for dr_grpo, else group) | group | batch | none
     dynamic_sampling: str = "auto" # auto (on for dapo) | true | false: drop all-equal groups
+    dynamic_sampling_max_rounds: int = 3  # extra sampling rounds to refill the kept groups (DAPO)
     overlong_buffer: int = -1      # DAPO soft overlong penalty window; -1 = max_new_tokens // 4
     overlong_penalty: float = 1.0
     overlong_filter: bool = False  # DAPO: mask truncated responses out of the loss
@@ -207,7 +208,7 @@ class Config:
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
                     "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs",
                     "reward_max_failed_steps", "zero_signal_steps", "lora_r",
-                    "log_completions_every", "log_completions_count"):
+                    "log_completions_every", "log_completions_count", "dynamic_sampling_max_rounds"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.group_size < 2:

@@ -421,6 +421,8 @@ class Experience:
     stats: list = field(default_factory=list)         # one dict per optimizer step
     times: dict = field(default_factory=dict)
     gen_tokens: int = 0                               # generated on this rank
+    rounds: int = 0                                   # DAPO dynamic sampling: rounds sampled
+    kept_first: int = 0                               # groups kept in the first round
 
     @property
     def groups(self) -> list[int]:
@@ -454,20 +456,23 @@ class Run:
 
 # ---- the steps of one outer iteration, in order ------------------------------------------------
 
-def rollout(run: Run, step: int) -> Experience:
+def rollout(run: Run, step: int, round: int = 0) -> Experience:
     """1. The engine gets the current weights and samples G completions per prompt of this
-    rank's share of the step's prompts."""
+    rank's share of the step's prompts (``round`` > 0: DAPO's extra prompts, see
+    :func:`dynamic_sampling`)."""
     cfg, info = run.cfg, run.info
     P, G = cfg.prompts_per_step, cfg.group_size
+    # Extra rounds read prompts from positions no regular step reads (deterministic: resumable).
+    where = step if round == 0 else run.max_steps * round + step
     exp = Experience(step=step, lr=learning_rate(cfg, step, run.max_steps),
-                     rows=run.train_data.batch(step, P),
+                     rows=run.train_data.batch(where, P),
                      share=rank_share(P, cfg.minibatches, info.world, info.rank))
     t0 = time.perf_counter()
     run.sync_engine()   # new weights first (vLLM: into the woken weights, before its KV cache)
     run.engine.wake()
     groups = exp.groups
     ids = format_prompts([exp.rows[g] for g in groups], run.tok, cfg)
-    out = run.engine.generate(ids, G, seed=step_seed(cfg, step, info.rank))
+    out = run.engine.generate(ids, G, seed=step_seed(cfg, step, info.rank, salt=101 * round))
     run.engine.sleep()
     for g, p, smp in zip(groups, ids, out):
         exp.prompt_ids[g], exp.samples[g] = p, smp
@@ -509,6 +514,46 @@ def advantages(run: Run, exp: Experience) -> None:
     for g in range(cfg.prompts_per_step):
         vals = [r for r in exp.rewards[g * G:(g + 1) * G] if r is not None]
         exp.keep.append(len(vals) > 1 and (len(set(vals)) > 1 or not cfg.use_dynamic_sampling()))
+
+
+def dynamic_sampling(run: Run, exp: Experience) -> Experience:
+    """3b. DAPO's dynamic sampling: groups whose rewards are all equal were dropped; sample more
+    prompts until P groups are kept, at most ``dynamic_sampling_max_rounds`` extra rounds, and
+    keep the first P kept groups (in sampling order). Returns the merged experience: its groups
+    are numbered over all rounds; mini-batch k holds the k-th contiguous slice of the kept groups
+    (whoever sampled them), so the mini-batches do not depend on the number of ranks."""
+    cfg, P, G, M = run.cfg, run.cfg.prompts_per_step, run.cfg.group_size, run.cfg.minibatches
+    rounds = [exp]
+    while sum(sum(e.keep) for e in rounds) < P and len(rounds) <= cfg.dynamic_sampling_max_rounds:
+        e = rollout(run, exp.step, round=len(rounds))
+        score(run, e)
+        advantages(run, e)
+        rounds.append(e)
+    exp.kept_first = sum(exp.keep)
+    if len(rounds) == 1:
+        exp.rounds = 1
+        return exp
+    m = Experience(step=exp.step, lr=exp.lr, rows=[], share=[])
+    owned = set()
+    for r, e in enumerate(rounds):
+        off = r * P
+        m.rows += e.rows
+        for g in e.groups:
+            m.prompt_ids[off + g], m.samples[off + g] = e.prompt_ids[g], e.samples[g]
+            m.completions[off + g] = e.completions[g]
+            owned.add(off + g)
+        for name in ("raw_rewards", "rewards", "lengths", "truncated", "advantages", "keep"):
+            getattr(m, name).extend(getattr(e, name))
+        for k, v in e.times.items():
+            m.times[k] = m.times.get(k, 0.0) + v
+        m.gen_tokens += e.gen_tokens
+    kept = [u for u, k in enumerate(m.keep) if k][:P]
+    chosen = set(kept)
+    m.keep = [u in chosen for u in range(len(m.keep))]
+    m.share = [[u for i, u in enumerate(kept) if u in owned and i * M // len(kept) == k]
+               for k in range(M)]
+    m.kept_first, m.rounds = exp.kept_first, len(rounds)
+    return m
 
 
 def minibatches(run: Run, exp: Experience) -> None:
@@ -626,6 +671,8 @@ def _loop(run: Run, t_start: float) -> dict:
                 f"{r.last_failure or 'every function returned None'}): fix the reward "
                 f"function(s); reward_max_failed_steps=0 never stops")
         advantages(run, exp)                           # 3. group advantages, DAPO filter
+        if cfg.use_dynamic_sampling():
+            exp = dynamic_sampling(run, exp)           # 3b. DAPO: refill the kept groups
         minibatches(run, exp)                          # 4. model inputs per mini-batch
         anchor_and_update(run, exp)                    # 4-5. frozen anchor, optimizer steps
 
@@ -837,6 +884,9 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
     row["completion_len_max"] = max(lens) if lens else 0
     row["truncated_frac"] = sum(trunc) / max(len(trunc), 1)
     row["groups_kept"] = sum(keep_group)
+    if exp.rounds:
+        row["groups_kept_first_round"] = exp.kept_first
+        row["sampling_rounds"] = exp.rounds
     row["reward_none_frac"] = sum(r is None for r in rewards) / max(len(rewards), 1)
     row["reward_errors"] = runner.errors
     row["reward_timeouts"] = runner.timeouts

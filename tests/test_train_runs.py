@@ -214,3 +214,26 @@ def test_baselines_log_no_omega(tmp_path):
     train(_cfg(tmp_path / "o", "max_steps=1"), reward_fns=varied)
     row = _rows(tmp_path / "o")[-1]
     assert row["omega_min"] < row["omega_max"]
+
+
+# -- item 11: DAPO's dynamic sampling refills the batch, bounded -----------------------------------
+
+def test_dapo_dynamic_sampling_refills_the_batch(tmp_path):
+    def half_constant(prompts, completions, const, **_):
+        return [0.5 if k else sum(map(ord, c)) % 7 / 6 for c, k in zip(completions, const)]
+
+    rows = [{"prompt": f"{i}{i % 7}>", "answer": "0", "const": i % 2 == 0} for i in range(40)]
+    out = tmp_path / "dapo"
+    train(_cfg(out, "max_steps=2", "loss=dapo", "overlong_buffer=0"), reward_fns=half_constant, dataset=rows)
+    got = _rows(out)
+    first = got[0]  # this data's first step draws constant-reward prompts: some groups dropped
+    assert first["groups_kept_first_round"] < 4 and first["sampling_rounds"] >= 2
+    for row in got:
+        assert row["groups_kept"] == 4 and row["optimizer_steps"] == 2  # refilled to P = 4
+    # bounded: nothing to keep at all -> 1 + max_rounds rounds, then the step goes on without update
+    out = tmp_path / "flat"
+    train(_cfg(out, "max_steps=1", "loss=dapo", "overlong_buffer=0", "dynamic_sampling_max_rounds=2",
+               "zero_signal_steps=0"),
+          reward_fns=lambda p, c, **_: [0.5] * len(p), dataset=rows)
+    row = _rows(out)[-1]
+    assert (row["sampling_rounds"], row["groups_kept"], row["optimizer_steps"]) == (3, 0, 0)
