@@ -1,0 +1,269 @@
+"""opo's fused loss inside TRL (>= 1.16): ``OPOConfig`` and ``OPOTrainer``.
+
+``OPOTrainer`` is a ``trl.GRPOTrainer`` whose ``compute_loss`` runs the model's backbone to the last
+hidden states and calls :func:`opo_kernels.fused_policy_loss` with the LM-head weight — no
+(B, T, V) logits — through TRL's forward redirection (so DDP/FSDP/ZeRO-3 see a forward of the
+wrapped model) and with the head gathered as TRL's own fused head does (FSDP2 DTensor, ZeRO-3).
+Generation, rewards, advantages and logging are TRL's.
+
+Loss types (``OPOConfig.loss_type``):
+
+- ``"opo"`` (the default here): paper-mode OPO; options ``opo_alpha``, ``opo_mu``, ``opo_tau``,
+  ``opo_level``, ``opo_seq_reduce``, ``opo_ratio``, ``opo_normalize``, ``opo_max_log_ratio``,
+  ``opo_ref_correction`` (opo's options of the same names, see ``docs/contract.md``).
+- TRL's own, through opo's fused baselines, equal to stock ``GRPOTrainer`` (tested): ``"grpo"``,
+  ``"dapo"``, ``"bnpo"`` (opo's token-mean ``dapo`` with TRL's ε), ``"dr_grpo"``, and GSPO as
+  ``loss_type="grpo", importance_sampling_level="sequence"``; ``epsilon`` / ``epsilon_high`` are
+  passed as ``clip_eps_low`` / ``clip_eps_high``; ``num_iterations > 1`` and gradient accumulation
+  are honoured (TRL's normalizers, ``num_items_in_batch`` for ``dapo``).
+
+Raised at construction (``NotImplementedError`` naming the option; these need the off-policy terms
+of issue 9 or are not in opo): ``beta != 0`` (KL), ``use_vllm`` with
+``vllm_importance_sampling_correction``, ``entropy_coef != 0`` / ``use_adaptive_entropy``,
+``top_entropy_quantile < 1``, ``delta`` (two-sided clip), ``off_policy_mask_threshold``, loss types
+``cispo`` / ``sapo`` / ``vespo`` / ``luspo``, ``importance_sampling_level="sequence"`` with a
+token-sum loss, ``loss_type="opo"`` with ``steps_per_generation > 1`` (ω would be normalized per
+micro-batch, not over the generation batch), ``opo_norm_scope="group"`` / ``opo_escort=
+"group_softmax"`` (TRL shuffles the generation batch, so a micro-batch holds no whole groups),
+``use_liger_kernel``; and (``ValueError``) a PEFT adapter on the LM head, a model with logit
+soft-capping or scaling, MoE router aux loss, an OPO option given with another loss type.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from . import require
+
+_trl = require("trl", "1.16", "trl")
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from opo_kernels import fused_policy_loss, policy_loss  # noqa: E402
+
+__all__ = ["OPOConfig", "OPOTrainer"]
+
+# OPOConfig field -> opo option
+_OPO_FIELDS = {"opo_alpha": "alpha", "opo_mu": "mu", "opo_tau": "tau", "opo_level": "level",
+               "opo_seq_reduce": "seq_reduce", "opo_ratio": "ratio", "opo_normalize": "normalize",
+               "opo_norm_scope": "norm_scope", "opo_max_log_ratio": "max_log_ratio",
+               "opo_ref_correction": "ref_correction", "opo_escort": "escort"}
+_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo")
+_ISSUE9 = "needs the off-policy terms of opo issue 9 (not implemented yet)"
+
+
+@dataclass
+class OPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus ``loss_type="opo"`` (the default) and OPO's options.
+
+    opo_alpha: escort exponent α (ω ∝ exp((1 − α)A)). opo_mu: χ² strength μ. opo_tau: temperature τ of
+    the escort weights. opo_level: "sequence" (paper) or "token". opo_seq_reduce: "mean" or "sum" of a
+    sequence's log-ratios. opo_ratio: "log" (v = Δ) or "exact" (v = e^Δ − 1). opo_normalize: "zscore" or
+    "center". opo_max_log_ratio: clamp |Δ|. opo_ref_correction: the literal Eq. 7 anchor term.
+    opo_backend: opo's backend ("auto": Triton on CUDA, native C++ on CPU).
+    """
+
+    loss_type: str = field(default="opo", metadata={"help": "'opo' or one of TRL's: grpo, dapo, bnpo, dr_grpo."})
+    opo_alpha: float = field(default=0.4, metadata={"help": "OPO escort exponent α."})
+    opo_mu: float = field(default=1.0, metadata={"help": "OPO χ² strength μ."})
+    opo_tau: float = field(default=1.0, metadata={"help": "OPO escort temperature τ."})
+    opo_level: str = field(default="sequence", metadata={"help": "'sequence' (paper) or 'token'."})
+    opo_seq_reduce: str = field(default="mean", metadata={"help": "'mean' or 'sum' over a sequence's tokens."})
+    opo_ratio: str = field(default="log", metadata={"help": "'log' (v = Δ) or 'exact' (v = e^Δ − 1)."})
+    opo_normalize: str = field(default="zscore", metadata={"help": "'zscore' or 'center' normalization of ω."})
+    opo_norm_scope: str = field(default="batch", metadata={"help": "'batch' (only value supported in TRL)."})
+    opo_max_log_ratio: float | None = field(default=None, metadata={"help": "clamp Δ to [−c, c]."})
+    opo_ref_correction: bool = field(default=False, metadata={"help": "the literal Eq. 7 anchor term."})
+    opo_escort: str = field(default="paper", metadata={"help": "'paper' (only value supported in TRL)."})
+    opo_backend: str = field(default="auto", metadata={"help": "opo backend: auto, native, torch, triton, fused."})
+
+    def __post_init__(self):
+        self._check_before()
+        super().__post_init__()
+        self._check_after()
+
+    def opo_options(self) -> dict:
+        return {opt: getattr(self, f) for f, opt in _OPO_FIELDS.items()}
+
+    def _check_before(self):
+        lt = self.loss_type
+        if lt in ("cispo", "sapo", "vespo", "luspo"):
+            raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} is not in opo yet ({_ISSUE9}); "
+                                      f"supported: {_SUPPORTED}")
+        if lt not in _SUPPORTED:
+            raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
+        unsupported = [
+            ("beta", self.beta != 0.0, "the KL to a reference model"),
+            ("entropy_coef", self.entropy_coef != 0.0, "the entropy bonus"),
+            ("use_adaptive_entropy", bool(self.use_adaptive_entropy), "the entropy bonus"),
+            ("top_entropy_quantile", self.top_entropy_quantile < 1.0, "the high-entropy token mask"),
+            ("vllm_importance_sampling_correction", bool(self.use_vllm and self.vllm_importance_sampling_correction),
+             "vLLM importance-sampling correction (set vllm_importance_sampling_correction=False to run without)"),
+            ("delta", self.delta is not None, "two-sided clipping"),
+            ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None, "off-policy sequence masking"),
+        ]
+        for name, bad, what in unsupported:
+            if bad:
+                raise NotImplementedError(f"OPOTrainer: {name}={getattr(self, name)!r} ({what}) {_ISSUE9}; "
+                                          f"leave {name} at its default")
+        if getattr(self, "use_liger_kernel", False):
+            raise ValueError("OPOTrainer: use_liger_kernel=True conflicts with opo's fused loss; leave it False")
+        if self.importance_sampling_level == "sequence" and lt != "grpo":
+            raise NotImplementedError(f"OPOTrainer: importance_sampling_level='sequence' maps to opo's gspo only "
+                                      f"with loss_type='grpo' (got loss_type={lt!r})")
+        if lt == "opo" and self.importance_sampling_level != "token":
+            raise ValueError("OPOTrainer: importance_sampling_level does not apply to loss_type='opo' "
+                             "(use opo_level); leave it 'token'")
+        defaults = OPOConfig.__dataclass_fields__
+        if lt != "opo":
+            for f in list(_OPO_FIELDS) + []:
+                if getattr(self, f) != defaults[f].default:
+                    raise ValueError(f"OPOConfig: {f}={getattr(self, f)!r} is an OPO option, but "
+                                     f"loss_type={lt!r} does not read it; leave it at its default")
+        if self.opo_norm_scope != "batch" or self.opo_escort != "paper":
+            raise NotImplementedError("OPOTrainer: opo_norm_scope='group' and opo_escort='group_softmax' need "
+                                      "whole prompt groups in each micro-batch, which TRL's shuffled generation "
+                                      "batch does not give; use opo_norm_scope='batch', opo_escort='paper'")
+        if lt == "opo":
+            z = torch.zeros(2, 1)
+            try:
+                policy_loss(z, z, torch.zeros(2), loss="opo", **self.opo_options())
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"OPOConfig: bad OPO option (opo_<name>): {e}") from e
+
+    def _check_after(self):
+        if self.loss_type == "opo" and self.steps_per_generation != 1:
+            raise NotImplementedError(
+                f"OPOTrainer: loss_type='opo' with steps_per_generation={self.steps_per_generation} (it defaults "
+                f"to gradient_accumulation_steps={self.gradient_accumulation_steps}) splits a generation batch "
+                f"into micro-batches, and opo normalizes ω per call, not over the generation batch: fixing ω "
+                f"across micro-batches {_ISSUE9}. Set steps_per_generation=1 (each micro-batch its own "
+                f"generation batch) or gradient_accumulation_steps=1")
+
+
+class OPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with opo's fused loss (see the module docstring); arguments as GRPOTrainer's,
+    ``args`` an :class:`OPOConfig`."""
+
+    def __init__(self, model, reward_funcs=None, args: OPOConfig | None = None, *a, **kw):
+        if args is None:
+            args = OPOConfig(output_dir="opo-trainer")
+        if not isinstance(args, OPOConfig):
+            raise TypeError(f"OPOTrainer: args must be an OPOConfig, got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args, *a, **kw)
+        lm = self._causal_lm(self.model)
+        head = lm.get_output_embeddings()
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise ValueError("OPOTrainer: the model has no LM head (get_output_embeddings() with a weight)")
+        if hasattr(head, "base_layer") or "ModulesToSave" in type(head).__name__ or \
+                type(head).__module__.startswith("peft"):
+            raise ValueError("OPOTrainer: a PEFT adapter on lm_head would stay untrained — opo's fused loss reads "
+                             "lm_head.weight directly; remove 'lm_head' from target_modules / modules_to_save")
+        tc = lm.config.get_text_config()
+        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling"):
+            val = getattr(tc, attr, None)
+            if val is not None and not (attr != "final_logit_softcapping" and val == 1.0):
+                raise ValueError(f"OPOTrainer: the model's {attr}={val} is not supported by opo's fused loss")
+        if self.aux_loss_enabled:
+            raise NotImplementedError("OPOTrainer: the MoE router aux loss (output_router_logits) is not supported")
+        lt, level = args.loss_type, args.importance_sampling_level
+        self.opo_loss_name = {"opo": "opo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grpo",
+                              "grpo": "gspo" if level == "sequence" else "grpo"}[lt]
+        if lt == "opo":
+            self._opo_options = args.opo_options()
+        else:
+            self._opo_options = {"clip_eps_low": self.epsilon_low, "clip_eps_high": self.epsilon_high}
+            if lt == "dr_grpo":
+                self._opo_options["max_completion_length"] = self.max_completion_length
+        from trl.models.utils import _ForwardRedirection
+        self._opo_redirect = _ForwardRedirection()
+
+    @staticmethod
+    def _causal_lm(model):
+        if hasattr(model, "get_base_model"):
+            return model.get_base_model()
+        return model
+
+    def _opo_loss(self, lm, input_ids, attention_mask, targets, advantages, old, mask, process_group):
+        C = targets.size(1)
+        with self.accelerator.autocast():
+            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state
+        hidden = hidden[:, :-1][:, -C:]
+        head = lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover
+            DTensor = ()
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        hidden = hidden.to(weight.device)
+        ctx = contextlib.nullcontext()
+        try:
+            from trl.trainer.utils import maybe_gather_lm_head_ctx
+            ctx = maybe_gather_lm_head_ctx(weight, bias)
+        except ImportError:  # pragma: no cover
+            pass
+        autocast = self.accelerator.autocast()
+        if self.args.cast_lm_head_to_fp32:
+            hidden, weight = hidden.float(), weight.float()
+            bias = bias.float() if bias is not None else None
+            autocast = torch.autocast(hidden.device.type, enabled=False)
+        with ctx, autocast:
+            return fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
+                                     bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
+                                     process_group=process_group, **self._opo_options)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("The OPOTrainer does not support returning outputs")
+        for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
+                  "mm_token_type_ids"):
+            if inputs.get(k) is not None:
+                raise NotImplementedError(f"OPOTrainer: multimodal inputs ({k}) are not supported")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise ValueError(f"OPOTrainer: advantages must be one per sequence (B,), got {tuple(advantages.shape)}")
+        old = inputs.get("old_per_token_logps")
+        process_group = None
+        if self.loss_type == "opo" and self.accelerator.num_processes > 1:
+            process_group = torch.distributed.group.WORLD  # ω over the whole generation batch
+        lm = self._causal_lm(self.accelerator.unwrap_model(model))
+        loss, m = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask, completion_ids,
+                                     advantages, old, mask.bool(), process_group)
+        mode = "train" if self.model.training else "eval"
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            # TRL's normalizer: num_items_in_batch spans the generation batch
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = loss * m["num_tokens"].clamp(min=1.0) / normalizer
+        else:
+            loss = loss / ga
+        self._log_opo_metrics(mode, m)
+        return loss
+
+    def _log_opo_metrics(self, mode, m):
+        def global_mean(value, count):
+            t = self.accelerator.reduce(torch.stack([value * count, count]).float(), reduction="sum")
+            return (t[0] / t[1].clamp(min=1.0)).item()
+
+        ntok, nseq = m["num_tokens"], m["num_seqs"]
+        self._metrics[mode]["entropy"].append(global_mean(m["entropy"], ntok))
+        if "clip_frac" in m and self.opo_loss_name != "gspo":
+            self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_frac"], ntok))
+        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo") else nseq
+        for k in ("delta_mean", "delta_abs_mean", "chi2"):
+            self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], per))
+        if self.opo_loss_name == "opo":
+            for k in ("omega_min", "omega_max", "omega_std"):
+                self._metrics[mode][f"opo/{k}"].append(self.accelerator.gather(m[k].reshape(1)).mean().item())
