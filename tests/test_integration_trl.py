@@ -209,6 +209,7 @@ def test_readme_use_with_trl_runs(tmp_path, monkeypatch):
     sec = text.split("## Use with TRL\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", sec, re.S)
     assert blocks
+    (tmp_path / "opo_train").symlink_to(ROOT / "opo_train")  # the snippet's paths are relative to the checkout
     monkeypatch.chdir(tmp_path)
     for code in blocks:
         ns = {}
