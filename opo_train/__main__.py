@@ -36,12 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train
         train(cfg)
     except ConfigError as e:  # a bad key, value, file, path, device or missing package
-        print(f"opo-train: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        _say(f"opo-train: error: {_one_line(e)}")
         return 2
     except TrainingStopped as e:
-        print(f"opo-train: stopped: {_one_line(e)}", file=sys.stderr, flush=True)
+        _say(f"opo-train: stopped: {_one_line(e)}")
         return 1
     return 0
+
+
+def _say(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        print(line, file=sys.stderr, flush=True)
 
 
 def _one_line(e: BaseException) -> str:
