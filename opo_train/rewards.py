@@ -72,6 +72,17 @@ def _normalize(s: str) -> str:
 _WORKER = Path(__file__).with_name("_mathverify_worker.py")
 
 
+def _die_with_parent() -> None:
+    """In the math-verify worker before it starts (Linux): die with the process that started it
+    (e.g. a reward worker killed at its timeout), even while stuck on an answer."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the worker exits at the end of its stdin
+        pass
+
+
 class _VerifyWorker:
     """math-verify in a separate interpreter (``python _mathverify_worker.py``: it imports
     neither the caller's script nor torch, so a script without an ``if __name__ ==
@@ -85,7 +96,7 @@ class _VerifyWorker:
     def _start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-u", str(_WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     bufsize=1)
+                                     bufsize=1, preexec_fn=_die_with_parent)
         if self._readline(120.0) != "ready":  # importing math-verify (sympy) takes a few seconds
             self.close()
             raise RuntimeError("math reward: the math-verify worker did not start "
