@@ -38,13 +38,17 @@ multiplied by its weight (for sequence-level weights: the sequence's term is wei
 weight, as issue 9 defines it). The loss *value* returned is the unweighted OPO loss; the weights'
 mean is logged as ``actor/opo_is_weight_mean``. (Issue 9 adds the weights inside opo's pass.)
 
-Log-prob hook (not implemented here yet): verl's fused log-prob path is
+Log-prob hook: verl's fused log-prob path is
 ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` (on with
 ``actor_rollout_ref.model.use_fused_kernels=True``), which replaces the model class's ``forward``
 by ``verl.models.transformers.dense_common.forward_with_torch_backend`` /
 ``forward_with_triton_backend`` (verl's ``FusedLinearForPPO``, returning ``log_probs`` and
-``entropy``). A hook would replace that forward by one calling
-``opo_kernels.linear_logprobs(hidden, lm_head.weight, targets, temperature=T, return_entropy=True)``.
+``entropy``). :func:`enable_logprob_hook` (or ``OPO_VERL_LOGPROBS=1`` in the environment when this
+module is imported) replaces that function so that dense text models get
+:func:`forward_with_opo_backend` instead: the same outputs from opo's deterministic, batch-invariant
+``linear_logprobs(hidden, lm_head.weight, targets, temperature=T, return_entropy=True)``.
+Vision-language models keep verl's own forward. The entropy it returns has no gradient yet (issue 9):
+with ``entropy_coeff != 0`` the backward raises rather than dropping the entropy bonus.
 """
 from __future__ import annotations
 
@@ -59,9 +63,9 @@ from . import require
 _verl = require("verl", "0.9.1", "verl")
 from verl.trainer.ppo import core_algos  # noqa: E402
 
-from opo_kernels import policy_loss  # noqa: E402
+from opo_kernels import linear_logprobs, policy_loss  # noqa: E402
 
-__all__ = ["register", "compute_policy_loss_opo", "compute_policy_loss_opo_group_softmax", "OPTIONS"]
+__all__ = ["register", "enable_logprob_hook", "disable_logprob_hook", "forward_with_opo_backend", "compute_policy_loss_opo", "compute_policy_loss_opo_group_softmax", "OPTIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +197,84 @@ def compute_policy_loss_opo_group_softmax(old_log_prob: torch.Tensor, log_prob: 
                     config, rollout_is_weights)
 
 
+_VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe")
+_ORIGINAL_PATCH: list = []
+
+
+def forward_with_opo_backend(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                             inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                             output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
+                             temperature: float = 1.0, shift_labels=None, **loss_kwargs):
+    """verl's ``forward_with_torch_backend`` with opo's ``linear_logprobs`` in place of ``FusedLinearForPPO``:
+    returns verl's ``CausalLMOutputForPPO`` with ``log_probs`` and ``entropy`` (B, T) fp32."""
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+    outputs = forward_base_model(self, input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=past_key_values,
+                                 inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                 cache_position=cache_position)
+    hidden_states = outputs[0]
+    if not return_dict:
+        raise NotImplementedError("forward_with_opo_backend has to return_dict")
+    if shift_labels is not None:
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise RuntimeError("forward_with_opo_backend needs labels, shift_labels or input_ids")
+    head = self.lm_head
+    log_probs, entropy = linear_logprobs(hidden_states, head.weight.to(hidden_states.dtype), rolled,
+                                         bias=head.bias, temperature=float(temperature), return_entropy=True)
+    if torch.is_grad_enabled() and log_probs.requires_grad:
+        entropy = _NoEntropyGrad.apply(entropy, log_probs)
+    return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
+                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class _NoEntropyGrad(torch.autograd.Function):
+    """opo's entropy has no gradient yet (issue 9): a non-zero gradient reaching it (verl's
+    ``entropy_coeff != 0``) raises instead of being dropped silently."""
+
+    @staticmethod
+    def forward(ctx, entropy, anchor):
+        return entropy.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None and bool((grad != 0).any()):
+            raise RuntimeError("opo log-prob hook: the entropy has no gradient in opo_kernels yet (issue 9); "
+                               "set actor_rollout_ref.actor.entropy_coeff=0 or disable the hook")
+        return None, None
+
+
+def _patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
+    original = _ORIGINAL_PATCH[0]
+    if not use_fused_kernels or model.config.model_type in _VLM_TYPES:
+        return original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+    model._verl_fused_kernels_backend = "opo"
+    model.__class__.forward = forward_with_opo_backend
+    logger.info("Using opo_kernels.linear_logprobs for fused log-probs in %s", model.__class__.__name__)
+
+
+def enable_logprob_hook() -> None:
+    """Route verl's fused log-prob path (``use_fused_kernels=True``) to opo's ``linear_logprobs`` for dense
+    text models, by replacing ``verl.models.transformers.monkey_patch.patch_forward_with_backends``."""
+    from verl.models.transformers import monkey_patch
+    if monkey_patch.patch_forward_with_backends is _patch_forward_with_backends:
+        return
+    _ORIGINAL_PATCH[:] = [monkey_patch.patch_forward_with_backends]
+    monkey_patch.patch_forward_with_backends = _patch_forward_with_backends
+
+
+def disable_logprob_hook() -> None:
+    """Undo :func:`enable_logprob_hook` (models already patched keep their forward)."""
+    from verl.models.transformers import monkey_patch
+    if _ORIGINAL_PATCH and monkey_patch.patch_forward_with_backends is _patch_forward_with_backends:
+        monkey_patch.patch_forward_with_backends = _ORIGINAL_PATCH.pop()
+
+
 def _from_env() -> None:
     raw = os.environ.get("OPO_VERL_OPTIONS", "").strip()
     try:
@@ -202,6 +284,8 @@ def _from_env() -> None:
     if not isinstance(opts, dict):
         raise ValueError(f"OPO_VERL_OPTIONS must be a JSON object, got {raw!r}")
     register(**opts)
+    if os.environ.get("OPO_VERL_LOGPROBS", "").strip() not in ("", "0"):
+        enable_logprob_hook()
 
 
 _from_env()
