@@ -226,6 +226,9 @@ def test_readme_use_with_verl_runs():
     for code in _readme_block("Use with verl"):
         exec(compile(code, "README.md:Use with verl", "exec"), {})
     assert core_algos.get_policy_loss_fn("opo") is opo_verl.compute_policy_loss_opo
+    assert opo_verl.OPTIONS == {"alpha": 0.4, "mu": 1.0}
+    opo_verl.disable_logprob_hook()
+    opo_verl.register()
     assert opo_kernels.__version__
 
 
