@@ -522,7 +522,7 @@ def dynamic_sampling(run: Run, exp: Experience) -> Experience:
     keep the first P kept groups (in sampling order). Returns the merged experience: its groups
     are numbered over all rounds; mini-batch k holds the k-th contiguous slice of the kept groups
     (whoever sampled them), so the mini-batches do not depend on the number of ranks."""
-    cfg, P, G, M = run.cfg, run.cfg.prompts_per_step, run.cfg.group_size, run.cfg.minibatches
+    cfg, P, M = run.cfg, run.cfg.prompts_per_step, run.cfg.minibatches
     rounds = [exp]
     while sum(sum(e.keep) for e in rounds) < P and len(rounds) <= cfg.dynamic_sampling_max_rounds:
         e = rollout(run, exp.step, round=len(rounds))
@@ -710,7 +710,7 @@ def _loop(run: Run, t_start: float) -> dict:
         save_hf(run.policy, run.tok, out_dir / "hf_model", info)
     png = logger.plot(extra_rows=sft_rows) if cfg.plot else None
     logger.close()
-    return _summary(logger, final, out_dir, t_start, info)
+    return _summary(logger, final, out_dir, t_start, info, png)
 
 
 def sample_table(exp: Experience, G: int, n: int) -> list[dict]:
@@ -736,10 +736,10 @@ def _warn_zero_signal(n: int, row: dict) -> None:
         "from (a YAML can name its base with `base: toy`).", n, "none" if rm is None else f"{rm:.3f}")
 
 
-def _summary(logger, final, out_dir: Path, t_start: float, info: DistInfo) -> dict:
+def _summary(logger, final, out_dir: Path, t_start: float, info: DistInfo, png) -> dict:
     summary = dict(logger.rows[-1]) if logger.rows else {}
     summary.update(checkpoint=str(final), output_dir=str(out_dir), wall_time=time.time() - t_start,
-                   plot=str(logger.dir / "metrics.png") if (logger.dir / "metrics.png").exists() else None)
+                   plot=str(png) if png else None)
     if info.is_main:
         rw = [r["reward_mean"] for r in logger.rows if r.get("reward_mean") is not None]
         k = max(1, min(10, len(rw) // 4))

@@ -2,7 +2,6 @@
 validation weights, corrupt-checkpoint fallback (issue 11, items 1-3 and 7). In-process runs of
 the tiny model, a second or two each."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
