@@ -27,22 +27,28 @@ from dataclasses import dataclass
 import torch
 
 
+# GEMM blocks per chunk at least (see default_chunk_tokens).
+MIN_CHUNK_BLOCKS = {"cpu": 4, "cuda": 1}
+
+
 def gemm_rows(device: torch.device) -> int:
     """Rows of every logits GEMM: a constant per device type, never a function of the batch."""
     return 128 if device.type == "cpu" else 512
 
 
 def default_chunk_tokens(V: int, device: torch.device) -> int:
-    """Token-chunk size from the vocabulary: a fp32 logits chunk of ≤ 64 MiB on CPU, 2 GiB on GPU
-    (at least one GEMM block).
+    """Tokens per logits chunk: at least ``MIN_CHUNK_BLOCKS`` GEMM blocks, more while a fp32
+    logits chunk stays within 64 MiB on CPU or 2 GiB on GPU; a power of two.
 
     Each chunk re-reads the whole weight in two GEMMs and adds a V × H product into the fp32
-    weight gradient, so fewer, larger chunks are faster (on an H200 at V = 151936, H = 4096,
-    N = 8192: 2 GiB chunks take 58 ms where 512 MiB chunks took 109 ms, bench/results); 64 MiB keeps the peak above inputs and gradients at a fifth of a materializing loss
-    at the CPU benchmark shape (bench/results).
+    weight gradient, so chunks must not shrink with the vocabulary: at V = 151936 (N = 1024,
+    H = 512, fp32, 2 CPU cores) 128-token chunks ran 7.7 s against 5.5 s for 512 (the memory
+    above inputs and gradients is then 297 MiB, a fifth of the materializing loss's 1482 MiB).
+    On an H200 at V = 151936, H = 4096, N = 8192, 2 GiB chunks took 58 ms where 512 MiB chunks
+    took 109 ms (bench/results/2026-11-27-h200-notes.md).
     """
     budget = (64 << 20) if device.type == "cpu" else (2048 << 20)
-    rows = max(gemm_rows(device), budget // (4 * max(V, 1)))
+    rows = max(MIN_CHUNK_BLOCKS.get(device.type, 1) * gemm_rows(device), budget // (4 * max(V, 1)))
     return 1 << (rows.bit_length() - 1)
 
 

@@ -14,6 +14,7 @@ import torch
 import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import fused_policy_loss, linear_logprobs
+from opo_kernels import chunked
 from opo_kernels.chunked import gemm_rows
 
 CHUNKED = ref.backends("torch", "native")
@@ -80,3 +81,15 @@ def test_anchor_over_the_batch_gives_zero_delta_on_a_slice(backend):
         _, m = fused_policy_loss(hs, w, t[s0:s0 + 4], adv[s0:s0 + 4], anchor[s0:s0 + 4],
                                  backend=backend, chunk_size=chunk)
         assert m["delta_abs_mean"].item() == 0.0, f"slice {s0}, chunk {chunk}: |Δ| = {m['delta_abs_mean']}"
+
+
+@pytest.mark.parametrize("V", [32000, 65536, 128256, 151936, 262144])
+def test_default_chunk_does_not_shrink_with_the_vocabulary(V):
+    """At real vocabularies a chunk still holds several GEMM blocks (a 64- or 128-token chunk
+    re-reads the whole weight per block and ran 2x the GEMM floor at V = 151936), and a chunk of
+    logits stays a small fraction of the materializing loss (N x V fp32, twice) at N = 1024."""
+    cpu = torch.device("cpu")
+    chunk = chunked.default_chunk_tokens(V, cpu)
+    assert chunk >= 4 * chunked.gemm_rows(cpu)
+    assert chunk & (chunk - 1) == 0
+    assert chunk * V * 4 <= 0.25 * (2 * 1024 * V * 4)
