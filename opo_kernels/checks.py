@@ -176,14 +176,16 @@ def check_filter_eps(filter_eps) -> None:
         raise ValueError(f"filter_eps must be None or a finite number >= 0, got {filter_eps!r}")
 
 
-def check_backend_options(backend: str, chunk_size, filter_eps, deterministic) -> None:
-    """``chunk_size`` goes with the chunked backends, ``filter_eps`` and ``deterministic`` with
-    ``fused``. ``backend`` is the concrete backend ("auto" when it is not known yet: then only
+def check_backend_options(backend: str, chunk_size, filter_eps, deterministic,
+                          accum_fp32=True) -> None:
+    """``chunk_size`` goes with the chunked backends, ``filter_eps``, ``deterministic`` and
+    ``accum_fp32`` with ``fused``. ``backend`` is the concrete backend ("auto" when it is not known yet: then only
     the values are checked)."""
     check_choice("backend", backend, BACKENDS)
     positive_int("chunk_size", chunk_size)
     check_filter_eps(filter_eps)
     _flag("deterministic", deterministic)
+    _flag("accum_fp32", accum_fp32)
     if backend == "auto":
         return
     if chunk_size is not None and backend in ("fused", "reference"):
@@ -196,6 +198,9 @@ def check_backend_options(backend: str, chunk_size, filter_eps, deterministic) -
         if deterministic:
             raise ValueError(f"deterministic=True applies to backend='fused' only (the other "
                              f"backends are deterministic already), got backend={backend!r}")
+        if not accum_fp32:
+            raise ValueError(f"accum_fp32=False applies to backend='fused' only, got "
+                             f"backend={backend!r}")
 
 
 def check_triton_device(device: torch.device, what: str, interpreted: bool | None = None) -> None:

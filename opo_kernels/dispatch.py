@@ -87,9 +87,10 @@ class FusedBackend(Backend):
 
     name = "fused"
 
-    def __init__(self, temperature, filter_eps, deterministic):
+    def __init__(self, temperature, filter_eps, deterministic, accum_fp32):
         super().__init__(temperature)
         self.filter_eps, self.deterministic = filter_eps, deterministic
+        self.accum_fp32 = accum_fp32
 
     def logprobs(self, hidden, weight, bias, targets):
         from .fused_linear import fused_linear_forward
@@ -101,7 +102,8 @@ class FusedBackend(Backend):
         return fused_linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
                                      self.temperature, need_hidden=need_hidden,
                                      need_weight=need_weight, need_bias=need_bias,
-                                     filter_eps=self.filter_eps, deterministic=self.deterministic)
+                                     filter_eps=self.filter_eps, deterministic=self.deterministic,
+                                     accum_fp32=self.accum_fp32)
 
 
 class ReferenceBackend(Backend):
@@ -160,12 +162,12 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def get_backend(backend: str, device: torch.device, *, temperature: float, V: int,
                 lengths: list[int], chunk_size=None, filter_eps=None,
-                deterministic=False) -> Backend:
+                deterministic=False, accum_fp32=True) -> Backend:
     """Validate the backend options and build the backend for one call."""
     name = resolve(backend, device)
-    checks.check_backend_options(name, chunk_size, filter_eps, deterministic)
+    checks.check_backend_options(name, chunk_size, filter_eps, deterministic, accum_fp32)
     if name == "fused":
-        return FusedBackend(temperature, filter_eps, deterministic)
+        return FusedBackend(temperature, filter_eps, deterministic, accum_fp32)
     if name == "reference":
         return ReferenceBackend(temperature)
     if name == "triton":

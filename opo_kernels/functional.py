@@ -74,7 +74,7 @@ def _check_head(hidden, weight, bias, targets, temperature, ignore_index):
 @torch.compiler.disable
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
                     ignore_index=-100, backend="auto", chunk_size=None, seq_ids=None,
-                    cu_seqlens=None, filter_eps=None, deterministic=False):
+                    cu_seqlens=None, filter_eps=None, deterministic=False, accum_fp32=True):
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden: (B, T, H) or (N, H), fp32/bf16/fp16. weight: (V, H), same dtype. targets: (B, T) or
@@ -84,14 +84,15 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     and bias. Under ``torch.no_grad()`` (anchor and reference passes) no backward state is built.
     Logits exist one chunk at a time. ``seq_ids``/``cu_seqlens`` (packed inputs) only align the
     chunks with sequences. ``chunk_size``: tokens per logits chunk (chunked backends).
-    ``filter_eps`` / ``deterministic``: ``backend="fused"`` only (gradient filtering threshold,
-    0 = exact; atomics-free backward), see :mod:`opo_kernels.fused_linear`.
+    ``filter_eps`` / ``deterministic`` / ``accum_fp32``: ``backend="fused"`` only, as in
+    :func:`fused_policy_loss` (see :mod:`opo_kernels.fused_linear`).
     """
     hidden, weight, bias = _check_head(hidden, weight, bias, targets, temperature, ignore_index)
     V, H = weight.shape
     lay = checks.layout(targets, None, seq_ids, cu_seqlens)
     be = get_backend(backend, hidden.device, temperature=temperature, V=V, lengths=lay.lengths,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic)
+                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
+                     accum_fp32=accum_fp32)
     tg = targets.reshape(-1)
     keep = tg != ignore_index
     any_masked = checks.check_targets(tg, V, keep)
@@ -124,7 +125,8 @@ def _options(fn: str, loss, options: dict, lay) -> LossOptions:
 def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=None, *,
                       loss="opo", bias=None, temperature=1.0, ignore_index=-100,
                       process_group=None, backend="auto", seq_ids=None, cu_seqlens=None,
-                      chunk_size=None, filter_eps=None, deterministic=False, **options):
+                      chunk_size=None, filter_eps=None, deterministic=False, accum_fp32=True,
+                      **options):
     """A policy loss fused with the LM head: ``loss="opo"`` (default) or a baseline.
 
     Args:
@@ -144,7 +146,13 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             loss does not read must keep its default (else ValueError).
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
         chunk_size: tokens per logits chunk (chunked backends; default from V).
-        filter_eps, deterministic: ``backend="fused"`` only.
+        filter_eps, deterministic, accum_fp32: ``backend="fused"`` only. ``filter_eps``: gradient
+            filtering threshold (None: bf16/fp16 default, 0: exact); ``deterministic``: an
+            atomics-free, bitwise reproducible backward; ``accum_fp32=False``: the weight and
+            hidden gradients accumulate in their own dtype instead of fp32 buffers, so the
+            backward holds no V × H fp32 buffer (1.1 MiB instead of 2.5 GiB above inputs and
+            gradients at N = 8192, H = 4096, V = 151936 bf16, but 4.9x the GEMM floor
+            against 1.4x on an H200: bench/results/2026-11-27-h200-notes.md).
 
     Returns ``(loss, metrics)``: an fp32 scalar, differentiable w.r.t. hidden, weight and bias,
     and a dict of detached fp32 scalars (entropy, delta_mean, delta_abs_mean, chi2, omega_min,
@@ -160,7 +168,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     opts = _options("fused_policy_loss", loss, options, lay)
     V, H = weight.shape
     be = get_backend(backend, hidden.device, temperature=temperature, V=V, lengths=lay.lengths,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic)
+                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
+                     accum_fp32=accum_fp32)
     tg = targets.reshape(-1)
     m = checks.valid_mask(targets, mask, ignore_index)
     h2 = hidden.reshape(-1, H)

@@ -9,7 +9,7 @@ from .functional import fused_policy_loss
 
 # Keyword arguments of fused_policy_loss that are neither tensors of one batch nor loss options.
 _CALL_OPTIONS = ("temperature", "ignore_index", "process_group", "backend", "chunk_size",
-                 "filter_eps", "deterministic")
+                 "filter_eps", "deterministic", "accum_fp32")
 
 
 def _check_module_options(loss: str, options: dict) -> None:
@@ -22,7 +22,8 @@ def _check_module_options(loss: str, options: dict) -> None:
                                                    if k in checks.OPTION_NAMES}))
     checks.check_vocab_options(options.get("temperature", 1.0), options.get("ignore_index", -100))
     checks.check_backend_options(options.get("backend", "auto"), options.get("chunk_size"),
-                                 options.get("filter_eps"), options.get("deterministic", False))
+                                 options.get("filter_eps"), options.get("deterministic", False),
+                                 options.get("accum_fp32", True))
 
 
 class FusedPolicyLoss(torch.nn.Module):

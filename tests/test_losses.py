@@ -506,3 +506,38 @@ def test_triton_linear_logprobs_and_all_masked():
     for t in (h.grad, w.grad, b.grad):
         assert t is not None and bool((t == 0).all())
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.skipif(_FUSED_ERR is not None, reason=_FUSED_ERR or "")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backend_without_fp32_gradient_buffers(dtype):
+    """accum_fp32=False (no V x H fp32 buffer) gives the reference backend's loss and gradients:
+    fp32 to fp32 accuracy, bf16 at its rounding."""
+    g = torch.Generator().manual_seed(5)
+    B, T, H, V = 3, 7, 24, 150
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    adv = torch.randn(B, generator=g)
+    old = -torch.rand(B, T, generator=g) * 5
+    out = {}
+    for name, kw in (("reference", {"backend": "reference"}),
+                     ("fused", {"backend": "fused", "accum_fp32": False, "filter_eps": 0.0})):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        loss, _ = fused_opo_loss(h, w, targets, adv, old, **kw)
+        loss.backward()
+        assert h.grad.dtype == dtype and w.grad.dtype == dtype
+        out[name] = (loss, h.grad, w.grad)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for a, b in zip(out["fused"], out["reference"]):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_accum_fp32_is_a_fused_option():
+    h, w = torch.randn(2, 3, 8), torch.randn(20, 8)
+    t = torch.randint(0, 20, (2, 3))
+    with pytest.raises(ValueError, match="accum_fp32"):
+        fused_opo_loss(h, w, t, torch.randn(2), backend="torch", accum_fp32=False)
+    with pytest.raises((TypeError, ValueError), match="accum_fp32"):
+        fused_opo_loss(h, w, t, torch.randn(2), backend="torch", accum_fp32="no")
