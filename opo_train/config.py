@@ -18,9 +18,34 @@ import yaml
 from .errors import ConfigError
 
 from opo_kernels import LOSSES
-from opo_kernels.checks import check_options
-from opo_kernels.dispatch import BACKENDS
-from opo_kernels.losses import LossOptions
+
+# The loss options' names and rules live with the loss (opo_kernels checks them, naming the key).
+# They are read from opo_kernels' internals when those are where they were; opo_kernels is being
+# refactored, so without them the trainer falls back to what its public API offers: the names
+# below, and the rules checked by a tiny public ``policy_loss`` call.
+try:
+    from opo_kernels.checks import check_options
+    from opo_kernels.dispatch import BACKENDS
+    from opo_kernels.losses import LossOptions
+    _KERNEL_OPTION_NAMES = tuple(LossOptions.__dataclass_fields__)
+except Exception:  # noqa: BLE001 - moved or renamed: the public fallback
+    LossOptions = check_options = None
+    BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
+    _KERNEL_OPTION_NAMES = ("loss", "alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize",
+                            "norm_scope", "group_size", "ref_correction", "max_log_ratio", "escort",
+                            "clip_eps_low", "clip_eps_high")
+
+
+def _check_loss_options(options: dict) -> None:
+    if check_options is not None:
+        check_options(LossOptions(**options))
+        return
+    import torch
+
+    import opo_kernels as ok
+    G = max(2, int(options.get("group_size") or 2))
+    logp = torch.zeros(G, 2)
+    ok.policy_loss(logp, logp, torch.zeros(G), torch.ones(G, 2, dtype=torch.bool), **options)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -175,7 +200,7 @@ class Config:
         choice("kernel_backend", BACKENDS)
         # The loss options' rules live with the loss: opo_kernels checks them, naming the key.
         try:
-            check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
+            _check_loss_options({k: getattr(self, k) for k in LOSS_OPTION_KEYS})
         except (TypeError, ValueError) as e:  # its messages start with the option's name
             key = re.match(r"[a-z_]+", str(e)).group(0)
             raise ConfigError(f"config key {key!r}: {e}") from None
@@ -244,7 +269,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Config keys that are options of the loss itself (same names as opo_kernels' LossOptions).
-LOSS_OPTION_KEYS = tuple(k for k in LossOptions.__dataclass_fields__ if k in _FIELDS)
+LOSS_OPTION_KEYS = tuple(k for k in _KERNEL_OPTION_NAMES if k in _FIELDS)
 _HINTS = typing.get_type_hints(Config)
 
 
