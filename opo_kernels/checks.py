@@ -14,11 +14,13 @@ from dataclasses import dataclass, fields
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo")
+LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo", "bnpo", "cispo", "sapo")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ESCORTS = ("paper", "group_softmax")
 BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
 # (eps_low, eps_high) of the clipped baselines.
-CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2)}
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2),
+                 "bnpo": (0.2, 0.2), "cispo": (0.2, 5.0)}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,17 @@ class LossOptions:
     max_completion_length: int | None = None
     beta_r: float = 0.15
     adaptive_tau: bool = True
+    # issue 9: terms every loss but escort="group_softmax" reads (docs/contract.md, "RL terms")
+    beta: float = 0.0
+    use_bias_correction_kl: bool = False
+    is_correction: str | None = None
+    is_clip_max: float | None = 3.0
+    is_clip_min: float | None = None
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
+    clip_ratio_c: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
     def clip(self) -> tuple[float, float]:
         lo, hi = CLIP_DEFAULTS[self.loss]
@@ -59,16 +72,28 @@ _LAYOUT_OPTIONS = {"loss", "group_size", "max_completion_length"}
 _PAPER = {"alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize", "norm_scope",
           "ref_correction", "max_log_ratio", "escort"}
 _GROUP_SOFTMAX = {"alpha", "mu", "tau", "max_log_ratio", "escort", "beta_r", "adaptive_tau"}
-_CLIPPED = {"clip_eps_low", "clip_eps_high"}
+_CLIPPED = {"clip_eps_low", "clip_eps_high", "clip_ratio_c"}
+_TERMS = {"beta", "is_correction", "entropy_coef", "top_entropy_quantile"}
 
 
 def _used_options(o: LossOptions) -> set:
+    terms = set(_TERMS)
+    if o.beta > 0:
+        terms.add("use_bias_correction_kl")
+    if o.is_correction is not None:
+        terms |= {"is_clip_max", "is_clip_min"}
     if o.loss == "opo":
-        used = _GROUP_SOFTMAX if o.escort == "group_softmax" else set(_PAPER)
-        if o.escort == "paper" and o.level == "token" and not o.ref_correction:
+        if o.escort == "group_softmax":
+            return _GROUP_SOFTMAX | _LAYOUT_OPTIONS
+        used = set(_PAPER)
+        if o.level == "token" and not o.ref_correction:
             used = used - {"seq_reduce"}  # token level reduces no sequence (ℓ does, with ref_correction)
-        return used | _LAYOUT_OPTIONS
-    return _CLIPPED | _LAYOUT_OPTIONS
+        return used | _LAYOUT_OPTIONS | terms
+    if o.loss == "cispo":
+        return {"clip_eps_high"} | _LAYOUT_OPTIONS | terms
+    if o.loss == "sapo":
+        return {"sapo_temperature_pos", "sapo_temperature_neg"} | _LAYOUT_OPTIONS | terms
+    return _CLIPPED | _LAYOUT_OPTIONS | terms
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -137,6 +162,33 @@ def check_options(o: LossOptions) -> None:
             raise ValueError(f"clip_eps_high must be >= 0, got {o.clip_eps_high!r}")
     _flag("ref_correction", o.ref_correction)
     _flag("adaptive_tau", o.adaptive_tau)
+    _flag("use_bias_correction_kl", o.use_bias_correction_kl)
+    _number("beta", o.beta)
+    if o.beta < 0:
+        raise ValueError(f"beta must be >= 0, got {o.beta!r}")
+    _number("entropy_coef", o.entropy_coef)
+    if o.entropy_coef < 0:
+        raise ValueError(f"entropy_coef must be >= 0 (the loss subtracts entropy_coef · H), got "
+                         f"{o.entropy_coef!r}")
+    _number("top_entropy_quantile", o.top_entropy_quantile)
+    if not 0.0 <= o.top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {o.top_entropy_quantile!r}")
+    if o.is_correction is not None:
+        check_choice("is_correction", o.is_correction, IS_MODES + (None,))
+    for name in ("is_clip_max", "is_clip_min"):
+        if getattr(o, name) is not None:
+            check_positive(name, getattr(o, name))
+    if o.is_correction is not None:
+        if o.is_clip_min is None and o.is_clip_max is None:
+            raise ValueError("is_correction needs is_clip_max or is_clip_min (or both), got both None")
+        if o.is_clip_min is not None and o.is_clip_max is not None and o.is_clip_min > o.is_clip_max:
+            raise ValueError(f"is_clip_min={o.is_clip_min!r} must be <= is_clip_max={o.is_clip_max!r}")
+    if o.clip_ratio_c is not None:
+        _number("clip_ratio_c", o.clip_ratio_c)
+        if not o.clip_ratio_c > 1.0:
+            raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {o.clip_ratio_c!r}")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        check_positive(name, getattr(o, name))
     positive_int("group_size", o.group_size)
     positive_int("max_completion_length", o.max_completion_length)
     used = _used_options(o)
@@ -484,3 +536,84 @@ def check_rewards(rewards, group_size, scale) -> None:
         raise ValueError("scale='group' needs group_size >= 2 (the unbiased std of one sample is undefined)")
     if not bool(torch.isfinite(rewards.float()).all()):
         raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
+
+
+def _count(name, v):
+    """A global count (int, float or 0-d tensor) ≥ 0, returned as a float, or None."""
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {_shape(v)}")
+        v = float(v.reshape(()).item())
+    elif isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+    return float(v)
+
+
+_ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")
+
+
+def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=None, ref_logps=None,
+                    rollout_logps=None, num_items_in_batch=None, num_seqs_in_batch=None):
+    """The per-call inputs of issue 9 (docs/contract.md, "RL terms"): shapes, dtypes, devices,
+    finite values at valid positions (``mask_valid`` (N,) bool), and what goes with what.
+    Returns ``(num_items, num_seqs)`` as floats or None."""
+    for name, t in (("ref_logps", ref_logps), ("rollout_logps", rollout_logps)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor or None, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if _shape(t) != _shape(targets):
+            raise ValueError(f"{name} shape {_shape(t)} must equal targets shape {_shape(targets)}")
+        if t.device != targets.device:
+            raise ValueError(f"{name} is on {t.device}, targets on {targets.device}")
+        if bool((mask_valid & ~torch.isfinite(t.reshape(-1).float())).any()):
+            raise ValueError(f"{name} must be finite at valid positions, got NaN/inf")
+    if o.beta > 0 and ref_logps is None:
+        raise ValueError(f"beta={o.beta!r} > 0 needs ref_logps (the reference model's log-probs)")
+    if o.is_correction is not None and rollout_logps is None:
+        raise ValueError(f"is_correction={o.is_correction!r} needs rollout_logps (the rollout engine's "
+                         "log-probs of the sampled tokens)")
+    if omega is not None:
+        if not (o.loss == "opo" and o.escort == "paper"):
+            raise ValueError(f"omega (fixed escort weights) applies to loss='opo', escort='paper' only, "
+                             f"got loss={o.loss!r}" + (f", escort={o.escort!r}" if o.loss == "opo" else ""))
+        if not isinstance(omega, torch.Tensor) or not omega.is_floating_point():
+            raise TypeError(f"omega must be a float tensor or None, got "
+                            f"{getattr(omega, 'dtype', type(omega).__name__)}")
+        if _shape(omega) != (n_seqs,):
+            raise ValueError(f"omega must be (B,) = ({n_seqs},), one weight per sequence, got {_shape(omega)}")
+        if omega.device != targets.device:
+            raise ValueError(f"omega is on {omega.device}, targets on {targets.device}")
+        changed = [n for n in _ESCORT_OPTIONS if getattr(o, n) != getattr(_DEFAULTS, n)]
+        if changed:
+            raise ValueError(f"omega is given, so the escort options {changed} have no effect (they are "
+                             "escort_weights' arguments): leave them at their defaults")
+    ni = _count("num_items_in_batch", num_items_in_batch)
+    ns = _count("num_seqs_in_batch", num_seqs_in_batch)
+    if (ni is not None or ns is not None) and o.loss == "opo" and o.escort == "group_softmax":
+        raise ValueError("num_items_in_batch / num_seqs_in_batch do not apply to escort='group_softmax' "
+                         "(its weights and adaptive τ need whole groups in one call)")
+    return ni, ns
+
+
+def check_omega_values(omega, seq_valid) -> None:
+    """omega finite for sequences with a valid token (``seq_valid`` (B,) bool)."""
+    if omega is not None and bool((seq_valid & ~torch.isfinite(omega.float())).any()):
+        raise ValueError("omega must be finite for sequences with valid tokens, got NaN/inf")
+
+
+def check_entropy_tensor(entropy, logps, mask_valid) -> None:
+    """The per-token entropies of :func:`opo_kernels.policy_loss`: float, like ``logps``, finite
+    where valid."""
+    if not isinstance(entropy, torch.Tensor) or not entropy.is_floating_point():
+        raise TypeError(f"entropy must be a float tensor or None, got "
+                        f"{getattr(entropy, 'dtype', type(entropy).__name__)}")
+    if _shape(entropy) != _shape(logps):
+        raise ValueError(f"entropy shape {_shape(entropy)} must equal logps shape {_shape(logps)}")
+    if bool((mask_valid & ~torch.isfinite(entropy.reshape(-1).float())).any()):
+        raise ValueError("entropy must be finite at valid positions, got NaN/inf")

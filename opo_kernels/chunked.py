@@ -248,14 +248,16 @@ class LossArgs:
 def one_pass_loss(be, hidden, weight, bias, la: LossArgs, need_h: bool, need_w: bool, need_b: bool):
     """Loss, metric sums and (when asked) the gradients, one chunk of logits at a time.
 
-    Returns ``loss () fp32, sums (4,) fp32, entropy_sum () fp32, dh, dw (fp32), db (fp32)``.
+    Returns ``loss () fp32, sums (losses.N_SUMS,) fp32, entropy_sum () fp32, dh, dw (fp32), db (fp32)``.
     """
     plan = la.plan
     head = Head(hidden, weight, bias, be.chunk)
     dev = hidden.device
     need_any = need_h or need_w or need_b
+    from .losses import empty_sums
     loss = torch.zeros((), dtype=torch.float32, device=dev)
-    sums = torch.zeros(4, dtype=torch.float32, device=dev)
+    sums = empty_sums(dev)
+    want_ent = plan.wants_entropy
     ent_sum = torch.zeros((), dtype=torch.float32, device=dev)
     dh = torch.empty_like(hidden) if need_h else None
     dw = torch.empty(weight.shape, dtype=torch.float32, device=dev) if need_w else None
@@ -265,32 +267,43 @@ def one_pass_loss(be, hidden, weight, bias, la: LossArgs, need_h: bool, need_w: 
             continue  # only empty sequences: they take part in nothing
         subs = sub_chunks(t0, t1, be.chunk)
         keep = len(subs) == 1  # one sub-chunk: its logits stay for the backward
-        lps, lses, zs = [], [], []
+        lps, lses, ents, zs = [], [], [], []
         for a, b in subs:
             z = head.logits(a, b)
             lp, lse, ent = be.vocab_forward(z, la.targets[a:b], be.temperature)
             ent_sum += (ent * la.mask[a:b]).sum()
             lps.append(lp)
             lses.append(lse)
+            ents.append(ent)
             if keep:
                 zs.append(z)
             del z
         lp = lps[0] if keep else torch.cat(lps)
+        ent = ents[0] if keep else torch.cat(ents)
         old = None if la.old is None else la.old[t0:t1]
         with torch.enable_grad():
             x = lp.detach().requires_grad_(need_any)
-            part, s = plan.chunk_loss(x, old, la.mask[t0:t1], la.seq[t0:t1], s0, s1)
+            xe = ent.detach().requires_grad_(need_any and want_ent)
+            part, s = plan.chunk_loss(x, old, la.mask[t0:t1], la.seq[t0:t1], s0, s1, t0, xe)
         loss += part.detach()
-        sums += s
+        sums = plan.combine(sums, s)
         if not need_any:
             continue
-        g = torch.autograd.grad(part, x, allow_unused=True)[0] if part.requires_grad else None
+        g, ge = None, None
+        if part.requires_grad:
+            g, ge = torch.autograd.grad(part, [x, xe] if want_ent else [x], allow_unused=True) + \
+                ((None,) if not want_ent else ())
         if g is None:
             g = torch.zeros_like(lp)
+        if want_ent and ge is None:
+            ge = torch.zeros_like(lp)
         for k, (a, b) in enumerate(subs):
             z = zs[0] if keep else head.logits(a, b)
-            dz = be.vocab_backward(z, la.targets[a:b], lses[k], None, g[a - t0:b - t0].contiguous(),
-                                   None, be.temperature, out=z)
+            # the entropy gradient ∂H/∂z = −p ⊙ (log p + H) is formed in the same vocabulary pass
+            dz = be.vocab_backward(z, la.targets[a:b], lses[k], ents[k] if want_ent else None,
+                                   g[a - t0:b - t0].contiguous(),
+                                   ge[a - t0:b - t0].contiguous() if want_ent else None,
+                                   be.temperature, out=z)
             _apply_dz(head, dz, a, b, dh, dw, db)
             del z, dz
         # Drop this chunk's logits before the next chunk allocates its own: one chunk alive.

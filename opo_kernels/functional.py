@@ -16,7 +16,7 @@ from .autograd import LinearLogprobs, OnePassLoss
 from .checks import LOSSES, LossOptions
 from .chunked import LossArgs
 from .dispatch import get_backend
-from .losses import finish_metrics, make_plan, plan_full_batch
+from .losses import Extras, finish_metrics, make_plan, plan_full_batch, segment_sum
 
 __all__ = ["fused_policy_loss", "fused_opo_loss", "linear_logprobs", "policy_loss", "opo_loss",
            "LOSSES"]
@@ -44,6 +44,18 @@ def _masked_old(old_logps, m):
     if old_logps is None:
         return None
     return torch.where(m > 0, old_logps.reshape(-1).float(), 0.0)
+
+
+def _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+            num_seqs_in_batch) -> Extras:
+    """The issue-9 inputs, validated and masked (masked positions: 0, whatever they held)."""
+    ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=omega, ref_logps=ref_logps,
+                                    rollout_logps=rollout_logps, num_items_in_batch=num_items_in_batch,
+                                    num_seqs_in_batch=num_seqs_in_batch)
+    if omega is not None:
+        checks.check_omega_values(omega, segment_sum(m, lay.lengths_t) > 0)
+    return Extras(omega=omega, ref=_masked_old(ref_logps, m), rollout=_masked_old(rollout_logps, m),
+                  num_items=ni, num_seqs=ns)
 
 
 def _mask_rows(h2, tg, keep):
@@ -126,7 +138,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
                       loss="opo", bias=None, temperature=1.0, ignore_index=-100,
                       process_group=None, backend="auto", seq_ids=None, cu_seqlens=None,
                       chunk_size=None, filter_eps=None, deterministic=False, accum_fp32=True,
-                      **options):
+                      omega=None, ref_logps=None, rollout_logps=None, num_items_in_batch=None,
+                      num_seqs_in_batch=None, **options):
     """A policy loss fused with the LM head: ``loss="opo"`` (default) or a baseline.
 
     Args:
@@ -176,7 +189,9 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     if checks.check_values(tg, V, m, advantages, old_logps, lay):
         h2, tg = _mask_rows(h2, tg, m > 0)
     old = _masked_old(old_logps, m)
-    plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group)
+    ex = _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+                 num_seqs_in_batch)
+    plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, ex)
     want_grad = _needs_grad(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):
         if be.one_pass and not plan.needs_full_batch:
@@ -187,8 +202,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
                 out, sums, ent_sum, *_ = be.one_pass_loss(h2, weight, bias, la, False, False, False)
         else:
             logp, ent = _logprobs(be, h2, weight, bias, tg, want_grad)
-            plan_full_batch(plan, logp, m, process_group)
-            out, sums = plan.chunk_loss(logp, old, m, lay.seq, 0, lay.B)
+            plan_full_batch(plan, logp, m, process_group, ent)
+            out, sums = plan.chunk_loss(logp, old, m, lay.seq, 0, lay.B, 0, ent)
             ent_sum = (ent.detach() * m).sum()
     return out, finish_metrics(plan, sums.detach(), ent_sum.detach())
 
@@ -207,7 +222,9 @@ def fused_opo_loss(hidden, weight, targets, advantages, old_logps=None, mask=Non
 
 
 def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=None,
-                vocab_size=None, seq_ids=None, cu_seqlens=None, process_group=None, **options):
+                vocab_size=None, seq_ids=None, cu_seqlens=None, process_group=None, omega=None,
+                ref_logps=None, rollout_logps=None, num_items_in_batch=None,
+                num_seqs_in_batch=None, **options):
     """The same losses from per-token log-probs (for trainers that already have them).
 
     logps: (B, T) or (N,) float, differentiable (autograd flows through). old_logps: like
@@ -229,11 +246,19 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
     lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
     old = _masked_old(old_logps, m)
-    plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group)
-    plan_full_batch(plan, lp, m, process_group)
-    out, sums = plan.chunk_loss(lp, old, m, lay.seq, 0, lay.B)
-    ent_sum = torch.zeros((), device=lp.device) if entropy is None else \
-        (torch.where(m > 0, entropy.reshape(-1).detach().float(), 0.0)).sum()
+    ex = _extras(opts, logps, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+                 num_seqs_in_batch)
+    ent = None
+    if entropy is not None:
+        checks.check_entropy_tensor(entropy, logps, m > 0)
+        ent = torch.where(m > 0, entropy.reshape(-1).float(), 0.0)
+    elif opts.entropy_coef > 0 or opts.top_entropy_quantile < 1.0:
+        raise ValueError("entropy_coef > 0 and top_entropy_quantile < 1 need entropy (the per-token "
+                         "entropies, like logps)")
+    plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group, ex)
+    plan_full_batch(plan, lp, m, process_group, ent)
+    out, sums = plan.chunk_loss(lp, old, m, lay.seq, 0, lay.B, 0, ent)
+    ent_sum = torch.zeros((), device=lp.device) if ent is None else ent.detach().sum()
     metrics = finish_metrics(plan, sums.detach(), ent_sum)
     if entropy is None:
         metrics.pop("entropy")

@@ -127,6 +127,32 @@ def _normalize(w, mean, var, normalize):
 # The plan: batch-global constants, then the loss of any run of whole sequences
 # --------------------------------------------------------------------------------------------
 
+# Layout of the metric partial sums every chunk returns (summed over chunks, except the last two:
+# min and max). See :meth:`LossPlan.combine`.
+N_SUMS = 12
+(S_DELTA, S_ABS, S_V2, S_CLIP, S_KL, S_K1, S_K3, S_W, S_WN, S_WCUT, S_WMIN, S_WMAX) = range(N_SUMS)
+
+
+def empty_sums(device) -> torch.Tensor:
+    s = torch.zeros(N_SUMS, dtype=torch.float32, device=device)
+    s[S_WMIN], s[S_WMAX] = math.inf, -math.inf
+    return s
+
+
+@dataclass
+class Extras:
+    """The per-call tensors and counts of issue 9 (all optional), already masked and fp32.
+
+    omega (B,): fixed escort weights. ref (N,): reference log-probs. rollout (N,): the rollout
+    engine's log-probs. num_items (): global valid-token count; num_seqs (): global sequence count.
+    """
+    omega: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+    rollout: torch.Tensor | None = None
+    num_items: float | None = None
+    num_seqs: float | None = None
+
+
 @dataclass
 class LossPlan:
     opts: LossOptions
@@ -137,33 +163,110 @@ class LossPlan:
     n_seqs: torch.Tensor       # () fp32, sequences with L > 0
     n_tokens: torch.Tensor     # () fp32, valid tokens
     vocab_size: int
-    token_separable: bool      # the loss is a sum of per-token terms (chunks may cut sequences)
+    token_separable: bool      # the loss is a sum of per-token terms (metrics per token)
     needs_full_batch: bool     # the loss couples sequences through non-constant batch statistics
+    tok_denom: torch.Tensor = None   # () token-mean denominator (num_items_in_batch or n_tokens)
+    seq_denom: torch.Tensor = None   # () sequence-mean denominator (num_seqs_in_batch or n_seqs)
+    dr_denom: float = 1.0            # dr_grpo: B (or num_seqs_in_batch) · max_completion_length
+    ref: torch.Tensor | None = None       # (N,) fp32 reference log-probs (masked: 0)
+    rollout: torch.Tensor | None = None   # (N,) fp32 rollout log-probs (masked: 0)
+    ent_mask: torch.Tensor | None = None  # (N,) fp32 top_entropy_quantile mask (set by plan_full_batch)
+    ent_denom: torch.Tensor = None        # () denominator of the entropy bonus
+    global_items: bool = False            # num_items_in_batch given
 
-    def chunk_loss(self, logp, old, mask, seq, s0: int, s1: int):
+    @property
+    def wants_entropy(self) -> bool:
+        """The loss depends on the token entropies (entropy_coef > 0): they need a gradient."""
+        return self.opts.entropy_coef > 0
+
+    @staticmethod
+    def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Partial sums of two chunks (sums, then min and max of the IS weights)."""
+        return torch.cat([a[:S_WMIN] + b[:S_WMIN], torch.minimum(a[S_WMIN:S_WMIN + 1], b[S_WMIN:S_WMIN + 1]),
+                          torch.maximum(a[S_WMAX:], b[S_WMAX:])])
+
+    def chunk_loss(self, logp, old, mask, seq, s0: int, s1: int, t0: int = 0, ent=None):
         """Loss contribution and metric partial sums of sequences ``[s0, s1)``.
 
         logp (n,) fp32 (differentiable), old (n,) fp32 or None (= on-policy, Δ = 0),
-        mask (n,) fp32, seq (n,) int64 global sequence ids. Unless ``token_separable``, the
-        tokens must be every token of sequences s0..s1-1. Returns ``(loss, sums)`` where
-        ``sums`` is a (4,) fp32 tensor: Σ Δ, Σ |Δ|, Σ v², number of clipped tokens.
+        mask (n,) fp32, seq (n,) int64 global sequence ids; the tokens are every token of
+        sequences s0..s1-1, tokens ``[t0, t0 + n)`` of the batch. ``ent`` (n,) fp32 token
+        entropies (differentiable; needed when :attr:`wants_entropy`). Returns ``(loss, sums)``,
+        ``sums`` a (N_SUMS,) fp32 tensor (see :meth:`combine`).
         """
         if old is None:
             old = logp.detach()
         o = self.opts
+        n = logp.shape[0]
+        sl = slice(t0, t0 + n)
+        sums = empty_sums(logp.device)
+        tw, sw = self._is_weights(old, mask, seq, s0, s1, sl, sums)
+        if self.ent_mask is not None:
+            em = self.ent_mask[sl]
+            tw = em if tw is None else tw * em
         if o.loss == "opo":
             if o.escort == "group_softmax":
-                return _group_softmax_loss(self, logp, old, mask, seq, s0, s1)
-            return _opo_loss(self, logp, old, mask, seq, s0, s1)
-        if o.loss == "gspo":
-            return _gspo_loss(self, logp, old, mask, seq, s0, s1)
-        return _clip_loss(self, logp, old, mask, seq, s0, s1)
+                loss, s = _group_softmax_loss(self, logp, old, mask, seq, s0, s1)
+            else:
+                loss, s = _opo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+        elif o.loss == "gspo":
+            loss, s = _gspo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+        else:
+            loss, s = _clip_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+        sums[:4] = s
+        if self.ref is not None:
+            kl_loss, kl_sum = _kl_term(self, logp, old, mask, seq, s0, s1, sl)
+            sums[S_KL] = kl_sum
+            if o.beta > 0:
+                loss = loss + o.beta * kl_loss
+        if o.entropy_coef > 0:
+            eff = mask if self.ent_mask is None else mask * self.ent_mask[sl]
+            loss = loss - o.entropy_coef * (ent * eff).sum() / self.ent_denom
+        return loss, sums
+
+    def _is_weights(self, old, mask, seq, s0, s1, sl, sums):
+        """Detached rollout-mismatch weights: (token weights (n,) or None, sequence weights
+        (s1 − s0,) or None); their metric sums go into ``sums``."""
+        if self.rollout is None:
+            return None, None
+        o = self.opts
+        roll = self.rollout[sl]
+        d = (old.detach() - roll) * mask          # log(π_anchor / π_rollout) per valid token
+        sums[S_K1] = (-d).sum()
+        sums[S_K3] = ((torch.exp(d) - d - 1.0) * mask).sum()
+        if o.is_correction is None:
+            return None, None
+        if o.is_correction.startswith("sequence"):
+            lr = segment_sum(d, self.lengths[s0:s1])
+            ok = (self.seq_len[s0:s1] > 0).float()
+        else:
+            lr, ok = d, mask
+        w = torch.exp(lr)
+        lo = -math.inf if o.is_clip_min is None else o.is_clip_min
+        hi = math.inf if o.is_clip_max is None else o.is_clip_max
+        cut = ((w < lo) | (w > hi)).float() * ok
+        if o.is_correction.endswith("truncate"):
+            w = torch.clamp(w, min=o.is_clip_min, max=o.is_clip_max)
+        else:
+            w = w.masked_fill(cut > 0, 0.0)
+        w = w * ok
+        okb = ok > 0
+        sums[S_W] = w.sum()
+        sums[S_WN] = ok.sum()
+        sums[S_WCUT] = cut.sum()
+        if bool(okb.any()):
+            sums[S_WMIN] = w[okb].min()
+            sums[S_WMAX] = w[okb].max()
+        if o.is_correction.startswith("sequence"):
+            return None, w
+        return w, None
 
 
 def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
               lengths: torch.Tensor, old: torch.Tensor | None, vocab_size: int,
-              process_group=None) -> LossPlan:
+              process_group=None, extras: Extras | None = None) -> LossPlan:
     """Batch-global constants. mask (N,) fp32, lengths (B,) int64 segment lengths, old (N,) or None."""
+    ex = extras or Extras()
     seq_len = segment_sum(mask, lengths)
     valid = seq_len > 0
     # Sequences without valid tokens take part in nothing: whatever their advantage holds.
@@ -173,32 +276,59 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
     omega = None
     needs_full = False
     if opts.loss == "opo" and opts.escort == "paper":
-        anchor = None
-        if opts.ref_correction:
-            if old is None:
-                needs_full = True  # the anchor is the current policy: ℓ needs the log-probs first
-            else:
-                anchor = _reduce_seq(segment_sum(old * mask, lengths), seq_len, opts.seq_reduce)
-        if not needs_full:
-            omega = _escort_weights(advantages, opts.alpha, opts.tau, opts.normalize,
-                                    opts.norm_scope, opts.group_size, anchor, valid, process_group)
+        if ex.omega is not None:
+            omega = torch.where(valid, ex.omega.detach().float(), 0.0)
+        else:
+            anchor = None
+            if opts.ref_correction:
+                if old is None:
+                    needs_full = True  # the anchor is the current policy: ℓ needs the log-probs first
+                else:
+                    anchor = _reduce_seq(segment_sum(old * mask, lengths), seq_len, opts.seq_reduce)
+            if not needs_full:
+                omega = _escort_weights(advantages, opts.alpha, opts.tau, opts.normalize,
+                                        opts.norm_scope, opts.group_size, anchor, valid, process_group)
     if opts.loss == "opo" and opts.escort == "group_softmax":
         needs_full = True
-    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo")
+    if opts.top_entropy_quantile < 1.0:
+        needs_full = True  # the entropy threshold is a quantile over the whole batch
+    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
                        or (opts.loss == "opo" and opts.level == "token" and opts.escort == "paper"))
+    dev = mask.device
+    tok_denom = n_tokens.clamp_min(1) if ex.num_items is None else \
+        torch.tensor(max(float(ex.num_items), 1.0), device=dev)
+    seq_denom = n_seqs.clamp_min(1) if ex.num_seqs is None else \
+        torch.tensor(max(float(ex.num_seqs), 1.0), device=dev)
+    dr_denom = 1.0
+    if opts.loss == "dr_grpo":
+        nb = advantages.shape[0] if ex.num_seqs is None else max(float(ex.num_seqs), 1.0)
+        dr_denom = float(nb * opts.max_completion_length)
     return LossPlan(opts=opts, adv=advantages.detach().float(), seq_len=seq_len, lengths=lengths,
                     omega=omega, n_seqs=n_seqs, n_tokens=n_tokens, vocab_size=vocab_size,
-                    token_separable=token_separable, needs_full_batch=needs_full)
+                    token_separable=token_separable, needs_full_batch=needs_full,
+                    tok_denom=tok_denom, seq_denom=seq_denom, dr_denom=dr_denom, ref=ex.ref,
+                    rollout=ex.rollout, ent_denom=tok_denom, global_items=ex.num_items is not None)
 
 
 def plan_full_batch(plan: LossPlan, logp: torch.Tensor, mask: torch.Tensor,
-                    process_group=None) -> LossPlan:
-    """Finish a plan that needed the current log-probs (ref_correction with on-policy anchor)."""
+                    process_group=None, ent: torch.Tensor | None = None) -> LossPlan:
+    """Finish a plan that needed the current log-probs (ref_correction with on-policy anchor) or
+    entropies (top_entropy_quantile)."""
     o = plan.opts
     if o.loss == "opo" and o.escort == "paper" and plan.omega is None:
         anchor = _reduce_seq(segment_sum(logp.detach() * mask, plan.lengths), plan.seq_len, o.seq_reduce)
         plan.omega = _escort_weights(plan.adv, o.alpha, o.tau, o.normalize, o.norm_scope,
                                      o.group_size, anchor, plan.seq_len > 0, process_group)
+    if o.top_entropy_quantile < 1.0 and plan.ent_mask is None:
+        e = ent.detach().float()
+        ok = mask > 0
+        if bool(ok.any()):
+            thr = torch.quantile(e[ok], 1.0 - o.top_entropy_quantile)
+            plan.ent_mask = ((e * mask >= thr) & ok).float()
+        else:
+            plan.ent_mask = torch.zeros_like(mask)
+        if not plan.global_items:
+            plan.ent_denom = plan.ent_mask.sum().clamp_min(1)
     return plan
 
 
@@ -213,9 +343,17 @@ def _clamp_ratio(plan: LossPlan, delta):
     return delta if c is None else torch.clamp(delta, -c, c)
 
 
-def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+def _weighted_tokens(x, tw):
+    """``x`` (n,) with each token's gradient scaled by ``tw`` (value unchanged)."""
+    if tw is None:
+        return x
+    return x.detach() + tw * (x - x.detach())
+
+
+def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     o = plan.opts
-    d_tok = (logp - old) * mask
+    # Token weights (IS token modes, top-entropy mask) scale each token's share of the gradient.
+    d_tok = (_weighted_tokens(logp, tw) - old) * mask
     omega = plan.omega[s0:s1]
     if o.level == "sequence":
         lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens
@@ -225,14 +363,20 @@ def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
         v = torch.expm1(delta) if o.ratio == "exact" else delta
         ok = (L > 0).float()
         term = (-omega * v + 0.5 * o.mu * v * v) * ok
-        loss = term.sum() / plan.n_seqs.clamp_min(1)
+        if sw is not None:
+            term = term * sw
+        loss = term.sum() / plan.seq_denom
         dd = delta.detach() * ok
         vv = v.detach() * ok
     else:
-        delta = _clamp_ratio(plan, d_tok)
+        delta = _clamp_ratio(plan, (logp - old) * mask)
         v = torch.expm1(delta) if o.ratio == "exact" else delta
         term = (-omega[seq - s0] * v + 0.5 * o.mu * v * v) * mask
-        loss = term.sum() / plan.n_tokens.clamp_min(1)
+        if tw is not None:
+            term = term * tw
+        if sw is not None:
+            term = term * sw[seq - s0]
+        loss = term.sum() / plan.tok_denom
         dd = delta.detach() * mask
         vv = v.detach() * mask
     sums = torch.stack([dd.sum(), dd.abs().sum(), (vv * vv).sum(), dd.new_zeros(())])
@@ -240,34 +384,55 @@ def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
 
 
 def _clip_terms(plan: LossPlan, ratio, adv_tok, mask):
-    lo, hi = plan.opts.clip()
+    o = plan.opts
+    if o.loss == "cispo":
+        hi = o.clip()[1]
+        r = ratio.detach()
+        # −sg(min(r, ε_high)) · A · logp: the gradient of r·(log r) at the token is that of logp
+        term = -torch.clamp(r, max=hi) * adv_tok * torch.log(ratio)
+        is_clipped = ((r > hi) & (adv_tok > 0)).float() * mask
+        return term * mask, is_clipped.sum()
+    if o.loss == "sapo":
+        t = torch.where(adv_tok > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        term = -torch.sigmoid(t * (ratio - 1.0)) * 4.0 / t * adv_tok
+        return term * mask, ratio.new_zeros(())
+    lo, hi = o.clip()
     clipped = torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
     term = torch.maximum(-adv_tok * ratio, -adv_tok * clipped)
+    if o.clip_ratio_c is not None:  # dual clip (verl): negative advantages bounded by −A·c
+        term = torch.where(adv_tok < 0, torch.minimum(term, -adv_tok * o.clip_ratio_c), term)
     r = ratio.detach()
     is_clipped = (((r < 1.0 - lo) & (adv_tok < 0)) | ((r > 1.0 + hi) & (adv_tok > 0))).float() * mask
     return term * mask, is_clipped.sum()
 
 
-def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     o = plan.opts
     d_tok = (logp - old) * mask
     ratio = torch.exp(d_tok)
     adv_tok = plan.adv[seq]
     term, n_clip = _clip_terms(plan, ratio, adv_tok, mask)
-    if o.loss == "grpo":
+    if o.loss == "cispo":
+        # the policy term is −sg(min(r, ε)) · A · logp (TRL): its value uses logp itself
+        term = term - (-torch.clamp(ratio.detach(), max=o.clip()[1]) * adv_tok * (d_tok - logp * mask))
+    if tw is not None:
+        term = term * tw
+    if sw is not None:
+        term = term * sw[seq - s0]
+    if o.loss in ("grpo", "sapo"):
         L = plan.seq_len[seq]
-        loss = (term / L.clamp_min(1)).sum() / plan.n_seqs.clamp_min(1)
-    elif o.loss == "dapo":
-        loss = term.sum() / plan.n_tokens.clamp_min(1)
+        loss = (term / L.clamp_min(1)).sum() / plan.seq_denom
+    elif o.loss in ("dapo", "bnpo", "cispo"):
+        loss = term.sum() / plan.tok_denom
     else:  # dr_grpo
-        loss = term.sum() / float(plan.adv.shape[0] * o.max_completion_length)
+        loss = term.sum() / plan.dr_denom
     dd = d_tok.detach()
     v = (ratio.detach() - 1.0) * mask
     sums = torch.stack([dd.sum(), dd.abs().sum(), (v * v).sum(), n_clip])
     return loss, sums
 
 
-def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
+def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens
     L = plan.seq_len[s0:s1]
     d_tok = (logp - old) * mask
@@ -277,13 +442,47 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
     s_tok = torch.exp(log_s[seq - s0] + logp - logp.detach())
     adv_tok = plan.adv[seq]
     term, n_clip = _clip_terms(plan, s_tok, adv_tok, mask)
+    if tw is not None:
+        term = term * tw
+    if sw is not None:
+        term = term * sw[seq - s0]
     per_seq = segment_sum(term, lengths) / L.clamp_min(1)
-    loss = per_seq.sum() / plan.n_seqs.clamp_min(1)
+    loss = per_seq.sum() / plan.seq_denom
     ok = (L > 0).float()
     ls = log_s * ok
     v = torch.expm1(log_s) * ok
     sums = torch.stack([ls.sum(), ls.abs().sum(), (v * v).sum(), n_clip])
     return loss, sums
+
+
+def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
+    """TRL's k3 KL to the reference, aggregated as the loss aggregates its policy term.
+    Returns ``(kl loss without β, Σ of the per-token KL over valid tokens (detached))``."""
+    o = plan.opts
+    ref = plan.ref[sl]
+    x = (ref - logp) * mask
+    kl = (torch.exp(x) - x - 1.0) * mask
+    if o.use_bias_correction_kl:
+        if o.loss == "gspo":
+            lengths = plan.lengths[s0:s1]
+            L = plan.seq_len[s0:s1]
+            log_s = segment_sum(((logp - old) * mask), lengths) / L.clamp_min(1)
+            coef = torch.exp(log_s)[seq - s0]
+        else:
+            coef = torch.exp((logp - old) * mask)
+        kl = kl * coef
+    lengths = plan.lengths[s0:s1]
+    L = plan.seq_len[s0:s1]
+    if o.loss in ("grpo", "sapo", "gspo") or (o.loss == "opo" and o.level == "sequence"):
+        per_seq = segment_sum(kl, lengths)
+        if not (o.loss == "opo" and o.seq_reduce == "sum"):
+            per_seq = per_seq / L.clamp_min(1)
+        loss = per_seq.sum() / plan.seq_denom
+    elif o.loss == "dr_grpo":
+        loss = kl.sum() / plan.dr_denom
+    else:
+        loss = kl.sum() / plan.tok_denom
+    return loss, kl.detach().sum()
 
 
 def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
@@ -330,7 +529,7 @@ def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
 
 
 def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor) -> dict:
-    """Metrics dict (detached 0-d fp32 tensors) from the summed partials of every chunk."""
+    """Metrics dict (detached 0-d fp32 tensors) from the combined partials of every chunk."""
     # Per-token losses average their Δ over tokens, per-sequence ones over sequences.
     n_items = (plan.n_tokens if plan.token_separable else plan.n_seqs).clamp_min(1)
     om = plan.omega
@@ -341,11 +540,12 @@ def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor
     else:
         z = sums.new_zeros(())
         om_stats = (z, z, z)
+    ntok = plan.n_tokens.clamp_min(1)
     out = {
-        "entropy": entropy_sum / plan.n_tokens.clamp_min(1),
-        "delta_mean": sums[0] / n_items,
-        "delta_abs_mean": sums[1] / n_items,
-        "chi2": sums[2] / n_items,
+        "entropy": entropy_sum / ntok,
+        "delta_mean": sums[S_DELTA] / n_items,
+        "delta_abs_mean": sums[S_ABS] / n_items,
+        "chi2": sums[S_V2] / n_items,
         "omega_min": om_stats[0],
         "omega_max": om_stats[1],
         "omega_std": om_stats[2],
@@ -353,5 +553,19 @@ def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor
         "num_seqs": plan.n_seqs,
     }
     if plan.opts.loss != "opo":
-        out["clip_frac"] = sums[3] / plan.n_tokens.clamp_min(1)
+        out["clip_frac"] = sums[S_CLIP] / ntok
+    if plan.ref is not None:
+        out["kl"] = sums[S_KL] / ntok
+    if plan.rollout is not None:
+        out["mismatch_k1"] = sums[S_K1] / ntok
+        out["mismatch_k3"] = sums[S_K3] / ntok
+        if plan.opts.is_correction is not None:
+            nw = sums[S_WN]
+            has = nw > 0
+            out["is_weight_mean"] = sums[S_W] / nw.clamp_min(1)
+            out["is_weight_min"] = torch.where(has, sums[S_WMIN], 0.0)
+            out["is_weight_max"] = torch.where(has, sums[S_WMAX], 0.0)
+            out["is_frac_cut"] = sums[S_WCUT] / nw.clamp_min(1)
+    if plan.ent_mask is not None:
+        out["entropy_mask_frac"] = (plan.ent_mask.sum() / ntok)
     return {k: v.detach().float() for k, v in out.items()}

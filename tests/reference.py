@@ -15,7 +15,8 @@ import math
 import torch
 
 STD_EPS = 1e-6
-CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2)}
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2),
+                 "bnpo": (0.2, 0.2), "cispo": (0.2, 5.0)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,14 +113,24 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
                 level="sequence", seq_reduce="mean", ratio="log", normalize="zscore",
                 norm_scope="batch", group_size=None, ref_correction=False, max_log_ratio=None,
                 escort="paper", clip_eps_low=None, clip_eps_high=None, max_completion_length=None,
-                beta_r=0.15, adaptive_tau=True, vocab_size=None, entropy=None):
+                beta_r=0.15, adaptive_tau=True, vocab_size=None, entropy=None, omega=None,
+                ref_logps=None, rollout_logps=None, num_items_in_batch=None, num_seqs_in_batch=None,
+                beta=0.0, use_bias_correction_kl=False, is_correction=None, is_clip_max=3.0,
+                is_clip_min=None, entropy_coef=0.0, top_entropy_quantile=1.0, clip_ratio_c=None,
+                sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
     """float64 loss and metrics.
 
     logp: (N,) float64 (differentiable). old: (N,) or None (= logp detached: on-policy).
     advantages: (B,). mask: (N,) 0/1. lengths: list of B ints. entropy: (N,) or None.
     Returns ``(loss, metrics)``: a 0-d float64 tensor and a dict of Python floats (the keys of the
     API's metrics dict; omega_* only for paper-mode OPO, clip_frac only for the baselines).
+    The issue-9 terms (contract: RL terms) are added by :func:`_rl_terms`.
     """
+    rl = dict(omega=omega, ref_logps=ref_logps, rollout_logps=rollout_logps,
+              num_items_in_batch=num_items_in_batch, num_seqs_in_batch=num_seqs_in_batch, beta=beta,
+              use_bias_correction_kl=use_bias_correction_kl, is_correction=is_correction,
+              is_clip_max=is_clip_max, is_clip_min=is_clip_min, entropy_coef=entropy_coef,
+              top_entropy_quantile=top_entropy_quantile)
     logp = logp.double()
     old = logp.detach() if old is None else old.double()
     mask = mask.double()
@@ -141,7 +152,20 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
         m = okm[a:b]
         return logp[a:b][m], old[a:b][m]
 
-    metrics = {"num_tokens": n_tok, "num_seqs": float(n_seqs)}
+    tw, sw = _rl_weights(rl, logp, old, okm, sp, L, valid, entropy, metrics := {})
+    seq_den = float(num_seqs_in_batch) if num_seqs_in_batch is not None else n_seqs
+    tok_den = float(num_items_in_batch) if num_items_in_batch is not None else n_tok
+    seq_den, tok_den = max(seq_den, 1.0), max(tok_den, 1.0)
+
+    def tokw(i):
+        a, b = sp[i]
+        return tw[a:b][okm[a:b]]
+
+    def with_terms(total):
+        return total + _rl_terms(rl, loss, logp, old, okm, sp, L, valid, entropy, tw, seq_den,
+                                 tok_den, level, seq_reduce, B, max_completion_length, metrics)
+
+    metrics.update({"num_tokens": n_tok, "num_seqs": float(n_seqs)})
     if entropy is not None:
         ent = entropy.detach().double()
         metrics["entropy"] = float(ent[okm].sum()) / max(n_tok, 1.0)
@@ -163,7 +187,8 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
                 if valid[i]:
                     s = tok(i)[1].sum()
                     ell[i] = s / L[i] if seq_reduce == "mean" else s
-        omega = escort_weights(A, alpha, tau, normalize, norm_scope, group_size, ell, valid)
+        omega = escort_weights(A, alpha, tau, normalize, norm_scope, group_size, ell, valid) \
+            if rl["omega"] is None else torch.where(torch.tensor(valid), rl["omega"].double(), 0.0)
         om_valid = omega[torch.tensor(valid, dtype=torch.bool)] if n_seqs else None
         if om_valid is not None:
             metrics["omega_min"] = float(om_valid.min())
@@ -176,24 +201,26 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
             if not valid[i]:
                 continue
             lp, od = tok(i)
+            w = tokw(i)
             if level == "sequence":
-                d = (lp - od).sum()
+                # token weights scale each token's share of the gradient; the value is Δ's
+                lpw = lp.detach() + w * (lp - lp.detach())
+                d = (lpw - od).sum()
                 if seq_reduce == "mean":
                     d = d / L[i]
                 d = clamp(d)
                 v = torch.expm1(d) if ratio == "exact" else d
-                total = total + (-omega[i] * v + 0.5 * mu * v * v)
+                total = total + sw[i] * (-omega[i] * v + 0.5 * mu * v * v) / seq_den
                 deltas.append(d.detach())
                 vs.append(v.detach())
             else:
                 d = clamp(lp - od)
                 v = torch.expm1(d) if ratio == "exact" else d
-                total = total + (-omega[i] * v + 0.5 * mu * v * v).sum()
+                total = total + (sw[i] * w * (-omega[i] * v + 0.5 * mu * v * v)).sum() / tok_den
                 deltas.extend(d.detach().unbind())
                 vs.extend(v.detach().unbind())
-        denom = n_seqs if level == "sequence" else n_tok
         finish(deltas, vs)
-        return (total / denom if denom else zero), metrics
+        return with_terms(total), metrics
 
     if loss == "opo" and escort == "group_softmax":
         return _group_softmax(logp, old, A, okm, sp, L, valid, alpha=alpha, mu=mu, tau=tau,
@@ -202,7 +229,7 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
                               finish=finish)
 
     # The clipped baselines.
-    lo, hi = CLIP_DEFAULTS[loss]
+    lo, hi = CLIP_DEFAULTS.get(loss, (0.2, 0.2))
     lo = lo if clip_eps_low is None else clip_eps_low
     hi = hi if clip_eps_high is None else clip_eps_high
     n_clipped = 0
@@ -221,19 +248,30 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
             r = torch.exp(lp - od)
             deltas.extend((lp - od).detach().unbind())
             vs.extend((r.detach() - 1).unbind())
-        unclipped = -A[i] * r
-        clipped = -A[i] * torch.clamp(r, 1 - lo, 1 + hi)
-        term = torch.maximum(unclipped, clipped)
-        n_clipped += int((clipped.detach() > unclipped.detach()).sum())
-        if loss in ("grpo", "gspo"):
-            total = total + term.sum() / L[i] / n_seqs
-        elif loss == "dapo":
-            total = total + term.sum() / n_tok
+        if loss == "cispo":  # −sg(min(r, ε_high)) · A · logp
+            term = -torch.clamp(r.detach(), max=hi) * A[i] * lp
+            n_clipped += int(((r.detach() > hi) & (A[i] > 0)).sum())
+        elif loss == "sapo":
+            t = sapo_temperature_pos if A[i] > 0 else sapo_temperature_neg
+            term = -torch.sigmoid(t * (r - 1)) * 4 / t * A[i]
         else:
-            total = total + term.sum() / (B * max_completion_length)
+            unclipped = -A[i] * r
+            clipped = -A[i] * torch.clamp(r, 1 - lo, 1 + hi)
+            term = torch.maximum(unclipped, clipped)
+            n_clipped += int((clipped.detach() > unclipped.detach()).sum())
+            if clip_ratio_c is not None and A[i] < 0:
+                term = torch.minimum(term, -A[i] * clip_ratio_c)
+        term = term * tokw(i) * sw[i]
+        if loss in ("grpo", "gspo", "sapo"):
+            total = total + term.sum() / L[i] / seq_den
+        elif loss in ("dapo", "bnpo", "cispo"):
+            total = total + term.sum() / tok_den
+        else:
+            nb = B if num_seqs_in_batch is None else num_seqs_in_batch
+            total = total + term.sum() / (nb * max_completion_length)
     finish(deltas, vs)
     metrics["clip_frac"] = n_clipped / max(n_tok, 1.0)
-    return total, metrics
+    return with_terms(total), metrics
 
 
 def _group_softmax(logp, old, A, okm, sp, L, valid, *, alpha, mu, tau, group_size, beta_r,
@@ -276,6 +314,104 @@ def _group_softmax(logp, old, A, okm, sp, L, valid, *, alpha, mu, tau, group_siz
         total = total + (-(1.0 / alpha) * (g * sl).sum() + 0.5 * mu * d2.mean())
     finish([delta[i].detach() for i in idx], [delta[i].detach() for i in idx])
     return (total / n_groups if n_groups else zero), metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# The RL terms of issue 9 (contract: RL terms)
+# ------------------------------------------------------------------------------------------------
+
+def _rl_weights(rl, logp, old, okm, sp, L, valid, entropy, metrics):
+    """Token weights tw (N,) (IS token modes × top-entropy mask; 1 elsewhere) and sequence
+    weights sw (B,) (IS sequence modes; 1 elsewhere), float64, detached; IS metrics."""
+    N, B = logp.shape[0], len(sp)
+    tw = torch.ones(N, dtype=torch.float64)
+    sw = torch.ones(B, dtype=torch.float64)
+    roll = rl["rollout_logps"]
+    n_tok = max(float(okm.sum()), 1.0)
+    if roll is not None:
+        roll = torch.where(okm, roll.double(), 0.0)
+        d = torch.where(okm, old.detach() - roll, 0.0)   # log π_anchor − log π_rollout
+        metrics["mismatch_k1"] = float((-d)[okm].sum()) / n_tok
+        metrics["mismatch_k3"] = float((torch.exp(d) - d - 1)[okm].sum()) / n_tok
+        mode = rl["is_correction"]
+        if mode is not None:
+            lo = -math.inf if rl["is_clip_min"] is None else rl["is_clip_min"]
+            hi = math.inf if rl["is_clip_max"] is None else rl["is_clip_max"]
+            if mode.startswith("sequence"):
+                raw = [math.exp(float(d[a:b].sum())) for a, b in sp]
+                units = [i for i in range(B) if valid[i]]
+            else:
+                raw = torch.exp(d).tolist()
+                units = okm.nonzero().squeeze(-1).tolist()
+            ws, cut = [], 0
+            for u in units:
+                w = raw[u]
+                if w < lo or w > hi:
+                    cut += 1
+                    w = min(max(w, lo), hi) if mode.endswith("truncate") else 0.0
+                ws.append(w)
+                if mode.startswith("sequence"):
+                    sw[u] = w
+                else:
+                    tw[u] = w
+            metrics["is_weight_mean"] = sum(ws) / max(len(ws), 1)
+            metrics["is_weight_min"] = min(ws) if ws else 0.0
+            metrics["is_weight_max"] = max(ws) if ws else 0.0
+            metrics["is_frac_cut"] = cut / max(len(ws), 1)
+    q = rl["top_entropy_quantile"]
+    if q < 1.0:
+        e = entropy.detach().double()
+        ev = sorted(e[okm].tolist())
+        # torch.quantile's linear interpolation at 1 − q
+        pos = (1.0 - q) * (len(ev) - 1)
+        k = int(math.floor(pos))
+        thr = ev[k] + (ev[min(k + 1, len(ev) - 1)] - ev[k]) * (pos - k)
+        em = ((e >= thr) & okm).double()
+        tw = tw * em
+        rl["_ent_mask"] = em
+        metrics["entropy_mask_frac"] = float(em.sum()) / n_tok
+    return tw, sw
+
+
+def _rl_terms(rl, loss, logp, old, okm, sp, L, valid, entropy, tw, seq_den, tok_den, level,
+              seq_reduce, B, mcl, metrics):
+    """β · KL (k3, aggregated as the loss aggregates) − entropy_coef · mean H."""
+    total = logp.sum() * 0.0
+    n_tok = max(float(okm.sum()), 1.0)
+    ref = rl["ref_logps"]
+    if ref is not None:
+        ref = torch.where(okm, ref.double(), 0.0)
+        x = torch.where(okm, ref - logp, 0.0)
+        kl = (torch.exp(x) - x - 1) * okm.double()
+        if rl["beta"] > 0 and rl["use_bias_correction_kl"]:
+            r = torch.where(okm, logp - old, 0.0)
+            if loss == "gspo":
+                coef = torch.zeros_like(kl)
+                for i, (a, b) in enumerate(sp):
+                    if valid[i]:
+                        coef[a:b] = torch.exp(r[a:b].sum() / L[i])
+            else:
+                coef = torch.exp(r)
+            kl = kl * coef
+        metrics["kl"] = float(kl.detach().sum()) / n_tok
+        per_seq = loss in ("grpo", "sapo", "gspo") or (loss == "opo" and level == "sequence")
+        agg = total
+        if per_seq:
+            for i, (a, b) in enumerate(sp):
+                if valid[i]:
+                    k = kl[a:b].sum()
+                    agg = agg + (k if (loss == "opo" and seq_reduce == "sum") else k / L[i]) / seq_den
+        elif loss == "dr_grpo":
+            nb = B if rl["num_seqs_in_batch"] is None else rl["num_seqs_in_batch"]
+            agg = kl.sum() / (nb * mcl)
+        else:
+            agg = kl.sum() / tok_den
+        total = total + rl["beta"] * agg
+    if rl["entropy_coef"] > 0:
+        eff = okm.double() if "_ent_mask" not in rl else rl["_ent_mask"]
+        den = rl["num_items_in_batch"] if rl["num_items_in_batch"] is not None else float(eff.sum())
+        total = total - rl["entropy_coef"] * (entropy * eff).sum() / max(den, 1.0)
+    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,6 +510,9 @@ def reference_loss(bt: Batch, options: dict, *, temperature=1.0, ignore_index=-1
     if opts.get("loss") == "dr_grpo" and opts.get("max_completion_length") is None:
         opts["max_completion_length"] = bt.max_len
     o = None if old is None else bt.old_logps.reshape(-1).double()
+    for k in ("ref_logps", "rollout_logps"):
+        if opts.get(k) is not None:
+            opts[k] = opts[k].reshape(-1)
     loss, metrics = policy_loss(lp, o, bt.advantages, bt.valid, bt.lengths, vocab_size=bt.V,
                                 entropy=ent, **opts)
     out = {"loss": loss.detach(), "metrics": metrics}
