@@ -115,3 +115,41 @@ def test_two_processes_match_one(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.slow
+def test_trainer_under_torchrun_then_resume_in_one_process(tmp_path):
+    """The whole loop with 2 processes (DAPO: dynamic sampling and rewards gathered over ranks),
+    a refused re-run into the same output_dir (one line, exit 2), then a 1-process resume."""
+    import json
+    out = tmp_path / "run"
+    args = ["-m", "opo_train", "max_steps=3", "sft_steps=2", "sft_batch_size=8", "prompts_per_step=4",
+            "group_size=4", "max_new_tokens=4", "loss=dapo", "save_every=2", "val_every=3",
+            "val_size=8", "plot=false", f"output_dir={out}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *args, *extra]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    r = torchrun()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3] and "val_accuracy" in rows[2]
+    assert all(x["optimizer_steps"] == 2 for x in rows)
+    # dynamic sampling over 2 ranks: dropped groups refilled by extra rounds (at most 1 + 3)
+    assert all(x["groups_kept_first_round"] <= x["groups_kept"] <= 4 and x["sampling_rounds"] <= 4
+               for x in rows)
+    assert any(x["groups_kept"] > x["groups_kept_first_round"] for x in rows)
+    assert (out / "hf_model" / "config.json").exists()
+    r = torchrun()
+    errors = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("opo-train: error")]
+    assert r.returncode != 0 and len(errors) == 1 and "'output_dir'" in errors[0]
+    r = subprocess.run([sys.executable, *[a if a != "max_steps=3" else "max_steps=4" for a in args],
+                        "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3, 4]
