@@ -60,7 +60,8 @@ def warm_start(runs: Path, seed: int, extra: list[str], timeout: float):
         print(f"reusing warm start {model}", flush=True)
         return model, 0.0, 0
     cmd = [sys.executable, "-m", "opo_train", "loss=opo", f"seed={seed}", "max_steps=1",
-           "lr=1e-12", f"output_dir={d}", "save_every=0", "val_every=0", *extra]
+           "lr=1e-12", f"output_dir={d}", "overwrite=true", "save_every=0", "val_every=0",
+           *extra]
     dt, rc = _run(cmd, d, timeout)
     return (model if (model / "config.json").exists() else None), dt, rc
 
@@ -72,7 +73,8 @@ def train_one(runs: Path, loss: str, seed: int, steps: int, extra: list[str], ti
     d = run_dir(runs, loss, seed)
     start = [f"model={model}", "sft_steps=0"] if model is not None else []
     cmd = [sys.executable, "-m", "opo_train", f"loss={loss}", f"seed={seed}",
-           f"max_steps={steps}", f"output_dir={d}", "save_every=0", *extra, *start]
+           f"max_steps={steps}", f"output_dir={d}", "overwrite=true", "save_every=0", *extra,
+           *start]
     return _run(cmd, d, timeout)
 
 
