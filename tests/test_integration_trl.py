@@ -73,7 +73,8 @@ def batch(tmp_path_factory):
     return inputs
 
 
-CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "dapo"), ("dr_grpo", {}, "dr_grpo"),
+CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "bnpo"), ("dr_grpo", {}, "dr_grpo"),
+         ("cispo", {"epsilon_high": 1.2}, "cispo"), ("sapo", {}, "sapo"),
          ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2}, "gspo")]
 
 
@@ -82,7 +83,7 @@ CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "dapo"), ("dr_
 def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss, ga):
     base = _model(seed=1)
     kw = dict(loss_type=loss_type, gradient_accumulation_steps=ga, **extra)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         kw["steps_per_generation"] = ga
     stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
     ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
@@ -104,9 +105,10 @@ def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss
     # TRL's metric names are logged by OPOTrainer too
     assert ours._metrics["train"]["entropy"] and stock._metrics["train"]["entropy"]
     assert ours._metrics["train"]["entropy"][-1] == pytest.approx(stock._metrics["train"]["entropy"][-1], rel=1e-5)
-    if opo_loss != "gspo":
-        assert ours._metrics["train"]["clip_ratio/region_mean"][-1] == pytest.approx(
-            stock._metrics["train"]["clip_ratio/region_mean"][-1], rel=1e-5, abs=1e-7)
+    key = {"cispo": "cispo_clip_ratio", "gspo": None, "sapo": None}.get(opo_loss, "clip_ratio/region_mean")
+    if key:
+        assert ours._metrics["train"][key][-1] == pytest.approx(
+            stock._metrics["train"][key][-1], rel=1e-5, abs=1e-7)
 
 
 def test_opo_loss_no_vocab_logits(tmp_path, batch, monkeypatch):
@@ -146,24 +148,125 @@ def test_end_to_end_tiny_model_trains(tmp_path):
 
 
 @pytest.mark.parametrize("kw,name", [
-    (dict(beta=0.04), "beta"), (dict(entropy_coef=0.01), "entropy_coef"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
-    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(loss_type="cispo"), "cispo"), (dict(loss_type="sapo"), "sapo"), (dict(loss_type="vespo"), "vespo"),
-    (dict(loss_type="luspo"), "luspo"),
+    (dict(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(loss_type="vespo"), "vespo"), (dict(loss_type="luspo"), "luspo"),
     (dict(delta=2.0), "delta"), (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
     (dict(loss_type="dapo", importance_sampling_level="sequence"), "importance_sampling_level"),
-    (dict(loss_type="opo", gradient_accumulation_steps=2), "steps_per_generation"),
 ])
 def test_unsupported_options_raise_at_config(tmp_path, kw, name):
     with pytest.raises((NotImplementedError, ValueError), match=re.escape(name)):
         _args(OPOConfig, tmp_path, **kw)
 
 
-def test_vllm_is_correction_raises(tmp_path):
-    # vLLM's importance-sampling correction (on by default in TRL with use_vllm) needs issue 9
-    with pytest.raises(NotImplementedError, match="vllm_importance_sampling_correction"):
-        _args(OPOConfig, tmp_path, use_vllm=True, vllm_importance_sampling_correction=True)
+def _trl_is_ratio(mode, clip_max, clip_min, old, sampling, mask):
+    """TRL 1.16's own importance-sampling weights: the block of GRPOTrainer._generate_and_score_completions
+    that forms them, run as it is written there (the oracle)."""
+    import inspect
+    import math
+    import textwrap
+    src = inspect.getsource(GRPOTrainer._generate_and_score_completions).splitlines()
+    i0 = next(i for i, ln in enumerate(src) if "per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps)" in ln)
+    i1 = next(i for i in range(i0, len(src)) if "Possible values are 'token_truncate'" in src[i])
+    block = textwrap.dedent("\n".join(src[i0:i1 + 2]))
+    import types
+    ns = {"torch": torch, "math": math, "old_per_token_logps": old, "sampling_per_token_logps": sampling,
+          "mask": mask, "self": types.SimpleNamespace(vllm_importance_sampling_mode=mode,
+                                                      vllm_importance_sampling_clip_max=clip_max,
+                                                      vllm_importance_sampling_clip_min=clip_min)}
+    exec(compile(block, "trl-is-block", "exec"), ns)
+    return ns["vllm_importance_sampling_ratio"]
+
+
+TERM_CASES = [
+    ("grpo", dict(beta=0.04), None),
+    ("dapo", dict(beta=0.04, entropy_coef=0.01), None),
+    ("bnpo", dict(top_entropy_quantile=0.5, entropy_coef=0.01), None),
+    ("sapo", dict(beta=0.04, use_bias_correction_kl=False, top_entropy_quantile=0.6), None),
+    ("cispo", dict(epsilon_high=1.2, beta=0.04), ("token_mask", 1.3, 0.7)),
+    ("grpo", dict(), ("token_truncate", 1.2, None)),
+    ("dapo", dict(entropy_coef=0.02), ("sequence_mask", 2.0, 0.5)),
+    ("grpo", dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2, beta=0.04),
+     ("sequence_truncate", 1.5, None)),
+    ("dr_grpo", dict(beta=0.04, entropy_coef=0.01), ("token_truncate", 1.2, 0.9)),
+]
+
+
+@pytest.mark.parametrize("loss_type,extra,is_mode", TERM_CASES,
+                         ids=[f"{c[0]}-{'-'.join(c[1])}-{c[2][0] if c[2] else 'noIS'}" for c in TERM_CASES])
+@pytest.mark.parametrize("ga", [1, 2])
+def test_terms_match_grpo_trainer(tmp_path, batch, loss_type, extra, is_mode, ga):
+    """KL (beta), the entropy bonus, top-entropy masking and vLLM importance sampling: OPOTrainer equals
+    stock GRPOTrainer.compute_loss, loss and every gradient (TRL's own code forms the IS weights)."""
+    base = _model(seed=1)
+    if extra.get("beta"):  # TRL loads its reference model from the model's path: give it one
+        base.save_pretrained(tmp_path / "m")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    kw = dict(loss_type=loss_type, gradient_accumulation_steps=ga, **extra)
+    if loss_type in ("dapo", "cispo"):
+        kw["steps_per_generation"] = ga
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
+    inputs = dict(batch)
+    g = torch.Generator().manual_seed(7)
+    old = inputs["old_per_token_logps"]
+    inputs["ref_per_token_logps"] = old + 0.2 * torch.randn(old.shape, generator=g)
+    if is_mode is not None:
+        samp = old + 0.3 * torch.randn(old.shape, generator=g)
+        samp[0, 0] = float("nan")  # a token vLLM could not score
+        inputs["sampling_per_token_logps"] = samp
+        inputs["importance_sampling_ratio"] = _trl_is_ratio(*is_mode, old, samp, inputs["completion_mask"])
+        for tr in (stock, ours):  # the correction as use_vllm would switch it on (vLLM is not installed here)
+            tr.use_vllm, tr.vllm_importance_sampling_correction = True, True
+            (tr.vllm_importance_sampling_mode, tr.vllm_importance_sampling_clip_max,
+             tr.vllm_importance_sampling_clip_min) = is_mode
+    results = []
+    for tr in (stock, ours):
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = ga
+        tr.model.zero_grad()
+        loss = tr.compute_loss(tr.model, dict(inputs))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters()}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-7)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    if extra.get("beta"):
+        assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], rel=1e-5)
+
+
+def test_opo_steps_per_generation_equals_one_call(tmp_path, batch):
+    """loss_type='opo' with the generation batch split into micro-batches: ω and the normalizer come from
+    the generation batch, so the accumulated gradient equals the one on the whole batch. (Not with
+    entropy_coef: OPOTrainer keeps TRL's entropy bonus, a mean over each micro-batch's tokens / ga.)"""
+    from opo_kernels import escort_weights
+    _model(seed=4).save_pretrained(tmp_path / "m")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    grads = []
+    for ga in (1, 2, 4):
+        tr = _trainer(OPOTrainer, OPOConfig, tmp_path / f"s{ga}", copy.deepcopy(base), loss_type="opo",
+                      gradient_accumulation_steps=ga, steps_per_generation=ga, beta=0.04)
+        inputs = dict(batch)
+        g = torch.Generator().manual_seed(7)
+        inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] + 0.2 * torch.randn(
+            inputs["old_per_token_logps"].shape, generator=g)
+        mask = inputs["completion_mask"]
+        inputs["opo_omega"] = escort_weights(inputs["advantages"], valid=mask.sum(-1) > 0)
+        inputs["opo_num_seqs"], inputs["opo_num_items"] = (mask.sum(-1) > 0).sum().float(), mask.sum().float()
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = ga
+        tr.model.zero_grad()
+        B = inputs["advantages"].shape[0]
+        for k in range(ga):
+            sl = slice(k * B // ga, (k + 1) * B // ga)
+            part = {key: (v[sl] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
+                    for key, v in inputs.items()}
+            tr.compute_loss(tr.model, part).backward()
+        grads.append({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+    for gk in grads[1:]:
+        for n in grads[0]:
+            torch.testing.assert_close(gk[n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_bad_opo_option_raises(tmp_path):

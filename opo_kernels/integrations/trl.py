@@ -10,23 +10,34 @@ Loss types (``OPOConfig.loss_type``):
 
 - ``"opo"`` (the default here): paper-mode OPO; options ``opo_alpha``, ``opo_mu``, ``opo_tau``,
   ``opo_level``, ``opo_seq_reduce``, ``opo_ratio``, ``opo_normalize``, ``opo_max_log_ratio``,
-  ``opo_ref_correction`` (opo's options of the same names, see ``docs/contract.md``).
-- TRL's own, through opo's fused baselines, equal to stock ``GRPOTrainer`` (tested): ``"grpo"``,
-  ``"dapo"``, ``"bnpo"`` (opo's token-mean ``dapo`` with TRL's ε), ``"dr_grpo"``, and GSPO as
-  ``loss_type="grpo", importance_sampling_level="sequence"``; ``epsilon`` / ``epsilon_high`` are
-  passed as ``clip_eps_low`` / ``clip_eps_high``; ``num_iterations > 1`` and gradient accumulation
-  are honoured (TRL's normalizers, ``num_items_in_batch`` for ``dapo``).
+  ``opo_ref_correction`` (opo's options of the same names, see ``docs/contract.md``). The escort
+  weights ω are computed once per generation batch (over every rank) when it is generated and
+  handed to each micro-batch (opo's ``omega=``), and the loss is normalized by the generation
+  batch's sequence (token, for ``opo_level="token"``) count, so ``steps_per_generation > 1`` and
+  gradient accumulation give the update of one call on the whole batch.
+- TRL's own, through opo's fused losses, equal to stock ``GRPOTrainer`` (tested): ``"grpo"``,
+  ``"dapo"``, ``"bnpo"``, ``"dr_grpo"``, ``"cispo"``, ``"sapo"``, and GSPO as ``loss_type="grpo",
+  importance_sampling_level="sequence"``; ``epsilon`` / ``epsilon_high`` are passed as
+  ``clip_eps_low`` / ``clip_eps_high`` (``cispo``: ``epsilon_high`` is the ratio cap);
+  ``num_iterations > 1`` and gradient accumulation are honoured (TRL's normalizers,
+  ``num_items_in_batch`` for ``dapo`` / ``cispo``).
 
-Raised at construction (``NotImplementedError`` naming the option; these need the off-policy terms
-of issue 9 or are not in opo): ``beta != 0`` (KL), ``use_vllm`` with
-``vllm_importance_sampling_correction``, ``entropy_coef != 0`` / ``use_adaptive_entropy``,
-``top_entropy_quantile < 1``, ``delta`` (two-sided clip), ``off_policy_mask_threshold``, loss types
-``cispo`` / ``sapo`` / ``vespo`` / ``luspo``, ``importance_sampling_level="sequence"`` with a
-token-sum loss, ``loss_type="opo"`` with ``steps_per_generation > 1`` (ω would be normalized per
-micro-batch, not over the generation batch), ``opo_norm_scope="group"`` / ``opo_escort=
-"group_softmax"`` (TRL shuffles the generation batch, so a micro-batch holds no whole groups),
-``use_liger_kernel``; and (``ValueError``) a PEFT adapter on the LM head, a model with logit
-soft-capping or scaling, MoE router aux loss, an OPO option given with another loss type.
+TRL's terms, inside opo's pass (opo issue 9): ``beta`` (k3 KL to the reference model, with
+``use_bias_correction_kl``), vLLM's importance-sampling correction (``use_vllm`` with
+``vllm_importance_sampling_correction``: opo's ``is_correction`` = ``vllm_importance_sampling_mode``,
+``is_clip_max`` / ``is_clip_min`` = ``vllm_importance_sampling_clip_max`` / ``_min``; the rollout
+log-probs are TRL's ``sampling_per_token_logps``, a NaN one (unscored by vLLM) counting as no
+mismatch, as in TRL), ``entropy_coef`` and ``top_entropy_quantile``.
+
+Raised at construction (``NotImplementedError`` naming the option; not in opo):
+``use_adaptive_entropy``, ``delta`` (two-sided clip), ``off_policy_mask_threshold``, loss types
+``vespo`` / ``luspo``, ``importance_sampling_level="sequence"`` with a token-sum loss,
+``opo_norm_scope="group"`` / ``opo_escort="group_softmax"`` (TRL shuffles the generation batch,
+so a micro-batch holds no whole groups), ``entropy_coef`` with ``top_entropy_quantile < 1`` for
+``dapo`` / ``cispo`` (TRL's entropy mean over the masked tokens of a micro-batch against a
+generation-batch normalizer), ``use_liger_kernel``; and (``ValueError``) a PEFT adapter on the LM
+head, a model with logit soft-capping or scaling, MoE router aux loss, an OPO option given with
+another loss type.
 """
 from __future__ import annotations
 
@@ -40,7 +51,8 @@ from . import require
 _trl = require("trl", "1.16", "trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from opo_kernels import fused_policy_loss, policy_loss  # noqa: E402
+from opo_kernels import escort_weights, fused_policy_loss, policy_loss  # noqa: E402
+from opo_kernels.losses import segment_sum  # noqa: E402
 
 __all__ = ["OPOConfig", "OPOTrainer"]
 
@@ -49,8 +61,8 @@ _OPO_FIELDS = {"opo_alpha": "alpha", "opo_mu": "mu", "opo_tau": "tau", "opo_leve
                "opo_seq_reduce": "seq_reduce", "opo_ratio": "ratio", "opo_normalize": "normalize",
                "opo_norm_scope": "norm_scope", "opo_max_log_ratio": "max_log_ratio",
                "opo_ref_correction": "ref_correction", "opo_escort": "escort"}
-_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo")
-_ISSUE9 = "needs the off-policy terms of opo issue 9 (not implemented yet)"
+_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo")
+_NOT_IN_OPO = "is not in opo"
 
 
 @dataclass
@@ -88,24 +100,21 @@ class OPOConfig(GRPOConfig):
 
     def _check_before(self):
         lt = self.loss_type
-        if lt in ("cispo", "sapo", "vespo", "luspo"):
-            raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} is not in opo yet ({_ISSUE9}); "
-                                      f"supported: {_SUPPORTED}")
+        if lt in ("vespo", "luspo"):
+            raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} {_NOT_IN_OPO}; supported: {_SUPPORTED}")
         if lt not in _SUPPORTED:
             raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
         unsupported = [
-            ("beta", self.beta != 0.0, "the KL to a reference model"),
-            ("entropy_coef", self.entropy_coef != 0.0, "the entropy bonus"),
-            ("use_adaptive_entropy", bool(self.use_adaptive_entropy), "the entropy bonus"),
-            ("top_entropy_quantile", self.top_entropy_quantile < 1.0, "the high-entropy token mask"),
-            ("vllm_importance_sampling_correction", bool(self.use_vllm and self.vllm_importance_sampling_correction),
-             "vLLM importance-sampling correction (set vllm_importance_sampling_correction=False to run without)"),
+            ("use_adaptive_entropy", bool(self.use_adaptive_entropy), "the adaptive entropy controller"),
             ("delta", self.delta is not None, "two-sided clipping"),
             ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None, "off-policy sequence masking"),
+            ("top_entropy_quantile", lt in ("dapo", "cispo", "opo") and self.entropy_coef != 0.0
+             and self.top_entropy_quantile < 1.0,
+             f"with entropy_coef and loss_type={lt!r}: TRL's entropy mean over a micro-batch's masked tokens"),
         ]
         for name, bad, what in unsupported:
             if bad:
-                raise NotImplementedError(f"OPOTrainer: {name}={getattr(self, name)!r} ({what}) {_ISSUE9}; "
+                raise NotImplementedError(f"OPOTrainer: {name}={getattr(self, name)!r} ({what}) {_NOT_IN_OPO}; "
                                           f"leave {name} at its default")
         if getattr(self, "use_liger_kernel", False):
             raise ValueError("OPOTrainer: use_liger_kernel=True conflicts with opo's fused loss; leave it False")
@@ -133,13 +142,7 @@ class OPOConfig(GRPOConfig):
                 raise ValueError(f"OPOConfig: bad OPO option (opo_<name>): {e}") from e
 
     def _check_after(self):
-        if self.loss_type == "opo" and self.steps_per_generation != 1:
-            raise NotImplementedError(
-                f"OPOTrainer: loss_type='opo' with steps_per_generation={self.steps_per_generation} (it defaults "
-                f"to gradient_accumulation_steps={self.gradient_accumulation_steps}) splits a generation batch "
-                f"into micro-batches, and opo normalizes ω per call, not over the generation batch: fixing ω "
-                f"across micro-batches {_ISSUE9}. Set steps_per_generation=1 (each micro-batch its own "
-                f"generation batch) or gradient_accumulation_steps=1")
+        pass
 
 
 class OPOTrainer(GRPOTrainer):
@@ -169,14 +172,32 @@ class OPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise NotImplementedError("OPOTrainer: the MoE router aux loss (output_router_logits) is not supported")
         lt, level = args.loss_type, args.importance_sampling_level
-        self.opo_loss_name = {"opo": "opo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grpo",
+        self.opo_loss_name = {"opo": "opo", "dapo": "dapo", "bnpo": "bnpo", "dr_grpo": "dr_grpo",
+                              "cispo": "cispo", "sapo": "sapo",
                               "grpo": "gspo" if level == "sequence" else "grpo"}[lt]
+        self._escort_options = None
         if lt == "opo":
-            self._opo_options = args.opo_options()
+            # ω comes from the generation batch (omega=): the escort options go to escort_weights
+            opts = args.opo_options()
+            self._escort_options = {k: opts.pop(k) for k in ("alpha", "tau", "normalize", "norm_scope",
+                                                             "ref_correction")}
+            if self._escort_options["ref_correction"]:  # ℓ needs the anchor: ω is formed per call
+                opts.update(self._escort_options)
+                self._escort_options = None
+            self._opo_options = opts
+        elif lt == "cispo":
+            self._opo_options = {"clip_eps_high": self.epsilon_high}
+        elif lt == "sapo":
+            self._opo_options = {"sapo_temperature_pos": args.sapo_temperature_pos,
+                                 "sapo_temperature_neg": args.sapo_temperature_neg}
         else:
             self._opo_options = {"clip_eps_low": self.epsilon_low, "clip_eps_high": self.epsilon_high}
             if lt == "dr_grpo":
                 self._opo_options["max_completion_length"] = self.max_completion_length
+        if args.beta != 0.0:
+            self._opo_options.update(beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl)
+        if args.top_entropy_quantile < 1.0:
+            self._opo_options["top_entropy_quantile"] = args.top_entropy_quantile
         from trl.models.utils import _ForwardRedirection
         self._opo_redirect = _ForwardRedirection()
 
@@ -186,7 +207,30 @@ class OPOTrainer(GRPOTrainer):
             return model.get_base_model()
         return model
 
-    def _opo_loss(self, lm, input_ids, attention_mask, targets, advantages, old, mask, process_group):
+    def _is_options(self) -> dict:
+        """vLLM's importance-sampling correction as opo options (read per call, like TRL)."""
+        if not (self.use_vllm and self.vllm_importance_sampling_correction):
+            return {}
+        return {"is_correction": self.vllm_importance_sampling_mode,
+                "is_clip_max": self.vllm_importance_sampling_clip_max,
+                "is_clip_min": self.vllm_importance_sampling_clip_min}
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.opo_loss_name == "opo" and self._escort_options is not None:
+            # ω once over the generation batch (every rank), carried with each sequence through
+            # TRL's shuffle and split into micro-batches; and the batch's counts for the normalizer
+            mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+            valid = mask.sum(-1) > 0
+            pg = torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None
+            eo = {k: v for k, v in self._escort_options.items() if k != "ref_correction"}
+            out["opo_omega"] = escort_weights(out["advantages"], valid=valid, process_group=pg, **eo)
+            counts = self.accelerator.reduce(torch.stack([valid.sum().float(), mask.sum().float()]),
+                                             reduction="sum")
+            out["opo_num_seqs"], out["opo_num_items"] = counts[0], counts[1]  # 0-d: not split by TRL
+        return out
+
+    def _opo_loss(self, lm, input_ids, attention_mask, targets, advantages, old, mask, process_group, **extra):
         C = targets.size(1)
         with self.accelerator.autocast():
             hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -216,7 +260,7 @@ class OPOTrainer(GRPOTrainer):
         with ctx, autocast:
             return fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
                                      bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
-                                     process_group=process_group, **self._opo_options)
+                                     process_group=process_group, **self._opo_options, **extra)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -233,22 +277,50 @@ class OPOTrainer(GRPOTrainer):
         if advantages.dim() != 1:
             raise ValueError(f"OPOTrainer: advantages must be one per sequence (B,), got {tuple(advantages.shape)}")
         old = inputs.get("old_per_token_logps")
-        process_group = None
-        if self.loss_type == "opo" and self.accelerator.num_processes > 1:
-            process_group = torch.distributed.group.WORLD  # ω over the whole generation batch
-        lm = self._causal_lm(self.accelerator.unwrap_model(model))
-        loss, m = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask, completion_ids,
-                                     advantages, old, mask.bool(), process_group)
         mode = "train" if self.model.training else "eval"
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "dapo":
-            # TRL's normalizer: num_items_in_batch spans the generation batch
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = loss * m["num_tokens"].clamp(min=1.0) / normalizer
-        else:
-            loss = loss / ga
+        process_group = None
+        extra = dict(self._is_options())
+        if extra:
+            if old is None:
+                raise ValueError("OPOTrainer: vLLM importance sampling needs old_per_token_logps (TRL computes "
+                                 "them whenever the correction is on)")
+            samp = inputs["sampling_per_token_logps"]
+            # a token vLLM could not score (NaN) counts as no mismatch, as in TRL
+            extra["rollout_logps"] = torch.where(torch.isnan(samp), old, samp)
+        if self.args.beta != 0.0:
+            extra["ref_logps"] = inputs["ref_per_token_logps"]
+        ent_coef = self.args.entropy_coef
+        scale = 1.0 / ga
+        # the generation batch's share that this micro-batch normalizes by (TRL's normalizer for
+        # num_items_in_batch; the same rescaling for opo's sequence count)
+        share = (ga / self.args.steps_per_generation if mode == "train" else 1.0) / self.accelerator.num_processes
+        if self.opo_loss_name in ("dapo", "cispo"):
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) * share
+            extra["num_items_in_batch"] = normalizer
+            scale = 1.0
+            if ent_coef:
+                # TRL: entropy mean over this micro-batch's tokens / ga, whatever the policy normalizer
+                ent_coef = ent_coef * float(normalizer) / (float(mask.sum().clamp(min=1.0)) * ga)
+        elif self.opo_loss_name == "opo" and "opo_omega" in inputs:
+            extra["omega"] = inputs["opo_omega"]
+            n_seqs, n_items = inputs["opo_num_seqs"], inputs["opo_num_items"]
+            extra["num_seqs_in_batch"] = float(n_seqs.clamp(min=1.0)) * share
+            extra["num_items_in_batch"] = float(n_items.clamp(min=1.0)) * share
+            scale = 1.0
+            if ent_coef:
+                ent_coef = ent_coef * extra["num_items_in_batch"] / (float(mask.sum().clamp(min=1.0)) * ga)
+        elif self.opo_loss_name == "opo":
+            # a batch not generated by this trainer (no ω of its generation batch): ω over this call
+            extra.update(self._escort_options or {})
+            if self.accelerator.num_processes > 1:
+                process_group = torch.distributed.group.WORLD  # ω over every rank of the call
+        if ent_coef:
+            extra["entropy_coef"] = ent_coef
+        lm = self._causal_lm(self.accelerator.unwrap_model(model))
+        loss, m = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask, completion_ids,
+                                     advantages, old, mask.bool(), process_group, **extra)
+        loss = loss * scale
         self._log_opo_metrics(mode, m)
         return loss
 
@@ -259,11 +331,18 @@ class OPOTrainer(GRPOTrainer):
 
         ntok, nseq = m["num_tokens"], m["num_seqs"]
         self._metrics[mode]["entropy"].append(global_mean(m["entropy"], ntok))
-        if "clip_frac" in m and self.opo_loss_name != "gspo":
+        if self.opo_loss_name in ("grpo", "dapo", "bnpo", "dr_grpo"):
             self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_frac"], ntok))
-        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo") else nseq
+        elif self.opo_loss_name == "cispo":
+            self._metrics[mode]["cispo_clip_ratio"].append(global_mean(m["clip_frac"], ntok))
+        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo") else nseq
         for k in ("delta_mean", "delta_abs_mean", "chi2"):
             self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], per))
+        if "kl" in m:
+            self._metrics[mode]["kl"].append(global_mean(m["kl"], ntok))
+        for k in ("mismatch_k1", "mismatch_k3"):
+            if k in m:
+                self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], ntok))
         if self.opo_loss_name == "opo":
             for k in ("omega_min", "omega_max", "omega_std"):
                 self._metrics[mode][f"opo/{k}"].append(self.accelerator.gather(m[k].reshape(1)).mean().item())
