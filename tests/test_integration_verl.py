@@ -251,7 +251,8 @@ def test_logprob_hook_matches_verl_torch_backend(monkeypatch):
         model = _tiny_model()
         monkeypatch.setattr(type(model), "forward", fwd)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict=True, temperature=0.7)
-        (out.log_probs * torch.linspace(-1, 1, ids.shape[1])).sum().backward()
+        # the log-probs' and the entropy bonus's gradients (verl's entropy_coeff)
+        ((out.log_probs * torch.linspace(-1, 1, ids.shape[1])).sum() - 0.3 * out.entropy.sum()).backward()
         outs.append((out.log_probs.detach(), out.entropy.detach(),
                      {n: p.grad.clone() for n, p in model.named_parameters()}))
     (lp1, en1, g1), (lp2, en2, g2) = outs
@@ -259,13 +260,6 @@ def test_logprob_hook_matches_verl_torch_backend(monkeypatch):
     _close(en2, en1, rtol=1e-5, atol=1e-6)
     for n in g1:  # fp32 through a 4-layer backbone: relative to each gradient's norm
         assert float((g2[n] - g1[n]).norm() / g1[n].norm()) <= 1e-5, n
-    # the entropy bonus's gradient is not in opo yet (issue 9): it raises instead of vanishing
-    model = _tiny_model()
-    monkeypatch.setattr(type(model), "forward", opo_verl.forward_with_opo_backend)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict=True)
-    (out.log_probs.sum() + 0.0 * out.entropy.sum()).backward(retain_graph=True)  # coeff 0: fine
-    with pytest.raises(RuntimeError, match="entropy_coeff"):
-        (out.log_probs.sum() - 0.01 * out.entropy.sum()).backward()
     # verl's patch function now routes dense text models to the hook
     model = _tiny_model()
     monkeypatch.setattr(type(model), "forward", type(model).forward)
@@ -273,3 +267,24 @@ def test_logprob_hook_matches_verl_torch_backend(monkeypatch):
     assert type(model).forward is opo_verl.forward_with_opo_backend
     opo_verl.disable_logprob_hook()
     assert monkey_patch.patch_forward_with_backends is not opo_verl._patch_forward_with_backends
+
+
+@pytest.mark.parametrize("agg,opo_loss", [("token-mean", "bnpo"), ("seq-mean-token-mean", "grpo")])
+def test_dual_clip_matches_verl_vanilla(agg, opo_loss):
+    """opo's clip_ratio_c (dual clip) equals verl's compute_policy_loss_vanilla on the same tensors."""
+    from omegaconf import OmegaConf
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 9
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    logp = (old + 0.8 * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": None,
+                            "clip_ratio_c": 1.5, "global_batch_info": {}})
+    want, _ = core_algos.compute_policy_loss_vanilla(old, logp, adv[:, None].expand(B, T), mask.float(),
+                                                     loss_agg_mode=agg, config=cfg)
+    gw, = torch.autograd.grad(want, logp)
+    got, _ = opo_kernels.policy_loss(logp, old, adv, mask, loss=opo_loss, clip_ratio_c=1.5)
+    gg, = torch.autograd.grad(got, logp)
+    _close(got.double(), want.double(), rtol=1e-6, atol=1e-9)
+    _close(gg.double(), gw.double(), rtol=1e-5, atol=1e-9)

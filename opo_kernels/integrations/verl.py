@@ -35,8 +35,9 @@ raise ``ValueError``.
 
 Rollout correction (verl's ``rollout_is_weights``, detached, (B, T)): each token's gradient is
 multiplied by its weight (for sequence-level weights: the sequence's term is weighted by its
-weight, as issue 9 defines it). The loss *value* returned is the unweighted OPO loss; the weights'
-mean is logged as ``actor/opo_is_weight_mean``. (Issue 9 adds the weights inside opo's pass.)
+weight, as docs/contract.md ("RL terms") defines it for token weights). The loss *value* returned is
+the unweighted OPO loss; the weights' mean is logged as ``actor/opo_is_weight_mean``. (opo's own
+``rollout_logps`` / ``is_correction`` form such weights from log-probs; verl hands finished weights.)
 
 Log-prob hook: verl's fused log-prob path is
 ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` (on with
@@ -47,8 +48,9 @@ by ``verl.models.transformers.dense_common.forward_with_torch_backend`` /
 module is imported) replaces that function so that dense text models get
 :func:`forward_with_opo_backend` instead: the same outputs from opo's deterministic, batch-invariant
 ``linear_logprobs(hidden, lm_head.weight, targets, temperature=T, return_entropy=True)``.
-Vision-language models keep verl's own forward. The entropy it returns has no gradient yet (issue 9):
-with ``entropy_coeff != 0`` the backward raises rather than dropping the entropy bonus.
+Vision-language models keep verl's own forward. The entropy it returns is differentiable: its
+gradient ∂H/∂z = −p ⊙ (log p + H) is formed in opo's vocabulary pass, so verl's ``entropy_coeff``
+works through the hook.
 """
 from __future__ import annotations
 
@@ -227,26 +229,8 @@ def forward_with_opo_backend(self, input_ids=None, attention_mask=None, position
     head = self.lm_head
     log_probs, entropy = linear_logprobs(hidden_states, head.weight.to(hidden_states.dtype), rolled,
                                          bias=head.bias, temperature=float(temperature), return_entropy=True)
-    if torch.is_grad_enabled() and log_probs.requires_grad:
-        entropy = _NoEntropyGrad.apply(entropy, log_probs)
     return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-
-
-class _NoEntropyGrad(torch.autograd.Function):
-    """opo's entropy has no gradient yet (issue 9): a non-zero gradient reaching it (verl's
-    ``entropy_coeff != 0``) raises instead of being dropped silently."""
-
-    @staticmethod
-    def forward(ctx, entropy, anchor):
-        return entropy.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is not None and bool((grad != 0).any()):
-            raise RuntimeError("opo log-prob hook: the entropy has no gradient in opo_kernels yet (issue 9); "
-                               "set actor_rollout_ref.actor.entropy_coeff=0 or disable the hook")
-        return None, None
 
 
 def _patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
