@@ -3,7 +3,9 @@
 ``engine.load_weights(named_tensors)`` receives the trainer's current weights (HF names, full
 tensors gathered from the FSDP2 shards) at the start of every outer iteration;
 ``engine.generate(prompt_ids, n, seed)`` samples ``n`` completions per prompt and returns, for
-each prompt, ``n`` :class:`Sample`; ``sleep()``/``wake()`` free and retake the engine's memory
+each prompt, ``n`` :class:`Sample`, each with the log-probs the engine sampled its tokens from
+(``Sample.logprobs``: the distribution after temperature and top-p, i.e. what was actually
+sampled; None for greedy decoding); ``sleep()``/``wake()`` free and retake the engine's memory
 around the training phase.
 
 - :class:`HFEngine`: ``transformers`` ``generate`` on a private, unsharded copy of the model
@@ -28,6 +30,28 @@ log = logging.getLogger("opo_train")
 class Sample:
     tokens: list[int]      # completion token ids, eos included when produced
     truncated: bool        # hit max_new_tokens without eos
+    logprobs: list[float] | None = None  # log π_rollout(token) per token (None: greedy / not asked)
+
+
+class _SampledLogprobs:
+    """A stopping criterion that stops nothing: at every decoding step HF calls it with the ids
+    including the token just sampled and the scores it was sampled from (``output_scores``: the
+    logits after every logits processor and warper: temperature, top-p, ...). It keeps
+    ``log_softmax(scores)[sampled id]`` and frees the (rows x vocabulary) scores right away, so
+    the memory stays O(rows x vocabulary) instead of O(rows x vocabulary x new tokens)."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if not isinstance(scores, tuple) or not scores:
+            raise RuntimeError("rollout log-probs: generate() passed no scores to the stopping "
+                               "criteria (transformers changed how it calls them)")
+        last = scores[-1]
+        lp = torch.log_softmax(last.float(), dim=-1).gather(-1, input_ids[:, -1:]).squeeze(-1)
+        self.steps.append(lp.cpu())
+        last.set_()  # the tuple keeps the tensor object; its storage goes now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -69,25 +93,35 @@ class HFEngine:
         att = att.repeat_interleave(n, 0).to(self.device)
         gen = dict(max_new_tokens=max_new, eos_token_id=tok.eos_token_id, pad_token_id=pad,
                    use_cache=True)
+        rec = None
         if greedy:
             gen.update(do_sample=False)
         else:
-            gen.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+            from transformers import StoppingCriteriaList
+            rec = _SampledLogprobs()
+            gen.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                       output_scores=True, return_dict_in_generate=True,
+                       stopping_criteria=StoppingCriteriaList([rec]))
         # Seeded per call: the samples of a step do not depend on what ran before (exact resume).
         torch.manual_seed(seed)
         out = self.model.generate(input_ids=ids, attention_mask=att, **gen)
-        comp = out[:, L:].tolist()
+        seqs = out.sequences if rec is not None else out
+        comp = seqs[:, L:].tolist()
+        # (rows, generated steps); a step HF ran and then undid (deferred stop check) is past
+        # every row's end and never read.
+        lps = torch.stack(rec.steps, 1).tolist() if rec is not None and rec.steps else None
         res: list[list[Sample]] = []
         for i in range(len(prompt_ids)):
             group = []
             for j in range(n):
-                row = comp[i * n + j]
-                if tok.eos_token_id in row:
+                r = i * n + j
+                row = comp[r]
+                if tok.eos_token_id in row:  # what follows the eos is padding: no log-probs
                     k = row.index(tok.eos_token_id)
-                    group.append(Sample(row[:k + 1], False))
-                else:
-                    row = [t for t in row if t != pad] if pad != tok.eos_token_id else row
-                    group.append(Sample(row[:max_new], True))
+                    toks, trunc = row[:k + 1], False
+                else:  # never finished: every position was sampled (even a sampled pad id)
+                    toks, trunc = row[:max_new], True
+                group.append(Sample(toks, trunc, lps[r][:len(toks)] if lps is not None else None))
             res.append(group)
         return res
 
@@ -143,7 +177,10 @@ class VLLMEngine:
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
                        enable_sleep_mode=cfg.vllm_sleep, seed=cfg.seed, tensor_parallel_size=tp,
-                       enable_prefix_caching=True, **extra)
+                       enable_prefix_caching=True,
+                       # the log-probs of the distribution sampled from (after temperature /
+                       # top-p), as the HF engine reports them and TRL asks vLLM for them
+                       logprobs_mode="processed_logprobs", **extra)
         self.asleep = False       # weights offloaded, KV cache dropped
         self.kv_ready = True
 
@@ -201,15 +238,29 @@ class VLLMEngine:
             start = sum(len(x) for x in parts[:r])
             mine = slice(start, start + len(jobs))
             jobs = [j for part in parts for j in part]
+        # logprobs=0: the log-prob of each sampled token only (one dict per token, keyed by it)
         sps = [SamplingParams(n=n, max_tokens=max_new_tokens or cfg.max_new_tokens, seed=sd,
                               temperature=0.0 if greedy else cfg.temperature,
-                              top_p=1.0 if greedy else cfg.top_p) for sd, _ in jobs]
+                              top_p=1.0 if greedy else cfg.top_p,
+                              logprobs=None if greedy else 0) for sd, _ in jobs]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for _, p in jobs], sps,
                                  use_tqdm=False)
         res = []
         for o in outs[mine]:
-            res.append([Sample(list(c.token_ids), c.finish_reason == "length") for c in o.outputs])
+            res.append([Sample(list(c.token_ids), c.finish_reason == "length",
+                               None if greedy else _sampled_logprobs(c)) for c in o.outputs])
         return res
+
+
+def _sampled_logprobs(completion) -> list[float]:
+    """vLLM's ``CompletionOutput.logprobs`` (one ``{token id: Logprob}`` per generated token)
+    -> the sampled tokens' log-probs."""
+    lps = completion.logprobs
+    ids = list(completion.token_ids)
+    if lps is None or len(lps) != len(ids):
+        raise RuntimeError(f"vLLM returned {'no' if lps is None else len(lps)} log-probs for "
+                           f"{len(ids)} sampled tokens (SamplingParams(logprobs=0) was asked)")
+    return [float(d[t].logprob) for d, t in zip(lps, ids)]
 
 
 def make_engine(cfg, tokenizer, device):

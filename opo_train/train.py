@@ -48,6 +48,7 @@ class Seq:
     prompt_len: int
     advantage: float = 0.0
     valid: bool = True    # False: kept in the batch, left out of the loss (mask 0)
+    rollout_logps: list[float] | None = None  # the rollout engine's log-probs of the completion
 
 
 def collate(seqs: list[Seq], pad_id: int, device, packed: bool) -> dict:
@@ -56,21 +57,36 @@ def collate(seqs: list[Seq], pad_id: int, device, packed: bool) -> dict:
 
     Padded: input_ids / attention_mask / targets / mask (B, T). Packed (padding-free, for
     flash-attn): input_ids / position_ids (1, N), targets / mask (N,), cu_seqlens (B+1,) int32.
-    Also ``advantages`` (B,) fp32 and ``num_tokens`` (non-pad tokens).
+    Also ``advantages`` (B,) fp32 and ``num_tokens`` (non-pad tokens), and when the sequences
+    carry them ``rollout_logps`` (like ``targets``, fp32): the engine's log-prob of each
+    completion token at the position that predicts it, 0 elsewhere.
     """
     adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
+    with_rollout = any(s.rollout_logps is not None for s in seqs)
+
+    def rollout_row(s: Seq, n: int) -> list[float]:
+        if not s.valid:  # takes no part: nothing of it (NaN included) reaches the loss
+            return [0.0] * n
+        c = n - s.prompt_len
+        lp = list(s.rollout_logps or [])[:c]
+        return [0.0] * (s.prompt_len - 1) + lp + [0.0] * (c - len(lp)) + [0.0]
+
     if packed:
-        ids, pos, tgt, msk, cu = [], [], [], [], [0]
+        ids, pos, tgt, msk, rlp, cu = [], [], [], [], [], [0]
         for s in seqs:
             n = len(s.ids)
             ids += s.ids
             pos += list(range(n))
             tgt += s.ids[1:] + [-100]
             msk += [s.valid and s.prompt_len - 1 <= t < n - 1 for t in range(n)]
+            if with_rollout:
+                rlp += rollout_row(s, n)
             cu.append(cu[-1] + n)
         b = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
              "targets": torch.tensor(tgt), "mask": torch.tensor(msk),
              "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+        if with_rollout:
+            b["rollout_logps"] = torch.tensor(rlp, dtype=torch.float32)
     else:
         T = max(len(s.ids) for s in seqs)
         B = len(seqs)
@@ -78,6 +94,8 @@ def collate(seqs: list[Seq], pad_id: int, device, packed: bool) -> dict:
              "attention_mask": torch.zeros((B, T), dtype=torch.long),
              "targets": torch.full((B, T), -100, dtype=torch.long),
              "mask": torch.zeros((B, T), dtype=torch.bool)}
+        if with_rollout:
+            b["rollout_logps"] = torch.zeros((B, T), dtype=torch.float32)
         for i, s in enumerate(seqs):
             n = len(s.ids)
             b["input_ids"][i, :n] = torch.tensor(s.ids)
@@ -85,6 +103,8 @@ def collate(seqs: list[Seq], pad_id: int, device, packed: bool) -> dict:
             b["targets"][i, :n - 1] = torch.tensor(s.ids[1:])
             if s.valid:
                 b["mask"][i, s.prompt_len - 1:n - 1] = True
+            if with_rollout:
+                b["rollout_logps"][i, :n] = torch.tensor(rollout_row(s, n))
     out = {k: v.to(device) for k, v in b.items()}
     out["advantages"] = adv.to(device)
     out["num_tokens"] = sum(len(s.ids) for s in seqs)
@@ -567,7 +587,7 @@ def minibatches(run: Run, exp: Experience) -> None:
                 valid = (exp.rewards[g * G + k] is not None and len(smp.tokens) > 0
                          and not (cfg.overlong_filter and smp.truncated))
                 seqs.append(Seq(exp.prompt_ids[g] + smp.tokens, len(exp.prompt_ids[g]),
-                                exp.advantages[g * G + k], valid))
+                                exp.advantages[g * G + k], valid, smp.logprobs))
         exp.batches.append(collate(seqs or dummy_seqs(pad, G), pad, run.info.device, run.packed))
 
 

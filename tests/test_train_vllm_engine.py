@@ -32,7 +32,9 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm=False):
         FakeLLM.calls.append(("generate", len(prompts)))
-        out = types.SimpleNamespace(token_ids=[5, 6], finish_reason="stop")
+        lp = types.SimpleNamespace
+        out = types.SimpleNamespace(token_ids=[5, 6], finish_reason="stop",
+                                    logprobs=[{5: lp(logprob=-1.0)}, {6: lp(logprob=-2.0)}])
         return [types.SimpleNamespace(outputs=[out] * p.n) for p in params]
 
 
