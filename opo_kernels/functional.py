@@ -157,6 +157,16 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             ``max_completion_length``, ``beta_r``, ``adaptive_tau``), defined in
             :class:`opo_kernels.checks.LossOptions` and ``docs/contract.md``. An option the chosen
             loss does not read must keep its default (else ValueError).
+            The RL-term options (``beta``, ``use_bias_correction_kl``, ``is_correction``,
+            ``is_clip_max``, ``is_clip_min``, ``entropy_coef``, ``top_entropy_quantile``,
+            ``clip_ratio_c``, ``sapo_temperature_pos`` / ``_neg``): docs/contract.md, "RL terms".
+        omega: (B,) fixed escort weights (paper-mode OPO), e.g. ``escort_weights`` over the whole
+            generation batch, so that micro-batches share them.
+        ref_logps: like ``targets`` — the reference model's log-probs (KL term, ``beta``).
+        rollout_logps: like ``targets`` — the rollout engine's log-probs of the sampled tokens
+            (mismatch metrics; importance weights with ``is_correction``).
+        num_items_in_batch, num_seqs_in_batch: the whole batch's valid-token / sequence counts,
+            the denominators of the token / sequence means (gradient accumulation).
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
         chunk_size: tokens per logits chunk (chunked backends; default from V).
         filter_eps, deterministic, accum_fp32: ``backend="fused"`` only. ``filter_eps``: gradient
@@ -172,8 +182,9 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     omega_max, omega_std, num_tokens, num_seqs, and clip_frac for the clipped baselines).
 
     Paper-mode OPO, GSPO and the PPO-clip family run in one pass over the logits on the chunked
-    backends (loss and gradients together); ``escort="group_softmax"``, ``ref_correction`` with
-    an on-policy anchor, and the ``fused``/``reference`` backends take two phases.
+    backends (loss and gradients together, the KL, importance weights and entropy bonus
+    included); ``escort="group_softmax"``, ``ref_correction`` with an on-policy anchor,
+    ``top_entropy_quantile < 1`` and the ``fused``/``reference`` backends take two phases.
     """
     hidden, weight, bias = _check_head(hidden, weight, bias, targets, temperature, ignore_index)
     checks.check_loss_tensors(advantages, old_logps, targets)
