@@ -294,3 +294,21 @@ def test_policy_loss_entropy_term():
     loss.backward()
     m = bt.mask.float()
     close(ent.grad, -0.1 * m / m.sum(), "dloss/dH")
+
+
+@pytest.mark.parametrize("backend", ref.backends("torch", "native"))
+@pytest.mark.parametrize("lossname", ["opo", "dapo", "gspo"])
+def test_terms_bf16(backend, lossname):
+    """bf16 inputs: the terms at the rounding floor (the reference runs on the rounded inputs)."""
+    bt = ref.make_batch("bt", torch.bfloat16, B=6, T=7, V=97)
+    refl, roll = rl_tensors(bt)
+    kw = {**loss_opts(lossname), **CASES["all"], "ref_logps": refl, "rollout_logps": roll}
+    h = bt.hidden.clone().requires_grad_(True)
+    w = bt.weight.clone().requires_grad_(True)
+    loss, _ = fused_policy_loss(h, w, bt.targets, bt.advantages, bt.old_logps, bt.mask, bias=bt.bias,
+                                backend=backend, chunk_size=8, **kw)
+    loss.backward()
+    want = ref.reference_loss(bt, kw)
+    close(loss, want["loss"], "loss", rtol=2e-2, atol_rel=1e-2, floor=1e-2)
+    close(h.grad, want["grads"][0], "dh", rtol=2e-2, atol_rel=1e-2)
+    close(w.grad, want["grads"][1], "dw", rtol=2e-2, atol_rel=1e-2)
