@@ -254,9 +254,9 @@ class LossPlan:
         sums[S_W] = w.sum()
         sums[S_WN] = ok.sum()
         sums[S_WCUT] = cut.sum()
-        if bool(okb.any()):
-            sums[S_WMIN] = w[okb].min()
-            sums[S_WMAX] = w[okb].max()
+        inf = w.new_full((1,), math.inf)  # no device sync: empty chunks keep (inf, -inf)
+        sums[S_WMIN] = torch.cat([torch.where(okb, w, math.inf), inf]).min()
+        sums[S_WMAX] = torch.cat([torch.where(okb, w, -math.inf), -inf]).max()
         if o.is_correction.startswith("sequence"):
             return None, w
         return w, None
