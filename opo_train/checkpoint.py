@@ -33,6 +33,7 @@ log = logging.getLogger("opo_train")
 
 # What a run writes into its output_dir (other files there are the user's and never touched).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.jsonl", "sft_metrics.jsonl", "metrics.png", "tb",
+               "reference_model.pt",
                "config.yaml", "completions.jsonl")
 
 

@@ -140,6 +140,15 @@ class Config:
     overlong_buffer: int = -1      # DAPO soft overlong penalty window; -1 = max_new_tokens // 4
     overlong_penalty: float = 1.0
     overlong_filter: bool = False  # DAPO: mask truncated responses out of the loss
+    # Off-policy terms of the loss (issue 9; names and rules of opo_kernels' loss options):
+    is_correction: typing.Optional[str] = None  # rollout/anchor mismatch IS: None | token_truncate
+    #                                             | token_mask | sequence_truncate | sequence_mask
+    is_clip_max: typing.Optional[float] = 3.0   # IS weight bounds (truncate: clamp; mask: drop)
+    is_clip_min: typing.Optional[float] = None
+    beta: float = 0.0              # > 0: k3 KL to a frozen reference model (loaded at start-up)
+    use_bias_correction_kl: bool = False  # TRL's bias-corrected KL (beta > 0)
+    entropy_coef: float = 0.0      # loss - entropy_coef * mean token entropy (differentiable)
+    top_entropy_quantile: float = 1.0  # < 1: only the highest-entropy tokens take the policy term
 
     # -- optimization ---------------------------------------------------------------------------
     lr: float = 3e-4
@@ -198,6 +207,20 @@ class Config:
         choice("loss", LOSSES)
         choice("loss_impl", ("fused", "naive"))
         choice("kernel_backend", BACKENDS)
+        # A loss option the installed opo_kernels does not know cannot be passed to it: refused
+        # here rather than silently ignored.
+        for key in TERM_KEYS:
+            default = _FIELDS[key].default
+            if key not in _KERNEL_OPTION_NAMES and getattr(self, key) != default:
+                bad(key, f"the installed opo_kernels has no loss option {key!r} (it takes "
+                         f"{', '.join(_KERNEL_OPTION_NAMES)}); update opo_kernels or leave it at "
+                         f"its default {default!r}")
+        if self.is_correction is None:
+            for key in ("is_clip_max", "is_clip_min"):
+                if getattr(self, key) != _FIELDS[key].default:
+                    bad(key, "bounds the importance weights of is_correction, which is not set "
+                             "(is_correction: token_truncate | token_mask | sequence_truncate | "
+                             "sequence_mask)")
         # The loss options' rules live with the loss: opo_kernels checks them, naming the key.
         try:
             _check_loss_options({k: getattr(self, k) for k in LOSS_OPTION_KEYS})
@@ -270,6 +293,9 @@ class Config:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Config keys that are options of the loss itself (same names as opo_kernels' LossOptions).
 LOSS_OPTION_KEYS = tuple(k for k in _KERNEL_OPTION_NAMES if k in _FIELDS)
+# The off-policy terms (issue 9): refused when set and the installed opo_kernels lacks them.
+TERM_KEYS = ("is_correction", "is_clip_max", "is_clip_min", "beta", "use_bias_correction_kl",
+             "entropy_coef", "top_entropy_quantile")
 _HINTS = typing.get_type_hints(Config)
 
 

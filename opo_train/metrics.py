@@ -182,5 +182,10 @@ def console_line(row: dict, max_steps: int) -> str:
         return "-" if v is None else fmt.format(v)
     return (f"step {row['step']:>4}/{max_steps}  reward {f('reward_mean')}  acc {f('accuracy', '{:.2f}')}"
             f"  loss {f('loss', '{:+.4f}')}  |g| {f('grad_norm')}  H {f('entropy')}"
-            f"  |Δ| {f('delta_abs_mean', '{:.4f}')}  len {f('completion_len_mean', '{:.1f}')}"
+            f"  |Δ| {f('delta_abs_mean', '{:.4f}')}"
+            + (f"  KL(roll‖θ) {f('mismatch_k3', '{:.1e}')}" if row.get("mismatch_k3") is not None else "")
+            + (f"  KL(ref) {f('kl', '{:.4f}')}" if row.get("kl") is not None else "")
+            + (f"  IS w {f('is_weight_mean', '{:.3f}')} cut {f('is_frac_cut', '{:.3f}')}"
+               if row.get("is_weight_mean") is not None else "")
+            + f"  len {f('completion_len_mean', '{:.1f}')}"
             f"  {f('train_tokens_per_s', '{:.0f}')} tok/s  t {f('elapsed', '{:.0f}')}s")

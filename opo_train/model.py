@@ -144,11 +144,13 @@ class LossHead(nn.Module):
         lsm = torch.log_softmax(logits, dim=-1)
         safe = targets.clamp(0, logits.shape[-1] - 1)
         logp = lsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * (targets != -100)
-        with torch.no_grad():
+        kw = dict(loss_kwargs or {})
+        # The entropy bonus needs the entropy's gradient; otherwise it is a metric only.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "loss"
+                                    and kw.get("entropy_coef", 0.0) > 0):
             entropy = -(lsm.exp() * lsm).sum(-1)
         if mode == "logprobs":
             return logp, entropy
-        kw = dict(loss_kwargs or {})
         return ok.policy_loss(logp, old_logps, advantages, mask, entropy=entropy,
                               vocab_size=weight.shape[0], cu_seqlens=cu_seqlens, **kw)
 
@@ -186,6 +188,53 @@ class Policy(nn.Module):
         if name.startswith("head.lm_head."):
             return "lm_head." + name[len("head.lm_head."):]
         return name
+
+
+REFERENCE_FILE = "reference_model.pt"
+
+
+def build_reference(cfg: Config, info, policy: Policy, out_dir: Path, resumed: bool) -> Policy:
+    """The frozen reference model of the KL term (``beta`` > 0), a plain (unsharded) Policy in
+    the compute dtype on every rank, used under no_grad only.
+
+    It is the policy as RL starts: for ``model: tiny`` (or after a warm start) a copy of the
+    policy's weights at that moment, saved as ``reference_model.pt`` in ``output_dir`` so that a
+    resumed run gets the same reference; otherwise the model path's weights. Collective when it
+    copies (every rank gathers the FSDP shards)."""
+    from transformers import AutoModelForCausalLM
+    out_dir = Path(out_dir)
+    dtype = resolve_dtype(cfg, info.device)
+    copy = cfg.model == TINY_MODEL or cfg.sft_steps > 0
+    if copy:
+        path = out_dir / REFERENCE_FILE
+        if resumed:
+            if not path.exists():
+                raise ConfigError(f"config key 'beta': resuming a run with beta > 0 needs its "
+                                  f"reference model {str(path)!r}, which is missing")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = {n: t.to("cpu", torch.float32).clone() for n, t in iter_full_params(policy)}
+            if info.is_main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save(state, tmp)
+                tmp.replace(path)
+        hf = AutoModelForCausalLM.from_config(policy.hf_config, attn_implementation=attn_implementation(cfg, info.device))
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(policy.hf_config, "tie_word_embeddings", False) else set()
+        missing = [m for m in missing if "rotary" not in m and m not in tied]
+        if missing or unexpected:
+            raise RuntimeError(f"reference model: missing {missing}, unexpected {unexpected}")
+        if tied:
+            hf.tie_weights()
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(cfg.model, config=hf_config(cfg),
+                                                  attn_implementation=attn_implementation(cfg, info.device))
+    hf = hf.to(info.device, dtype)
+    ref = Policy(hf)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
 
 
 def lora_config(cfg: Config):

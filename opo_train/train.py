@@ -205,6 +205,43 @@ def anchor_logprobs(policy, batches: list[dict], cfg: Config) -> list[torch.Tens
     return out
 
 
+def reference_logprobs(ref, batches: list[dict], cfg: Config) -> list[torch.Tensor]:
+    """Log-probs of every mini-batch under the frozen reference model (``beta`` > 0), through
+    ``opo_kernels.linear_logprobs`` under no_grad, at the sampling temperature (as TRL)."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            logp, _ = ref(b, mode="logprobs", impl=cfg.loss_impl, backend=cfg.kernel_backend,
+                          temperature=cfg.temperature)
+            out.append(logp.detach().float())
+    return out
+
+
+def rollout_mismatch(batches: list[dict], anchors: list[torch.Tensor], info: DistInfo) -> dict:
+    """How far the rollout engine's log-probs are from the trainer's anchor log-probs, over the
+    valid tokens of the step (every rank): mean k1 = E[log π_rollout − log π_anchor] and mean
+    k3 = E[r − 1 − log r], r = π_anchor / π_rollout (both estimate KL(π_rollout ‖ π_anchor)
+    from the rollout's samples), and the largest |log-ratio|. Computed in float64 here, whatever
+    the loss reports."""
+    k1 = k3 = n = 0.0
+    worst = 0.0
+    for b, old in zip(batches, anchors):
+        if "rollout_logps" not in b:
+            continue
+        m = b["mask"].reshape(-1)
+        d = (old.reshape(-1).double() - b["rollout_logps"].reshape(-1).double())[m]
+        k1 += float((-d).sum())
+        k3 += float((torch.exp(d) - d - 1.0).sum())
+        n += float(m.sum())
+        if d.numel():
+            worst = max(worst, float(d.abs().max()))
+    k1, k3, n = all_reduce_sum([k1, k3, n], info)
+    worst = max(all_gather_objects(worst, info))
+    if n == 0:
+        return {}
+    return {"mismatch_k1": k1 / n, "mismatch_k3": k3 / n, "mismatch_max_abs": worst}
+
+
 def reshard(policy) -> None:
     if hasattr(policy, "reshard"):
         policy.reshard()
@@ -218,8 +255,11 @@ def grad_norm_and_clip(policy, max_norm: float) -> float:
 
 
 def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Tensor], cfg: Config,
-                  info: DistInfo, lr: float, grad_hook=None) -> list[dict]:
+                  info: DistInfo, lr: float, grad_hook=None, refs: list | None = None) -> list[dict]:
     """Step 5: one optimizer step per mini-batch (``ppo_epochs`` passes), anchor frozen.
+
+    ``refs``: the reference model's log-probs per mini-batch (``beta`` > 0); the rollout
+    engine's log-probs (``b["rollout_logps"]``) go to the loss when ``is_correction`` is set.
 
     Each rank's loss is the kernel's mean over its own sequences (or tokens); it is reweighted by
     ``count_local · world / count_global`` so that FSDP's gradient average equals the gradient of
@@ -233,8 +273,16 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
     for epoch in range(cfg.ppo_epochs):
         for k, (b, old) in enumerate(zip(batches, anchors)):
             t0 = time.perf_counter()
+            extra = dict(kw)
+            if cfg.is_correction is not None:
+                if "rollout_logps" not in b:
+                    raise ConfigError("config key 'is_correction': the rollout engine returned no "
+                                      "log-probs for the sampled tokens")
+                extra["rollout_logps"] = b["rollout_logps"]
+            if cfg.beta > 0:
+                extra["ref_logps"] = refs[k]
             loss, m = policy(b, mode="loss", advantages=b["advantages"], old_logps=old,
-                             loss_kwargs=kw, impl=cfg.loss_impl, backend=cfg.kernel_backend,
+                             loss_kwargs=extra, impl=cfg.loss_impl, backend=cfg.kernel_backend,
                              temperature=cfg.temperature)
             m = {key: float(v) for key, v in m.items()}
             count = loss_count(cfg, m, b["advantages"].shape[0])
@@ -438,6 +486,8 @@ class Experience:
     keep: list = field(default_factory=list)          # per group: takes part in the update
     batches: list = field(default_factory=list)       # this rank's mini-batches (model inputs)
     anchors: list = field(default_factory=list)       # their log-probs under π_θ at rollout time
+    refs: list = field(default_factory=list)          # ... under the reference model (beta > 0)
+    mismatch: dict = field(default_factory=dict)      # rollout log-probs vs anchor (k1, k3 KL)
     stats: list = field(default_factory=list)         # one dict per optimizer step
     times: dict = field(default_factory=dict)
     gen_tokens: int = 0                               # generated on this rank
@@ -465,6 +515,7 @@ class Run:
     packed: bool
     out_dir: Path
     weights: dict = field(default_factory=lambda: {"policy": 0, "engine": -1})
+    ref: object = None   # frozen reference model (beta > 0), built when RL starts
 
     def sync_engine(self) -> None:
         """The engine samples with the policy's weights of the moment: pushed before a rollout
@@ -592,16 +643,20 @@ def minibatches(run: Run, exp: Experience) -> None:
 
 
 def anchor_and_update(run: Run, exp: Experience) -> None:
-    """4b. Anchor log-probs of every mini-batch (π_ref = π_θ, no grad), then 5. one optimizer
-    step per mini-batch against that frozen anchor."""
+    """4b. Anchor log-probs of every mini-batch (π_ref = π_θ, no grad), their mismatch with the
+    rollout engine's log-probs, the reference model's log-probs (``beta`` > 0), then 5. one
+    optimizer step per mini-batch against that frozen anchor."""
     exp.times["anchor"] = exp.times["update"] = 0.0
     if not any(exp.keep):  # the same on every rank: every rank has every reward
         return
     t0 = time.perf_counter()
     exp.anchors = anchor_logprobs(run.policy, exp.batches, run.cfg)
+    exp.mismatch = rollout_mismatch(exp.batches, exp.anchors, run.info)
+    if run.ref is not None:
+        exp.refs = reference_logprobs(run.ref, exp.batches, run.cfg)
     t1 = time.perf_counter()
     exp.stats = update_policy(run.policy, run.optimizer, exp.batches, exp.anchors, run.cfg,
-                              run.info, exp.lr)
+                              run.info, exp.lr, refs=exp.refs or None)
     run.weights["policy"] += 1
     exp.times["anchor"], exp.times["update"] = t1 - t0, time.perf_counter() - t1
 
@@ -675,6 +730,9 @@ def _loop(run: Run, t_start: float) -> dict:
     sft_rows = None
     if cfg.sft_steps and found is None:
         sft_rows = warm_start(run.policy, run.tok, cfg, info, run.packed, out_dir)
+    if cfg.beta > 0:  # the policy as RL starts (a resumed run reloads the one it saved)
+        from .model import build_reference
+        run.ref = build_reference(cfg, info, run.policy, out_dir, resumed=found is not None)
 
     # ---- RL: outer iterations ---------------------------------------------------------------
     failed_steps = zero_steps = 0
@@ -860,6 +918,33 @@ def trainer_state(cfg: Config, step: int, data, runner: RewardRunner) -> dict:
             "reward_timeouts": runner.timeouts, "reward_invalid": runner.invalid}
 
 
+# The loss's metrics of the off-policy terms: weighted means, or min / max over the step.
+_TOKEN_MEANS = ("kl", "entropy_mask_frac")
+_IS_MINMAX = {"is_weight_min": min, "is_weight_max": max}
+
+
+def off_policy_metrics(exp: Experience, cfg: Config, info: DistInfo) -> dict:
+    """The rollout/anchor mismatch (computed by the trainer, None without rollout log-probs) and
+    the loss's IS / KL statistics of the step's optimizer steps (over every rank): ``is_*``
+    means weighted by what they are means over (tokens or sequences), min / max over all."""
+    row = {"mismatch_k1": None, "mismatch_k3": None, "mismatch_max_abs": None, **exp.mismatch}
+    per_seq = (cfg.is_correction or "").startswith("sequence")
+    keys = sorted({k for s in exp.stats for k in s if k.startswith("is_") or k in _TOKEN_MEANS})
+    parts = all_gather_objects([{k: s[k] for k in keys + ["num_tokens", "num_seqs"] if k in s}
+                                for s in exp.stats], info)
+    stats = [s for part in parts for s in part]
+    for k in sorted({k for s in stats for k in s} - {"num_tokens", "num_seqs"}):
+        vals = [s for s in stats if k in s]
+        if k in _IS_MINMAX:
+            w = [s[k] for s in vals if s.get("num_tokens", 0) > 0]
+            row[k] = _IS_MINMAX[k](w) if w else None
+        else:
+            wk = "num_seqs" if (per_seq and k.startswith("is_")) else "num_tokens"
+            tot = sum(s.get(wk, 0.0) for s in vals)
+            row[k] = sum(s[k] * s.get(wk, 0.0) for s in vals) / tot if tot > 0 else None
+    return row
+
+
 def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner) -> dict:
     """One metrics row: global reward stats (every rank has all rewards) + update stats.
     ``accuracy`` is the share of samples whose (unshaped) reward is >= 1, i.e. fully correct."""
@@ -898,6 +983,7 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
         row["omega_min"] = min(x[0] for x in lo_hi) if has_omega else None
         row["omega_max"] = max(x[1] for x in lo_hi) if has_omega else None
     a_rng = (max(adv) - min(adv)) if adv else 0.0
+    row.update(off_policy_metrics(exp, cfg, info))
     row["adv_range"] = a_rng
     row["grad_response_eff"] = (row["grad_norm"] / (0.5 * a_rng)) if (stats and a_rng > 0) else None
     row["completion_len_mean"] = sum(lens) / max(len(lens), 1)

@@ -153,3 +153,187 @@ def test_vllm_engine_asks_for_sampled_token_logprobs(monkeypatch):
     assert got[0][1].logprobs == [-3.0] and got[0][1].truncated
     eng.generate([[1, 2]], 1, seed=0, greedy=True)
     assert _FakeLLM.calls[-1][1][0].logprobs is None   # validation: no log-probs asked
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Config keys of the off-policy terms
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,key", [
+    (["is_correction=token_clip"], "is_correction"),
+    (["is_clip_max=2.0"], "is_clip_max"),                  # no is_correction: it would do nothing
+    (["is_correction=token_mask", "is_clip_min=5", "is_clip_max=2"], "is_clip_min"),
+    (["is_correction=sequence_mask", "is_clip_min=-1"], "is_clip_min"),
+    (["beta=-0.1"], "beta"),
+    (["entropy_coef=-0.01"], "entropy_coef"),
+    (["top_entropy_quantile=1.5"], "top_entropy_quantile"),
+    (["beta=abc"], "beta"),
+])
+def test_bad_off_policy_keys_name_the_key(overrides, key):
+    with pytest.raises(ValueError, match=rf"config key '{key}'"):
+        load_config(None, overrides)
+
+
+def test_off_policy_keys_parse_and_reach_the_loss():
+    from opo_train.distributed import DistInfo
+    from opo_train.train import loss_kwargs
+    cfg = load_config(None, ["is_correction=sequence_truncate", "is_clip_max=2.5", "is_clip_min=0.5",
+                             "beta=0.04", "entropy_coef=0.01", "top_entropy_quantile=0.2"])
+    kw = loss_kwargs(cfg, DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"),
+                                   group=None, owns_group=False))
+    assert {k: kw[k] for k in ("is_correction", "is_clip_max", "is_clip_min", "beta", "entropy_coef",
+                               "top_entropy_quantile")} == {
+        "is_correction": "sequence_truncate", "is_clip_max": 2.5, "is_clip_min": 0.5, "beta": 0.04,
+        "entropy_coef": 0.01, "top_entropy_quantile": 0.2}
+    assert load_config(None, ["is_correction=none"]).is_correction is None
+
+
+def test_option_the_installed_opo_kernels_lacks_is_refused(monkeypatch):
+    import opo_train.config as C
+    monkeypatch.setattr(C, "_KERNEL_OPTION_NAMES",
+                        tuple(k for k in C._KERNEL_OPTION_NAMES if k != "entropy_coef"))
+    load_config(None, [])  # its default is fine
+    with pytest.raises(ValueError, match=r"config key 'entropy_coef'.*installed opo_kernels has no"):
+        load_config(None, ["entropy_coef=0.01"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Mismatch, IS statistics, reference model
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def info():
+    from opo_train.distributed import setup, teardown
+    info = setup("cpu")
+    yield info
+    teardown(info)
+
+
+def test_rollout_mismatch_against_f64(info):
+    from opo_train.train import rollout_mismatch
+    g = torch.Generator().manual_seed(0)
+    batches, anchors, pairs = [], [], []
+    for B, T in ((3, 5), (2, 7)):
+        mask = torch.rand(B, T, generator=g) > 0.4
+        roll = -torch.rand(B, T, generator=g) * 3
+        old = roll + torch.randn(B, T, generator=g) * 0.3
+        roll[~mask] = float("nan")  # masked positions take no part, whatever they hold
+        batches.append({"mask": mask, "rollout_logps": roll})
+        anchors.append(old)
+        for i in range(B):
+            for t in range(T):
+                if mask[i, t]:
+                    pairs.append((float(roll[i, t]), float(old[i, t])))
+    got = rollout_mismatch(batches, anchors, info)
+    k1 = sum(r - a for r, a in pairs) / len(pairs)
+    k3 = sum(math.exp(a - r) - (a - r) - 1 for r, a in pairs) / len(pairs)
+    assert got["mismatch_k1"] == pytest.approx(k1, rel=1e-6)
+    assert got["mismatch_k3"] == pytest.approx(k3, rel=1e-6)
+    assert got["mismatch_max_abs"] == pytest.approx(max(abs(a - r) for r, a in pairs), rel=1e-6)
+    assert rollout_mismatch([{"mask": batches[0]["mask"]}], anchors[:1], info) == {}
+
+
+def _seqs_and_policy(info, *overrides):
+    from opo_train.model import build_policy
+    from opo_train.train import Seq
+    cfg = load_config(None, ["sft_steps=0", "max_steps=1", "lr=1e-3", *overrides])
+    policy = build_policy(cfg, info, seed=0)
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for i in range(8):
+        p, c = 3 + i % 3, 2 + i % 4
+        ids = torch.randint(2, 100, (p + c,), generator=g).tolist()
+        seqs.append(Seq(ids, p, float(torch.randn(1, generator=g)), True))
+    return cfg, policy, seqs
+
+
+def test_is_correction_reaches_the_loss_with_the_rollout_logprobs(info):
+    """The trainer hands the engine's log-probs to the loss: the loss's IS weights are
+    exp(anchor − rollout), truncated at is_clip_max, computed here by hand."""
+    from opo_train.train import anchor_logprobs, collate, off_policy_metrics, update_policy, Experience
+    cfg, policy, seqs = _seqs_and_policy(info, "is_correction=token_truncate", "is_clip_max=1.5",
+                                         "minibatches=1")
+    b = collate(seqs, 0, info.device, False)
+    anchors = anchor_logprobs(policy, [b], cfg)
+    # A rollout engine that differs from the trainer by a known log-ratio per token.
+    shift = torch.linspace(-0.8, 0.8, b["mask"].numel()).view_as(b["mask"])
+    b["rollout_logps"] = torch.where(b["mask"], anchors[0] - shift, 0.0)
+    w = torch.exp(shift[b["mask"]].double())
+    stats = update_policy(policy, torch.optim.SGD(policy.parameters(), lr=0.0), [b], anchors, cfg,
+                          info, 0.0)
+    exp = Experience(step=0, lr=0.0, rows=[], share=[], stats=stats)
+    row = off_policy_metrics(exp, cfg, info)
+    assert row["is_weight_mean"] == pytest.approx(float(w.clamp(max=1.5).mean()), rel=1e-5)
+    assert row["is_weight_max"] == pytest.approx(1.5, rel=1e-6)
+    assert row["is_weight_min"] == pytest.approx(float(w.min()), rel=1e-5)
+    assert row["is_frac_cut"] == pytest.approx(float((w > 1.5).double().mean()), rel=1e-6)
+
+
+def test_naive_loss_has_the_entropy_gradient(info):
+    """loss_impl=naive with entropy_coef > 0: same gradient as the fused loss (held against a
+    float64 reference in opo_kernels' tests), so the entropy bonus is differentiated there too."""
+    from opo_train.train import anchor_logprobs, collate, loss_kwargs
+    cfg, policy, seqs = _seqs_and_policy(info, "entropy_coef=0.5", "fsdp=false")
+    b = collate(seqs, 0, info.device, False)
+    old = anchor_logprobs(policy, [b], cfg)[0]
+    grads = {}
+    for impl in ("fused", "naive"):
+        policy.zero_grad(set_to_none=True)
+        loss, _ = policy(b, mode="loss", advantages=b["advantages"], old_logps=old,
+                         loss_kwargs=loss_kwargs(cfg, info), impl=impl)
+        loss.backward()
+        grads[impl] = policy.head.lm_head.weight.grad.clone()
+    assert torch.allclose(grads["naive"], grads["fused"], rtol=1e-4, atol=1e-7)
+
+
+def test_reference_model_is_the_policy_at_rl_start_and_survives_resume(info, tmp_path):
+    from opo_train.model import REFERENCE_FILE, build_reference, iter_full_params
+    from opo_train.train import collate, reference_logprobs
+    cfg, policy, seqs = _seqs_and_policy(info, "beta=0.1", "temperature=0.8")
+    start = {n: t.clone() for n, t in iter_full_params(policy)}
+    ref = build_reference(cfg, info, policy, tmp_path, resumed=False)
+    assert (tmp_path / REFERENCE_FILE).exists()
+    assert not any(p.requires_grad for p in ref.parameters())
+    with torch.no_grad():  # the policy moves on; the reference must not
+        for p in policy.parameters():
+            p.add_(0.01)
+    b = collate(seqs, 0, info.device, False)
+    got = reference_logprobs(ref, [b], cfg)[0]
+    # independent: an HF model with the start weights, float64, logits / T, log_softmax, gather
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_config(policy.hf_config)
+    hf.load_state_dict(start, strict=False)
+    hf = hf.double().eval()
+    with torch.no_grad():
+        logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
+    lsm = torch.log_softmax(logits / 0.8, -1)
+    want = lsm.gather(-1, b["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    m = b["mask"]
+    assert torch.allclose(got[m].double(), want[m], atol=2e-5)
+    # a resumed run reloads the same reference, not the moved policy
+    ref2 = build_reference(cfg, info, policy, tmp_path, resumed=True)
+    assert torch.equal(reference_logprobs(ref2, [b], cfg)[0], got)
+    with pytest.raises(ValueError, match="'beta'.*reference"):
+        build_reference(cfg, info, policy, tmp_path / "elsewhere", resumed=True)
+
+
+def test_run_logs_mismatch_is_and_kl_every_step(tmp_path):
+    from opo_train import train
+    small = ["prompts_per_step=4", "group_size=4", "max_new_tokens=4", "sft_steps=3", "val_every=0",
+             "minibatches=2", "lr=1e-3", "plot=false", "tensorboard=false", "export_hf=false"]
+    out = tmp_path / "run"
+    terms = ["is_correction=sequence_mask", "is_clip_max=2.0", "beta=0.1", "entropy_coef=0.01",
+             "top_entropy_quantile=0.8"]
+    train(load_config(None, [*small, *terms, f"output_dir={out}", "max_steps=2"]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        # fp32 on CPU: the engine and the trainer differ by rounding only
+        assert 0 <= r["mismatch_k3"] < 1e-8 and abs(r["mismatch_k1"]) < 1e-5
+        assert 0 <= r["mismatch_max_abs"] < 1e-4
+        assert r["is_weight_mean"] == pytest.approx(1.0, abs=1e-4) and r["is_frac_cut"] == 0.0
+        assert r["kl"] >= 0 and r["entropy_mask_frac"] == pytest.approx(0.8, abs=0.1)  # top 80%
+    assert (out / "reference_model.pt").exists()
+    train(load_config(None, [*small, *terms, f"output_dir={out}", "max_steps=3", "resume=true"]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["kl"] > 0
