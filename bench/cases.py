@@ -234,16 +234,24 @@ def _floor(x: Inputs):
     return step
 
 
-def _opo_backend(backend: str):
+def _opo_backend(backend: str, terms: bool = False):
+    """fused_opo_loss on ``backend``; ``terms``: with an entropy bonus (entropy_coef 0.01) and
+    token-level rollout IS correction (rollout log-probs = old_logps + N(0, OLD_NOISE^2))."""
     def build(x: Inputs):
         try:
             from opo_kernels import fused_opo_loss
-        except ImportError as e:  # the API lands in the lead's functional.py
+        except ImportError as e:
             raise Unavailable(f"opo_kernels.fused_opo_loss not importable: {e}") from e
+        kw = {}
+        if terms:
+            g = torch.Generator(device=x.old_logps.device).manual_seed(7)
+            noise = torch.randn(x.old_logps.shape, generator=g, device=x.old_logps.device)
+            kw = dict(entropy_coef=0.01, is_correction="token_truncate",
+                      rollout_logps=x.old_logps + OLD_NOISE * noise)
 
         def step():
             loss, _ = fused_opo_loss(x.hidden, x.weight, x.targets, x.advantages, x.old_logps,
-                                     alpha=ALPHA, mu=MU, tau=TAU, backend=backend)
+                                     alpha=ALPHA, mu=MU, tau=TAU, backend=backend, **kw)
             loss.backward()
             return loss.detach()
         return step
@@ -343,6 +351,8 @@ METHODS: list[Method] = [
            _floor),
     Method("opo_native", "fused_opo_loss(backend='native'): C++/OpenMP CPU op",
            _opo_backend("native"), devices=("cpu",), why_not="CPU op"),
+    Method("opo_native_terms", "the same with entropy_coef=0.01 and token IS correction",
+           _opo_backend("native", terms=True), devices=("cpu",), why_not="CPU op"),
     Method("opo_torch", "fused_opo_loss(backend='torch'): chunked PyTorch path",
            _opo_backend("torch")),
     Method("opo_triton", "fused_opo_loss(backend='triton'): GEMM + Triton vocabulary pass",
