@@ -5,7 +5,8 @@ One outer iteration (a "step"):
 1. rollout       the engine gets the current weights, samples G completions per prompt
 2. rewards       reward functions score them (contained: a failing function gives None)
 3. advantages    group z-scores (``opo_kernels.group_advantages``, SPEC §4); DAPO filters groups
-4. anchor        log-probs of every mini-batch under the current policy, no grad: π_ref = π_θ
+4. anchor        log-probs of every mini-batch under the current policy, no grad: π_ref = π_θ;
+                 their mismatch with the engine's log-probs; the reference model's (beta > 0)
 5. update        for each mini-batch: loss through the fused kernel against the frozen anchor,
                  backward, clip, optimizer step (Δ = 0 on the first mini-batch, ≠ 0 after)
 6. log / validate / checkpoint
@@ -145,7 +146,8 @@ def loss_count(cfg: Config, metrics: dict, n_seqs_local: int) -> float:
     """What the kernel's loss is a mean over, on this rank (to weight ranks exactly)."""
     if cfg.loss == "dr_grpo":
         return float(n_seqs_local)
-    if cfg.loss == "dapo" or (cfg.loss == "opo" and cfg.level == "token" and cfg.escort == "paper"):
+    if cfg.loss in ("dapo", "bnpo", "cispo") or (cfg.loss == "opo" and cfg.level == "token"
+                                                 and cfg.escort == "paper"):
         return float(metrics["num_tokens"])
     if cfg.loss == "opo" and cfg.escort == "group_softmax":
         return float(metrics["num_seqs"]) / cfg.group_size
@@ -477,6 +479,7 @@ class Experience:
     share: list[list[int]]                       # this rank's groups, per mini-batch
     prompt_ids: dict[int, list[int]] = field(default_factory=dict)
     samples: dict[int, list[Sample]] = field(default_factory=dict)       # G completions per group
+    #                         (tokens, truncated, the engine's log-probs of the sampled tokens)
     completions: dict[int, list[str]] = field(default_factory=dict)      # decoded
     raw_rewards: list = field(default_factory=list)   # from the reward functions (None: no reward)
     rewards: list = field(default_factory=list)       # after shaping (DAPO's overlong penalty)

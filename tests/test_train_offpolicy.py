@@ -337,3 +337,31 @@ def test_run_logs_mismatch_is_and_kl_every_step(tmp_path):
     train(load_config(None, [*small, *terms, f"output_dir={out}", "max_steps=3", "resume=true"]))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["kl"] > 0
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "gspo"])
+def test_rank_weighting_recovers_the_whole_batch_loss(loss):
+    """update_policy weights each rank's loss by ``loss_count``; for that to give the loss of
+    the whole mini-batch, the count must be what the kernel's loss is a mean over. Two "ranks"
+    (uneven halves of a batch) against the loss of the whole batch in one call."""
+    import opo_kernels as ok
+    from opo_train.train import loss_count
+    cfg = load_config(None, [f"loss={loss}"])
+    g = torch.Generator().manual_seed(5)
+    B, T = 8, 6
+    lengths = torch.tensor([6, 1, 2, 6, 3, 5, 4, 6])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    kw = dict(loss=loss, max_completion_length=T)
+
+    def call(sl):
+        return ok.policy_loss(logp[sl], old[sl], adv[sl], mask[sl], **kw)
+
+    whole, _ = call(slice(0, B))
+    parts = [call(slice(0, 2)), call(slice(2, B))]
+    counts = [loss_count(cfg, {k: float(v) for k, v in m.items()}, n)
+              for (_, m), n in zip(parts, (2, B - 2))]
+    combined = sum(float(l) * c for (l, _), c in zip(parts, counts)) / sum(counts)
+    assert combined == pytest.approx(float(whole), rel=1e-6)
