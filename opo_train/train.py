@@ -154,6 +154,20 @@ def loss_count(cfg: Config, metrics: dict, n_seqs_local: int) -> float:
     return float(metrics["num_seqs"])
 
 
+def global_counts(b: dict, info: DistInfo) -> tuple[float, float, float]:
+    """The mini-batch's valid tokens, sequences with a valid token, and rows, over every rank."""
+    m = b["mask"]
+    if "cu_seqlens" in b:
+        cu = b["cu_seqlens"].long()
+        csum = torch.cat([m.new_zeros(1, dtype=torch.long), m.long().cumsum(0)])
+        per_seq = csum[cu[1:]] - csum[cu[:-1]]
+    else:
+        per_seq = m.long().sum(-1)
+    n_tok, n_seq, n_rows = all_reduce_sum([float(m.sum()), float((per_seq > 0).sum()),
+                                           float(b["advantages"].shape[0])], info)
+    return n_tok, n_seq, n_rows
+
+
 def compute_advantages(rewards: list[float | None], G: int, scale: str) -> list[float]:
     """``group_advantages`` over groups of G; samples whose reward is None get advantage 0 and
     the group statistics use the other members only."""
@@ -263,12 +277,16 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
     ``refs``: the reference model's log-probs per mini-batch (``beta`` > 0); the rollout
     engine's log-probs (``b["rollout_logps"]``) go to the loss when ``is_correction`` is set.
 
-    Each rank's loss is the kernel's mean over its own sequences (or tokens); it is reweighted by
-    ``count_local · world / count_global`` so that FSDP's gradient average equals the gradient of
-    the mean over the whole mini-batch, whatever the split. Returns one dict per optimizer step
-    with the global loss, grad norm and the kernel's metrics (local).
+    Several ranks: each rank's loss divides its own sums by the mini-batch's global counts
+    (``num_items_in_batch`` tokens, ``num_seqs_in_batch`` sequences), so every term — the policy
+    term, and the KL and entropy token means that ride along a per-sequence loss — is its share
+    of the whole mini-batch's mean, and ``world ×`` undoes FSDP's gradient average.
+    ``escort="group_softmax"`` takes no global counts (its weights need whole groups): its
+    per-rank mean is reweighted by ``count_local · world / count_global`` instead. Returns one
+    dict per optimizer step with the global loss, grad norm and the kernel's metrics (local).
     """
     kw = loss_kwargs(cfg, info)
+    use_global = info.world > 1 and not (cfg.loss == "opo" and cfg.escort == "group_softmax")
     for g in optimizer.param_groups:
         g["lr"] = lr
     stats = []
@@ -283,14 +301,23 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
                 extra["rollout_logps"] = b["rollout_logps"]
             if cfg.beta > 0:
                 extra["ref_logps"] = refs[k]
+            if use_global:
+                n_tok, n_seq, n_rows = global_counts(b, info)
+                extra["num_items_in_batch"] = n_tok
+                extra["num_seqs_in_batch"] = n_rows if cfg.loss == "dr_grpo" else n_seq
             loss, m = policy(b, mode="loss", advantages=b["advantages"], old_logps=old,
                              loss_kwargs=extra, impl=cfg.loss_impl, backend=cfg.kernel_backend,
                              temperature=cfg.temperature)
             m = {key: float(v) for key, v in m.items()}
-            count = loss_count(cfg, m, b["advantages"].shape[0])
-            total_count, loss_sum = all_reduce_sum([count, float(loss.detach()) * count], info)
-            scale = count * info.world / total_count if total_count > 0 else 0.0
-            (loss * scale).backward()
+            count = loss_count(cfg, m, b["advantages"].shape[0])  # weights the metrics
+            if use_global:
+                total_count, loss_sum = all_reduce_sum([count, float(loss.detach())], info)
+                (loss * info.world).backward()
+                loss_sum *= total_count  # (divided again below)
+            else:
+                total_count, loss_sum = all_reduce_sum([count, float(loss.detach()) * count], info)
+                scale = count * info.world / total_count if total_count > 0 else 0.0
+                (loss * scale).backward()
             if grad_hook is not None:
                 grad_hook(epoch, k, policy)
             gnorm = grad_norm_and_clip(policy, cfg.grad_clip)

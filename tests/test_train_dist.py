@@ -21,8 +21,10 @@ def _worker(out_path: str) -> None:
     from opo_train.model import build_policy
     from opo_train.train import Seq, anchor_logprobs, collate, rank_share, update_policy
 
+    # OPO_DIST_OVERRIDES: extra config overrides (tests/test_train_offpolicy.py: the loss terms)
+    extra = os.environ.get("OPO_DIST_OVERRIDES", "").split()
     cfg = load_config(None, ["prompts_per_step=4", "group_size=4", "minibatches=2", "lr=1e-3",
-                             "grad_clip=0", "sft_steps=0", "max_steps=1"])
+                             "grad_clip=0", "sft_steps=0", "max_steps=1", *extra])
     info = setup("cpu")
     policy = build_policy(cfg, info, seed=0)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
@@ -37,12 +39,18 @@ def _worker(out_path: str) -> None:
     batches = [collate([seqs[gi * 4 + s] for gi in mb for s in range(4)], 0, info.device, False)
                for mb in share]
     anchors = anchor_logprobs(policy, batches, cfg)
+    refs = None
+    if extra:  # rollout / reference log-probs: fixed functions of each token, whatever the layout
+        for b, old in zip(batches, anchors):
+            b["rollout_logps"] = torch.where(b["mask"], old + 0.3 * torch.cos(b["targets"].float()), 0.0)
+        refs = [torch.where(b["mask"], old + 0.2 * torch.sin(b["targets"].float()), 0.0)
+                for b, old in zip(batches, anchors)]
     grads = []
 
     def hook(epoch, k, pol):
         grads.append({n: p.grad.full_tensor().clone() for n, p in pol.named_parameters()})
 
-    stats = update_policy(policy, opt, batches, anchors, cfg, info, cfg.lr, grad_hook=hook)
+    stats = update_policy(policy, opt, batches, anchors, cfg, info, cfg.lr, grad_hook=hook, refs=refs)
     params = {n: p.detach().full_tensor().clone() for n, p in policy.named_parameters()}
     if info.rank == 0:
         torch.save({"loss": [s["loss"] for s in stats], "grad_norm": [s["grad_norm"] for s in stats],

@@ -365,3 +365,29 @@ def test_rank_weighting_recovers_the_whole_batch_loss(loss):
               for (_, m), n in zip(parts, (2, B - 2))]
     combined = sum(float(l) * c for (l, _), c in zip(parts, counts)) / sum(counts)
     assert combined == pytest.approx(float(whole), rel=1e-6)
+
+
+@pytest.mark.parametrize("terms", [
+    "beta=0.5 entropy_coef=0.05 is_correction=token_truncate is_clip_max=1.2",
+    "loss=grpo beta=0.5 entropy_coef=0.05 is_correction=sequence_mask is_clip_max=3",
+])
+def test_two_processes_match_one_with_the_loss_terms(tmp_path, monkeypatch, terms):
+    """KL and entropy are token means while OPO's (and GRPO's) policy term is a sequence mean:
+    with ranks holding different token / sequence ratios, the gradient of 2 processes must still
+    equal 1 process's on the same data (tests/test_train_dist.py's worker and tolerance)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_train_dist as D
+    monkeypatch.setenv("OPO_DIST_OVERRIDES", terms)
+    one = D._run(1, tmp_path / "one.pt")
+    two = D._run(2, tmp_path / "two.pt")
+    for l1, l2 in zip(one["loss"], two["loss"]):
+        assert D._close(l1, l2, max(abs(l1), 1e-3)), (l1, l2)
+    for g1, g2 in zip(one["grads"], two["grads"]):
+        assert D._grads_close(g1, g2), max(float((g2[n] - g1[n]).abs().max()) for n in g1)
+
+
+def test_global_counts_padded_and_packed(info):
+    from opo_train.train import Seq, collate, global_counts
+    seqs = [Seq([5, 6, 7, 8], 2), Seq([5, 6], 1), Seq([4, 4, 4], 2, valid=False), Seq([3, 9, 9], 1)]
+    for packed in (False, True):
+        assert global_counts(collate(seqs, 0, info.device, packed), info) == (2 + 1 + 2, 3, 4)
