@@ -391,3 +391,24 @@ def test_global_counts_padded_and_packed(info):
     seqs = [Seq([5, 6, 7, 8], 2), Seq([5, 6], 1), Seq([4, 4, 4], 2, valid=False), Seq([3, 9, 9], 1)]
     for packed in (False, True):
         assert global_counts(collate(seqs, 0, info.device, packed), info) == (2 + 1 + 2, 3, 4)
+
+
+def test_reference_model_of_a_model_path_is_that_checkpoint(info, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from opo_train.model import REFERENCE_FILE, TINY_DIR, build_reference, iter_full_params
+    torch.manual_seed(7)
+    from transformers import AutoConfig
+    saved = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TINY_DIR)))
+    saved.save_pretrained(str(tmp_path / "model"))
+    cfg = load_config(None, ["sft_steps=0", "max_steps=1", "beta=0.1", f"model={tmp_path / 'model'}",
+                             f"tokenizer={TINY_DIR}"])
+    from opo_train.model import build_policy
+    policy = build_policy(cfg, info, seed=0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    ref = build_reference(cfg, info, policy, tmp_path / "out", resumed=True)  # nothing to reload
+    assert not (tmp_path / "out" / REFERENCE_FILE).exists()
+    want = dict(saved.named_parameters())
+    for n, t in iter_full_params(ref):
+        assert torch.equal(t, want[n].detach()), n
