@@ -218,13 +218,17 @@ def write(run: dict, out_dir: Path, stem: str) -> dict:
     return paths
 
 
-def readme_table(run: dict, source: str) -> str:
-    """The README's compact table of a run's headline cases (time x floor and peak memory per
-    method and inputs kind), generated, never typed."""
-    cases = [c for c in run["cases"] if c["group"] == "headline"]
+def readme_table(run: dict, source: str, group: str = "headline") -> str:
+    """The README's compact table of a run's cases in ``group`` (time x floor and peak memory
+    per method: one column group per inputs kind, or per V / N in a sweep), generated, never
+    typed."""
+    cases = [c for c in run["cases"] if c["group"] == group]
     if not cases:
         return ""
-    head = "| method | " + " | ".join(f"{c['inputs']}: ms | x floor | MiB" for c in cases) + " |"
+
+    def name(c):
+        return {"sweep-v": f"V={c['V']}", "sweep-n": f"N={c['N']}"}.get(group, c["inputs"])
+    head = "| method | " + " | ".join(f"{name(c)}: ms | x floor | MiB" for c in cases) + " |"
     rows = [head, "|---|" + "---:|---:|---:|" * len(cases)]
     for i, r0 in enumerate(cases[0]["methods"]):
         cells = []
@@ -237,7 +241,9 @@ def readme_table(run: dict, source: str) -> str:
                          f"{r['peak_bytes'] / MiB:.0f}")
         rows.append(f"| {r0['name']} | " + " | ".join(cells) + " |")
     m = run["meta"]
-    return (f"{m['device_name']}, {cases[0]['label']}, {m['timing']}; memory = peak above inputs "
+    shape = cases[0]["label"] if group == "headline" else \
+        f"N={cases[0]['N']} H={cases[0]['H']} {cases[0]['dtype']}, {cases[0]['inputs']} inputs"
+    return (f"{m['device_name']}, {shape}, {m['timing']}; memory = peak above inputs "
             f"and gradients. From `{source}` (`{m['command']}`).\n\n" + "\n".join(rows))
 
 
@@ -263,6 +269,8 @@ def main(argv=None):
     ap.add_argument("json", type=Path)
     ap.add_argument("--readme", type=Path, help="README whose marked block gets the table")
     ap.add_argument("--key", default="gpu", help="marker name of the README block")
+    ap.add_argument("--group", default="headline", help="cases of the README table: headline | "
+                                                         "sweep-v | sweep-n")
     args = ap.parse_args(argv)
     run = json.loads(args.json.read_text())
     for case in run["cases"]:
@@ -271,7 +279,7 @@ def main(argv=None):
     paths = write(run, args.json.parent, args.json.stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.readme:
-        update_readme(args.readme, args.key, readme_table(run, args.json.as_posix()))
+        update_readme(args.readme, args.key, readme_table(run, args.json.as_posix(), args.group))
         print(f"updated {args.readme} (bench:{args.key})")
 
 

@@ -27,28 +27,28 @@ from dataclasses import dataclass
 import torch
 
 
-# GEMM blocks per chunk at least (see default_chunk_tokens).
-MIN_CHUNK_BLOCKS = {"cpu": 4, "cuda": 1}
-
-
 def gemm_rows(device: torch.device) -> int:
-    """Rows of every logits GEMM: a constant per device type, never a function of the batch."""
-    return 128 if device.type == "cpu" else 512
+    """Rows of every logits GEMM: a constant, never a function of the batch (the device is an
+    argument so that a device may get its own)."""
+    # 512 rows keep the CPU sgemm at its full-batch speed (N = 1024, H = 512, fp32: 128-row
+    # blocks ran 1.07x the three-GEMM floor at V = 65536, 512-row blocks 0.99x).
+    return 512
 
 
 def default_chunk_tokens(V: int, device: torch.device) -> int:
-    """Tokens per logits chunk: at least ``MIN_CHUNK_BLOCKS`` GEMM blocks, more while a fp32
-    logits chunk stays within 64 MiB on CPU or 2 GiB on GPU; a power of two.
+    """Tokens per logits chunk: at least one GEMM block, more while a fp32 logits chunk stays
+    within 64 MiB on CPU or 2 GiB on GPU; a power of two.
 
     Each chunk re-reads the whole weight in two GEMMs and adds a V × H product into the fp32
-    weight gradient, so chunks must not shrink with the vocabulary: at V = 151936 (N = 1024,
-    H = 512, fp32, 2 CPU cores) 128-token chunks ran 7.7 s against 5.5 s for 512 (the memory
-    above inputs and gradients is then 297 MiB, a fifth of the materializing loss's 1482 MiB).
+    weight gradient, so chunks must not shrink with the vocabulary: with 512-token chunks the
+    native backend runs 0.98–1.02x the three-GEMM floor at V = 32000–151936 (N = 1024, H = 512,
+    fp32, 2 CPU cores) with a fifth of the materializing loss's memory
+    (bench/results/2026-11-27-cpu-vsweep.md).
     On an H200 at V = 151936, H = 4096, N = 8192, 2 GiB chunks took 58 ms where 512 MiB chunks
     took 109 ms (bench/results/2026-11-27-h200-notes.md).
     """
     budget = (64 << 20) if device.type == "cpu" else (2048 << 20)
-    rows = max(MIN_CHUNK_BLOCKS.get(device.type, 1) * gemm_rows(device), budget // (4 * max(V, 1)))
+    rows = max(gemm_rows(device), budget // (4 * max(V, 1)))
     return 1 << (rows.bit_length() - 1)
 
 
