@@ -55,8 +55,16 @@ def _worker(rank, world, port, out):
 @pytest.fixture(scope="module")
 def ranks_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("pg")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException as e:
+        # gloo can abort a rank at exit when its peer closes the connection first, after every
+        # collective is done; tolerated only when every rank wrote all its results before the
+        # final barrier (a failure during the work leaves a file missing, or raises otherwise).
+        files = [out / f"{n}-rank{r}.pt" for n in ("zscore", "center") for r in range(2)]
+        if e.signal_name != "SIGABRT" or not all(f.exists() for f in files):
+            raise
     return out
 
 
