@@ -19,33 +19,9 @@ from .errors import ConfigError
 
 from opo_kernels import LOSSES
 
-# The loss options' names and rules live with the loss (opo_kernels checks them, naming the key).
-# They are read from opo_kernels' internals when those are where they were; opo_kernels is being
-# refactored, so without them the trainer falls back to what its public API offers: the names
-# below, and the rules checked by a tiny public ``policy_loss`` call.
-try:
-    from opo_kernels.checks import check_options
-    from opo_kernels.dispatch import BACKENDS
-    from opo_kernels.losses import LossOptions
-    _KERNEL_OPTION_NAMES = tuple(LossOptions.__dataclass_fields__)
-except Exception:  # noqa: BLE001 - moved or renamed: the public fallback
-    LossOptions = check_options = None
-    BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
-    _KERNEL_OPTION_NAMES = ("loss", "alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize",
-                            "norm_scope", "group_size", "ref_correction", "max_log_ratio", "escort",
-                            "clip_eps_low", "clip_eps_high")
-
-
-def _check_loss_options(options: dict) -> None:
-    if check_options is not None:
-        check_options(LossOptions(**options))
-        return
-    import torch
-
-    import opo_kernels as ok
-    G = max(2, int(options.get("group_size") or 2))
-    logp = torch.zeros(G, 2)
-    ok.policy_loss(logp, logp, torch.zeros(G), torch.ones(G, 2, dtype=torch.bool), **options)
+# The loss options' names, defaults and rules live with the loss (opo_kernels.checks): the
+# trainer's keys of the same names are passed through and checked there, naming the key.
+from opo_kernels.checks import BACKENDS, LossOptions, check_options  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -118,7 +94,7 @@ class Config:
     math_verify_timeout: float = 5.0  # seconds per answer inside the math reward
 
     # -- loss -----------------------------------------------------------------------------------
-    loss: str = "opo"              # opo | grpo | dapo | gspo | dr_grpo
+    loss: str = "opo"              # one of opo_kernels.LOSSES: opo | grpo | dapo | gspo | dr_grpo | bnpo | cispo | sapo
     loss_impl: str = "fused"       # fused (opo_kernels, no logits) | naive (materialized logits)
     kernel_backend: str = "auto"   # opo_kernels backend=
     alpha: float = 0.4
@@ -207,14 +183,6 @@ class Config:
         choice("loss", LOSSES)
         choice("loss_impl", ("fused", "naive"))
         choice("kernel_backend", BACKENDS)
-        # A loss option the installed opo_kernels does not know cannot be passed to it: refused
-        # here rather than silently ignored.
-        for key in TERM_KEYS:
-            default = _FIELDS[key].default
-            if key not in _KERNEL_OPTION_NAMES and getattr(self, key) != default:
-                bad(key, f"the installed opo_kernels has no loss option {key!r} (it takes "
-                         f"{', '.join(_KERNEL_OPTION_NAMES)}); update opo_kernels or leave it at "
-                         f"its default {default!r}")
         if self.is_correction is None:
             for key in ("is_clip_max", "is_clip_min"):
                 if getattr(self, key) != _FIELDS[key].default:
@@ -223,7 +191,7 @@ class Config:
                              "sequence_mask)")
         # The loss options' rules live with the loss: opo_kernels checks them, naming the key.
         try:
-            _check_loss_options({k: getattr(self, k) for k in LOSS_OPTION_KEYS})
+            check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
         except (TypeError, ValueError) as e:  # its messages start with the option's name
             key = re.match(r"[a-z_]+", str(e)).group(0)
             raise ConfigError(f"config key {key!r}: {e}") from None
@@ -292,10 +260,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Config keys that are options of the loss itself (same names as opo_kernels' LossOptions).
-LOSS_OPTION_KEYS = tuple(k for k in _KERNEL_OPTION_NAMES if k in _FIELDS)
-# The off-policy terms (issue 9): refused when set and the installed opo_kernels lacks them.
-TERM_KEYS = ("is_correction", "is_clip_max", "is_clip_min", "beta", "use_bias_correction_kl",
-             "entropy_coef", "top_entropy_quantile")
+LOSS_OPTION_KEYS = tuple(k for k in LossOptions.__dataclass_fields__ if k in _FIELDS)
 _HINTS = typing.get_type_hints(Config)
 
 

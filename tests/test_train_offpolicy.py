@@ -188,13 +188,21 @@ def test_off_policy_keys_parse_and_reach_the_loss():
     assert load_config(None, ["is_correction=none"]).is_correction is None
 
 
-def test_option_the_installed_opo_kernels_lacks_is_refused(monkeypatch):
+def test_trainer_loss_keys_default_to_the_loss_defaults():
+    """The trainer's loss keys are opo_kernels' loss options under the same names, with the same
+    defaults (the loss owns them; a drifted default would silently change a run)."""
+    import dataclasses
+
     import opo_train.config as C
-    monkeypatch.setattr(C, "_KERNEL_OPTION_NAMES",
-                        tuple(k for k in C._KERNEL_OPTION_NAMES if k != "entropy_coef"))
-    load_config(None, [])  # its default is fine
-    with pytest.raises(ValueError, match=r"config key 'entropy_coef'.*installed opo_kernels has no"):
-        load_config(None, ["entropy_coef=0.01"])
+    from opo_kernels.checks import LossOptions
+
+    assert {"alpha", "mu", "entropy_coef", "is_correction", "beta"} <= set(C.LOSS_OPTION_KEYS)
+    loss_defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+    cfg = C.Config()
+    drift = {k: (getattr(cfg, k), loss_defaults[k]) for k in C.LOSS_OPTION_KEYS
+             if k not in ("group_size", "max_completion_length")
+             and getattr(cfg, k) != loss_defaults[k]}
+    assert not drift, drift
 
 
 # ----------------------------------------------------------------------------------------------
