@@ -109,34 +109,39 @@ def case_header(case: dict) -> str:
             f"(median of {len(fs)}, range {min(fs) * 1e3:.1f}-{max(fs) * 1e3:.1f} ms).\n")
 
 
+# The targets table's columns per device: (header, [(ratio key, limit key or None), ...]); a
+# column of several keys shows them as "median / best".
+TARGET_COLUMNS = {
+    "cuda": [("x floor (<= 1.3)", [("x_floor", "x_floor")]),
+             ("x Liger chunked time (<= 0.33)", [("x_liger", "x_liger")]),
+             ("x Liger chunked memory (<= 0.05)", [("x_liger_mem", "x_liger_mem")]),
+             ("x Liger Triton time", [("x_liger_triton", None)]),
+             ("x naive compiled time", [("x_naive_compile", None)])],
+    "cpu": [("x floor (<= 1.05): median / best", [("x_floor", "x_floor"),
+                                                   ("x_floor_min", "x_floor")]),
+            ("x Liger chunked time (<= 0.5): median / best", [("x_liger", "x_liger"),
+                                                              ("x_liger_min", "x_liger")]),
+            ("x naive peak memory (<= 0.25)", [("x_naive_mem", "x_naive_mem")])],
+}
+
+
 def targets_table(run: dict) -> str:
     if not run.get("targets"):
         return ""
-    lim = LIMITS[run["meta"]["device"]]
+    device = run["meta"]["device"]
+    lim, columns = LIMITS[device], TARGET_COLUMNS[device]
 
-    def cell(v, key=None):
+    def cell(v, key):
         if v is None:
             return "n/a"
         if key is None:
             return f"{v:.3f}"
         return f"{v:.3f} {'ok' if v <= lim[key] else 'MISSED'}"
-    if run["meta"]["device"] == "cuda":
-        rows = ["| inputs | method | x floor (<= 1.3) | x Liger chunked time (<= 0.33) "
-                "| x Liger chunked memory (<= 0.05) | x Liger Triton time | x naive compiled time |",
-                "|---|---|---:|---:|---:|---:|---:|"]
-        for t in run["targets"]:
-            rows.append(f"| {t['inputs']} | {t['method']} | {cell(t['x_floor'], 'x_floor')} | "
-                        f"{cell(t['x_liger'], 'x_liger')} | "
-                        f"{cell(t.get('x_liger_mem'), 'x_liger_mem')} | "
-                        f"{cell(t.get('x_liger_triton'))} | {cell(t.get('x_naive_compile'))} |")
-        return "\n".join(rows)
-    rows = ["| inputs | method | x floor (<= 1.05): median / best | x Liger chunked time (<= 0.5): "
-            "median / best | x naive peak memory (<= 0.25) |", "|---|---|---:|---:|---:|"]
+    rows = ["| inputs | method | " + " | ".join(h for h, _ in columns) + " |",
+            "|---|---|" + "---:|" * len(columns)]
     for t in run["targets"]:
-        rows.append(f"| {t['inputs']} | {t['method']} | {cell(t['x_floor'], 'x_floor')} / "
-                    f"{cell(t.get('x_floor_min'), 'x_floor')} | {cell(t['x_liger'], 'x_liger')} / "
-                    f"{cell(t.get('x_liger_min'), 'x_liger')} | "
-                    f"{cell(t['x_naive_mem'], 'x_naive_mem')} |")
+        cells = [" / ".join(cell(t.get(k), lk) for k, lk in keys) for _, keys in columns]
+        rows.append(f"| {t['inputs']} | {t['method']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -78,6 +78,25 @@ CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "bnpo"), ("dr_
          ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2}, "gspo")]
 
 
+def _same_loss_and_grads(stock, ours, inputs, ga):
+    """One compute_loss + backward on each trainer (same model copy, same inputs): the losses and
+    every parameter gradient agree (fp32, 1e-5 relative). Returns stock's gradients."""
+    results = []
+    for tr in (stock, ours):
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = ga
+        tr.model.zero_grad()
+        loss = tr.compute_loss(tr.model, dict(inputs))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters()}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-7)
+    assert set(g1) == set(g2)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    return g1
+
+
 @pytest.mark.parametrize("loss_type,extra,opo_loss", CASES, ids=[c[0] + "/" + c[2] for c in CASES])
 @pytest.mark.parametrize("ga", [1, 2])
 def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss, ga):
@@ -88,19 +107,7 @@ def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss
     stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
     ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
     assert ours.opo_loss_name == opo_loss
-    results = []
-    for tr in (stock, ours):
-        tr.model.train()
-        tr.current_gradient_accumulation_steps = ga
-        tr.model.zero_grad()
-        loss = tr.compute_loss(tr.model, dict(batch))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters()}))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-7)
-    assert set(g1) == set(g2)
-    for n in g1:
-        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    g1 = _same_loss_and_grads(stock, ours, batch, ga)
     assert g1["lm_head.weight"].abs().sum() > 0
     # TRL's metric names are logged by OPOTrainer too
     assert ours._metrics["train"]["entropy"] and stock._metrics["train"]["entropy"]
@@ -220,18 +227,7 @@ def test_terms_match_grpo_trainer(tmp_path, batch, loss_type, extra, is_mode, ga
             tr.use_vllm, tr.vllm_importance_sampling_correction = True, True
             (tr.vllm_importance_sampling_mode, tr.vllm_importance_sampling_clip_max,
              tr.vllm_importance_sampling_clip_min) = is_mode
-    results = []
-    for tr in (stock, ours):
-        tr.model.train()
-        tr.current_gradient_accumulation_steps = ga
-        tr.model.zero_grad()
-        loss = tr.compute_loss(tr.model, dict(inputs))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters()}))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-7)
-    for n in g1:
-        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    _same_loss_and_grads(stock, ours, inputs, ga)
     if extra.get("beta"):
         assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], rel=1e-5)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from opo_train.config import load_config
-from opo_train.rollout import HFEngine, Sample
+from opo_train.rollout import HFEngine
 
 # ----------------------------------------------------------------------------------------------
 # 1. HF engine: log-probs of the sampled tokens
@@ -129,17 +129,8 @@ class _FakeLLM:
         return outs
 
 
-def test_vllm_engine_asks_for_sampled_token_logprobs(monkeypatch):
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = _FakeLLM
-    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda prompt_token_ids: prompt_token_ids
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    for k in ("RANK", "WORLD_SIZE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
-        monkeypatch.delenv(k, raising=False)
-    _FakeLLM.calls = []
+def test_vllm_engine_asks_for_sampled_token_logprobs(install_fake_vllm):
+    install_fake_vllm(_FakeLLM)
     from opo_train.rollout import VLLMEngine
     eng = VLLMEngine(load_config(None, ["engine=vllm"]), tokenizer=None,
                      device=torch.device("cuda", 0))

@@ -2,7 +2,6 @@
 here). Checks what issue 11 item 12 asks: in one process the engine core stays in-process (so
 the model is reachable for weight pushes), weights wake before the KV cache with the new weights
 loaded in between, tensor_parallel_size is passed on and refused without torchrun."""
-import sys
 import types
 
 import pytest
@@ -39,18 +38,8 @@ class FakeLLM:
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = FakeLLM
-    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda prompt_token_ids: prompt_token_ids
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    for k in ("RANK", "WORLD_SIZE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
-        monkeypatch.delenv(k, raising=False)
-    FakeLLM.calls = []
-    return FakeLLM
+def fake_vllm(install_fake_vllm):
+    return install_fake_vllm(FakeLLM)
 
 
 def test_single_process_engine_is_in_process_and_wakes_in_order(fake_vllm):
