@@ -383,38 +383,54 @@ def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
-def _clip_terms(plan: LossPlan, ratio, adv_tok, mask):
+def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
+    """Per-token policy terms (n,) of the clipped family and sapo, and the clipped-token count.
+
+    lr (n,): the token's log-ratio (differentiable). The ratio e^lr may be past fp32's range
+    (lr > 88.7 for a stale anchor): a token whose term is constant there (clipped, dual-clipped,
+    A = 0, or sapo's saturated sigmoid) takes its constant value and no gradient, instead of
+    0 · ∞ = NaN; the others are the formula on e^lr.
+    """
     o = plan.opts
-    if o.loss == "cispo":
-        hi = o.clip()[1]
-        r = ratio.detach()
-        # −sg(min(r, ε_high)) · A · logp: the gradient of r·(log r) at the token is that of logp
-        term = -torch.clamp(r, max=hi) * adv_tok * torch.log(ratio)
-        is_clipped = ((r > hi) & (adv_tok > 0)).float() * mask
-        return term * mask, is_clipped.sum()
+    r = torch.exp(lr.detach())
     if o.loss == "sapo":
         t = torch.where(adv_tok > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
-        term = -torch.sigmoid(t * (ratio - 1.0)) * 4.0 / t * adv_tok
-        return term * mask, ratio.new_zeros(())
+        # r = ∞: σ(t(r − 1)) = 1 and its derivative 0 (float64: e^(−t·e^lr)·e^lr underflows).
+        live = torch.isfinite(r) & (adv_tok != 0)
+        rl = torch.exp(torch.where(live, lr, 0.0))
+        term = torch.where(live, -torch.sigmoid(t * (rl - 1.0)) * 4.0 / t * adv_tok,
+                           -4.0 / t * adv_tok)
+        return term * mask, lr.new_zeros(())
     lo, hi = o.clip()
-    clipped = torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
-    term = torch.maximum(-adv_tok * ratio, -adv_tok * clipped)
+    # max(−A·r, −A·clip(r)) (then dual clip min(·, −A·c) for A < 0): the constant branches
+    clip_hi = (r > 1.0 + hi) & (adv_tok > 0)
+    clip_lo = (r < 1.0 - lo) & (adv_tok < 0)
+    const = torch.where(clip_hi, -adv_tok * (1.0 + hi), -adv_tok * (1.0 - lo))
+    fixed = clip_hi | clip_lo | (adv_tok == 0)
     if o.clip_ratio_c is not None:  # dual clip (verl): negative advantages bounded by −A·c
-        term = torch.where(adv_tok < 0, torch.minimum(term, -adv_tok * o.clip_ratio_c), term)
-    r = ratio.detach()
-    is_clipped = (((r < 1.0 - lo) & (adv_tok < 0)) | ((r > 1.0 + hi) & (adv_tok > 0))).float() * mask
+        dual = (adv_tok < 0) & (r > o.clip_ratio_c)
+        const = torch.where(dual, -adv_tok * o.clip_ratio_c, const)
+        fixed = fixed | dual
+    const = torch.where(adv_tok == 0, 0.0, const)
+    live = ~fixed
+    rl = torch.exp(torch.where(live, lr, 0.0))
+    term = torch.where(live, -adv_tok * rl, const)
+    is_clipped = (clip_hi | clip_lo).float() * mask
     return term * mask, is_clipped.sum()
 
 
 def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     o = plan.opts
     d_tok = (logp - old) * mask
-    ratio = torch.exp(d_tok)
+    r = torch.exp(d_tok.detach())
     adv_tok = plan.adv[seq]
-    term, n_clip = _clip_terms(plan, ratio, adv_tok, mask)
     if o.loss == "cispo":
-        # the policy term is −sg(min(r, ε)) · A · logp (TRL): its value uses logp itself
-        term = term - (-torch.clamp(ratio.detach(), max=o.clip()[1]) * adv_tok * (d_tok - logp * mask))
+        # −sg(min(r, ε_high)) · A · logp (TRL): r = ∞ past fp32's exp range weighs ε_high
+        hi = o.clip()[1]
+        term = -torch.clamp(r, max=hi) * adv_tok * logp * mask
+        n_clip = (((r > hi) & (adv_tok > 0)).float() * mask).sum()
+    else:
+        term, n_clip = _clip_terms(plan, d_tok, adv_tok, mask)
     if tw is not None:
         term = term * tw
     if sw is not None:
@@ -427,7 +443,7 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     else:  # dr_grpo
         loss = term.sum() / plan.dr_denom
     dd = d_tok.detach()
-    v = (ratio.detach() - 1.0) * mask
+    v = (r - 1.0) * mask
     sums = torch.stack([dd.sum(), dd.abs().sum(), (v * v).sum(), n_clip])
     return loss, sums
 
@@ -438,10 +454,10 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     d_tok = (logp - old) * mask
     log_s = segment_sum(d_tok.detach(), lengths) / L.clamp_min(1)
     # Token form s_{i,t} = sg(s_i) · exp(logp − sg(logp)): the value of the sequence ratio, the
-    # gradient of each token's own log-prob.
-    s_tok = torch.exp(log_s[seq - s0] + logp - logp.detach())
+    # gradient of each token's own log-prob (passed as its log, exp'd by _clip_terms).
+    lr_tok = log_s[seq - s0] + logp - logp.detach()
     adv_tok = plan.adv[seq]
-    term, n_clip = _clip_terms(plan, s_tok, adv_tok, mask)
+    term, n_clip = _clip_terms(plan, lr_tok, adv_tok, mask)
     if tw is not None:
         term = term * tw
     if sw is not None:
