@@ -7,10 +7,34 @@
   hands them out scaled by the incoming gradient and keeps no reference to them (no extra
   copy of dweight: a caller may modify what it got); a second backward through a retained graph
   computes them again.
+
+Neither backward is differentiable: after ``create_graph=True`` the gradients they return raise a
+RuntimeError when differentiated, instead of contributing a silent zero Hessian.
 """
 from __future__ import annotations
 
 import torch
+
+_SECOND_ORDER = (b"opo_kernels: the gradient of the fused loss / linear_logprobs is computed by the "
+                 b"kernels and is not differentiable (no second order, no create_graph=True "
+                 b"through it); for higher-order terms use policy_loss on log-probs")
+
+
+def _no_second_order(grads, inputs):
+    """``grads`` as they are, or, in a backward with ``create_graph=True``, copies that raise a
+    RuntimeError when differentiated (never a silent zero Hessian). ``inputs``: the function's
+    differentiable inputs, linked to the copies so that a gradient taken w.r.t. them reaches the
+    error."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = [g for g in grads if g is not None]
+    links = [t for t in inputs if t is not None and t.requires_grad]
+    if not live:
+        return grads
+    args = [g.detach().requires_grad_() for g in live] + links
+    out = torch._C._functions.DelayedError(_SECOND_ORDER, len(args))(*args)
+    out = iter((out,) if isinstance(out, torch.Tensor) else out)
+    return [None if g is None else next(out) for g in grads]
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -27,12 +51,13 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        g_ent = None if g_ent is None else g_ent.float().contiguous()
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = ctx.backend.grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
-                                       need_h, need_w, need_b and bias is not None)
-        return dh, dw, db, None, None
+        with torch.no_grad():
+            g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+            g_ent = None if g_ent is None else g_ent.float().contiguous()
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            dh, dw, db = ctx.backend.grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
+                                           need_h, need_w, need_b and bias is not None)
+        return (*_no_second_order([dh, dw, db], [hidden, weight, bias]), None, None)
 
 
 def _one_pass(backend, hidden, weight, bias, la, needs):
@@ -63,11 +88,13 @@ class OnePassLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_sums, _g_ent):
         grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            hidden, weight, bias = ctx.saved_tensors
-            grads = _one_pass(ctx.backend, hidden, weight, bias, ctx.la, ctx.needs)[3]
-        # The gradients were formed for d(loss) = 1; scale them (in place: they are ours to give).
-        unit = g_loss.device.type == "cpu" and g_loss.item() == 1.0
-        if not unit:
-            grads = [None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads]
+        with torch.no_grad():
+            if grads is None:
+                hidden, weight, bias = ctx.saved_tensors
+                grads = _one_pass(ctx.backend, hidden, weight, bias, ctx.la, ctx.needs)[3]
+            # The gradients were formed for d(loss) = 1; scale them (in place: they are ours to give).
+            unit = g_loss.device.type == "cpu" and g_loss.item() == 1.0
+            if not unit:
+                grads = [None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads]
+        grads = _no_second_order(grads, ctx.saved_tensors)
         return grads[0], grads[1], grads[2], None, None

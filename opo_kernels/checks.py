@@ -272,6 +272,26 @@ def check_entropy_for_grad(entropy, grad_entropy) -> None:
         raise ValueError("entropy must be given when grad_entropy is given")
 
 
+# Log-probs are ≤ 0; fp32 rounding of z_t − logsumexp(z) can leave a confident token's value a
+# few ulp of |logits| above 0. 2^-9 is 2 ulp of fp32 at |logits| < 2^13: anything larger is not
+# a log-prob (e.g. an NLL passed with the wrong sign).
+LOGP_TOL = 2.0 ** -9
+
+
+def _logp_flags(t, valid):
+    """(any non-finite, any > LOGP_TOL) at valid positions of log-probs ``t``, as 0-d bool
+    tensors (no device sync)."""
+    x = t.detach().reshape(-1).float()
+    return (valid & ~torch.isfinite(x)).any(), (valid & (x > LOGP_TOL)).any()
+
+
+def _raise_positive_logps(name, t, valid):
+    x = t.detach().reshape(-1).float()
+    vals = x[valid & (x > LOGP_TOL)][:5].tolist()
+    raise ValueError(f"{name} must be log-probs (<= 0, up to rounding {LOGP_TOL:g}) at valid "
+                     f"positions, got e.g. {vals} (negative log-likelihoods passed as log-probs?)")
+
+
 def check_logps(logps, mask_valid) -> None:
     """The per-token log-probs of :func:`opo_kernels.policy_loss`: float, (B, T) or (N,), finite
     where valid (``mask_valid`` (N,) bool or None)."""
@@ -279,8 +299,12 @@ def check_logps(logps, mask_valid) -> None:
         raise TypeError(f"logps must be a float tensor, got {getattr(logps, 'dtype', type(logps).__name__)}")
     if logps.dim() not in (1, 2):
         raise ValueError(f"logps must be (B, T) or (N,), got {tuple(logps.shape)}")
-    if mask_valid is not None and not bool(torch.isfinite(logps.reshape(-1)[mask_valid]).all()):
-        raise ValueError("logps must be finite at valid positions, got NaN/inf")
+    if mask_valid is not None:
+        bad, pos = torch.stack(_logp_flags(logps, mask_valid)).tolist()
+        if bad:
+            raise ValueError("logps must be finite at valid positions, got NaN/inf")
+        if pos:
+            _raise_positive_logps("logps", logps, mask_valid)
 
 
 def check_rows(name: str, t, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor:
@@ -460,7 +484,7 @@ def check_values(targets, V, mask, advantages, old_logps, lay: Layout) -> bool:
     bad_a = (seq_valid & ~torch.isfinite(advantages.float())).any()
     flags = [bad_t, bad_a]
     if old_logps is not None:
-        flags.append((valid & ~torch.isfinite(old_logps.reshape(-1).float())).any())
+        flags.extend(_logp_flags(old_logps, valid))
     flags.append((~valid).any())
     res = torch.stack(flags).tolist()
     if res[0]:
@@ -470,6 +494,8 @@ def check_values(targets, V, mask, advantages, old_logps, lay: Layout) -> bool:
         raise ValueError(f"advantages must be finite for sequences with valid tokens, got e.g. {vals}")
     if old_logps is not None and res[2]:
         raise ValueError("old_logps must be finite at valid positions, got NaN/inf")
+    if old_logps is not None and res[3]:
+        _raise_positive_logps("old_logps", old_logps, valid)
     return bool(res[-1])
 
 
@@ -554,6 +580,21 @@ def _count(name, v):
 
 
 _ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")
+_TOKEN_MEAN_LOSSES = ("dapo", "bnpo", "cispo")
+
+
+def counts_read(o: LossOptions) -> tuple[bool, bool]:
+    """Whether the loss with options ``o`` reads ``(num_items_in_batch, num_seqs_in_batch)``.
+
+    The token count is the denominator of a token mean: the policy term of dapo / bnpo / cispo /
+    token-level OPO (and their KL), or the entropy bonus. The sequence count is that of a
+    sequence mean (grpo, sapo, gspo, sequence-level OPO) or dr_grpo's B. escort="group_softmax"
+    reads neither (its weights need whole groups in one call).
+    """
+    if o.loss == "opo" and o.escort == "group_softmax":
+        return False, False
+    token_mean = o.loss in _TOKEN_MEAN_LOSSES or (o.loss == "opo" and o.level == "token")
+    return token_mean or o.entropy_coef > 0, not token_mean
 
 
 def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=None, ref_logps=None,
@@ -571,8 +612,11 @@ def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=N
             raise ValueError(f"{name} shape {_shape(t)} must equal targets shape {_shape(targets)}")
         if t.device != targets.device:
             raise ValueError(f"{name} is on {t.device}, targets on {targets.device}")
-        if bool((mask_valid & ~torch.isfinite(t.reshape(-1).float())).any()):
+        bad, pos = torch.stack(_logp_flags(t, mask_valid)).tolist()
+        if bad:
             raise ValueError(f"{name} must be finite at valid positions, got NaN/inf")
+        if pos:
+            _raise_positive_logps(name, t, mask_valid)
     if o.beta > 0 and ref_logps is None:
         raise ValueError(f"beta={o.beta!r} > 0 needs ref_logps (the reference model's log-probs)")
     if o.is_correction is not None and rollout_logps is None:
@@ -598,7 +642,36 @@ def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=N
     if (ni is not None or ns is not None) and o.loss == "opo" and o.escort == "group_softmax":
         raise ValueError("num_items_in_batch / num_seqs_in_batch do not apply to escort='group_softmax' "
                          "(its weights and adaptive τ need whole groups in one call)")
+    reads = counts_read(o)
+    for name, v, read in (("num_items_in_batch", ni, reads[0]), ("num_seqs_in_batch", ns, reads[1])):
+        if v is not None and not read:
+            what = f"loss={o.loss!r}" + (f", level={o.level!r}" if o.loss == "opo" else "") + \
+                f", entropy_coef={o.entropy_coef!r}"
+            raise ValueError(f"{name}={v!r} has no effect with {what} (no mean of the loss divides "
+                             f"by it): leave it None")
     return ni, ns
+
+
+def check_completion_length(o: LossOptions, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+    """dr_grpo divides by ``max_completion_length``: no sequence may have more valid tokens than
+    that. mask (N,) fp32 0/1; lengths (B,) int64 tokens per sequence (one device sync)."""
+    if o.loss != "dr_grpo" or o.max_completion_length is None or mask.numel() == 0:
+        return
+    longest = int(torch.segment_reduce(mask, "sum", lengths=lengths, unsafe=True).max())
+    if longest > o.max_completion_length:
+        raise ValueError(f"max_completion_length={o.max_completion_length!r} is shorter than a "
+                         f"sequence of the batch ({longest} valid tokens); dr_grpo divides by "
+                         "B · max_completion_length, the longest completion the sampler may produce")
+
+
+def check_process_group(process_group) -> None:
+    """None or a ``torch.distributed.ProcessGroup``."""
+    if process_group is None:
+        return
+    import torch.distributed as dist
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup, got "
+                        f"{type(process_group).__name__} {process_group!r}")
 
 
 def check_omega_values(omega, seq_valid) -> None:

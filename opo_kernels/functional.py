@@ -40,15 +40,19 @@ def _autocast_inputs(hidden, weight, bias):
 
 
 def _masked_old(old_logps, m):
-    """(N,) fp32 anchor log-probs, 0 at masked positions (whatever they held: NaN·0 is NaN)."""
+    """(N,) fp32 anchor log-probs, 0 at masked positions (whatever they held: NaN·0 is NaN).
+
+    Anchors (old, reference, rollout log-probs) are constants of the loss: any autograd history
+    they carry is cut here, so every backend and path gives the same gradient."""
     if old_logps is None:
         return None
-    return torch.where(m > 0, old_logps.reshape(-1).float(), 0.0)
+    return torch.where(m > 0, old_logps.detach().reshape(-1).float(), 0.0)
 
 
 def _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
             num_seqs_in_batch) -> Extras:
     """The issue-9 inputs, validated and masked (masked positions: 0, whatever they held)."""
+    checks.check_completion_length(opts, m, lay.lengths_t)
     ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=omega, ref_logps=ref_logps,
                                     rollout_logps=rollout_logps, num_items_in_batch=num_items_in_batch,
                                     num_seqs_in_batch=num_seqs_in_batch)
@@ -188,6 +192,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     """
     hidden, weight, bias = _check_head(hidden, weight, bias, targets, temperature, ignore_index)
     checks.check_loss_tensors(advantages, old_logps, targets)
+    checks.check_process_group(process_group)
     lay = checks.layout(targets, advantages.shape[0], seq_ids, cu_seqlens)
     opts = _options("fused_policy_loss", loss, options, lay)
     V, H = weight.shape
@@ -246,6 +251,7 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     """
     checks.check_logps(logps, None)
     checks.check_loss_tensors(advantages, old_logps, logps)
+    checks.check_process_group(process_group)
     lay = checks.layout(logps, advantages.shape[0], seq_ids, cu_seqlens)
     opts = _options("policy_loss", loss, options, lay)
     if opts.escort == "group_softmax" and opts.adaptive_tau and vocab_size is None:

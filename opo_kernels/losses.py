@@ -80,6 +80,7 @@ def escort_weights(advantages: torch.Tensor, *, alpha: float = 0.4, tau: float =
     checks.check_options(LossOptions(alpha=alpha, tau=tau, normalize=normalize,
                                      norm_scope=norm_scope, group_size=group_size))
     checks.check_escort_inputs(advantages, valid, anchor_seq_logps)
+    checks.check_process_group(process_group)
     checks.check_group_size(group_size if norm_scope == "group" else None, advantages.shape[0])
     return _escort_weights(advantages, alpha, tau, normalize, norm_scope, group_size,
                            anchor_seq_logps, valid, process_group)

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from opo_kernels.checks import LossOptions, counts_read
+
 from .config import LOSS_OPTION_KEYS, Config, load_config
 from .errors import ConfigError, TrainingStopped
 from .data import ToyTask, as_dataset, is_conversation, load_hf_rows, load_math
@@ -286,7 +288,8 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
     dict per optimizer step with the global loss, grad norm and the kernel's metrics (local).
     """
     kw = loss_kwargs(cfg, info)
-    use_global = info.world > 1 and not (cfg.loss == "opo" and cfg.escort == "group_softmax")
+    reads_items, reads_seqs = counts_read(LossOptions(**{k: getattr(cfg, k) for k in LOSS_OPTION_KEYS}))
+    use_global = info.world > 1 and (reads_items or reads_seqs)
     for g in optimizer.param_groups:
         g["lr"] = lr
     stats = []
@@ -303,8 +306,10 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
                 extra["ref_logps"] = refs[k]
             if use_global:
                 n_tok, n_seq, n_rows = global_counts(b, info)
-                extra["num_items_in_batch"] = n_tok
-                extra["num_seqs_in_batch"] = n_rows if cfg.loss == "dr_grpo" else n_seq
+                if reads_items:
+                    extra["num_items_in_batch"] = n_tok
+                if reads_seqs:
+                    extra["num_seqs_in_batch"] = n_rows if cfg.loss == "dr_grpo" else n_seq
             loss, m = policy(b, mode="loss", advantages=b["advantages"], old_logps=old,
                              loss_kwargs=extra, impl=cfg.loss_impl, backend=cfg.kernel_backend,
                              temperature=cfg.temperature)

@@ -121,3 +121,213 @@ def test_policy_loss_ratio_past_exp_range(lossname):
     assert torch.isfinite(loss) and bool(torch.isfinite(lp.grad).all()), lossname
     close(loss, want, "loss", floor=1e-2)
     close(lp.grad.reshape(-1), x.grad, "dloss/dlogp")
+
+
+# ------------------------------------------------------------------------------------------------
+# Anchors with autograd history are constants of the loss, on every backend and in policy_loss
+# ------------------------------------------------------------------------------------------------
+
+def _anchor_grads(bt, backend, opts, with_history):
+    h = bt.hidden.clone().requires_grad_(True)
+    w = bt.weight.clone().requires_grad_(True)
+    # an anchor computed with grad enabled from the same leaves (a trainer that forgot no_grad)
+    lp = linear_logprobs(h, w, bt.targets, bias=bt.bias, backend="torch")
+    lp = torch.where(bt.valid.reshape(lp.shape) > 0, lp, 0.0)
+    anchors = {"old_logps": lp + 0.1, "ref_logps": lp - 0.2, "rollout_logps": lp + 0.05}
+    if not with_history:
+        anchors = {k: v.detach() for k, v in anchors.items()}
+    extra = {} if backend in ("reference", "fused") else {"chunk_size": 8}
+    loss, _ = fused_policy_loss(h, w, bt.targets, bt.advantages, anchors["old_logps"], bt.mask,
+                                bias=bt.bias, backend=backend, ref_logps=anchors["ref_logps"],
+                                rollout_logps=anchors["rollout_logps"], **extra, **opts)
+    return torch.autograd.grad(loss, [h, w])
+
+
+ANCHOR_CASES = {
+    "opo": {"loss": "opo", "beta": 0.1, "is_correction": "token_truncate"},
+    "group_softmax": {"loss": "opo", "escort": "group_softmax", "group_size": 2},
+    "top_entropy": {"loss": "dapo", "top_entropy_quantile": 0.5, "beta": 0.1},
+    "grpo": {"loss": "grpo", "beta": 0.1, "is_correction": "sequence_mask", "is_clip_min": 0.5},
+}
+
+
+@pytest.mark.parametrize("backend", ref.backends("torch", "native", "reference", "fused"))
+@pytest.mark.parametrize("case", list(ANCHOR_CASES))
+def test_anchor_with_history_is_a_constant(backend, case):
+    """One-pass and two-phase paths alike: the gradient is that of the detached anchors."""
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2, junk_masked=False)
+    got = _anchor_grads(bt, backend, ANCHOR_CASES[case], True)
+    want = _anchor_grads(bt, backend, ANCHOR_CASES[case], False)
+    for g, w_, n in zip(got, want, ("dh", "dw")):
+        assert torch.equal(g, w_), (n, (g - w_).abs().max().item())
+
+
+def test_policy_loss_anchor_with_history_is_a_constant():
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    lp64, _ = ref.logprobs(bt.hidden.reshape(-1, bt.H), bt.weight, bt.targets.reshape(-1), bt.bias)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+
+    def grad(with_history):
+        lp = lp64.float().reshape(m.shape).requires_grad_(True)
+        a = lp if with_history else lp.detach()
+        loss, _ = policy_loss(lp, a + 0.1, bt.advantages, m, loss="opo", ref_logps=a - 0.2,
+                              rollout_logps=a + 0.05, beta=0.1, is_correction="token_truncate")
+        return torch.autograd.grad(loss, lp)[0]
+
+    assert torch.equal(grad(True), grad(False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Second order: refused with a clear error, never a silent zero Hessian
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ref.backends("torch", "native", "reference"))
+@pytest.mark.parametrize("lossname", ["opo", "grpo", "gspo_two_phase"])
+def test_double_backward_refused(backend, lossname):
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    opts = {"loss": "gspo", "top_entropy_quantile": 0.5} if lossname == "gspo_two_phase" else \
+        {"loss": lossname}
+    h = bt.hidden.clone().requires_grad_(True)
+    w = bt.weight.clone().requires_grad_(True)
+    loss, _ = fused_policy_loss(h, w, bt.targets, bt.advantages, bt.old_logps, bt.mask,
+                                bias=bt.bias, backend=backend, **opts)
+    (gh,) = torch.autograd.grad(loss, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad((gh * gh).sum(), [h, w])
+    # inside a larger objective (a gradient penalty): still refused, not a partial Hessian
+    total = loss + (h * h).sum()
+    (gh,) = torch.autograd.grad(total, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(gh.sum(), h)
+
+
+@pytest.mark.parametrize("backend", ref.backends("torch", "reference"))
+def test_create_graph_first_order_unchanged(backend):
+    """create_graph=True alone (no second backward) gives the ordinary gradient."""
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    h = bt.hidden.clone().requires_grad_(True)
+    out = []
+    for cg in (False, True):
+        loss, _ = fused_policy_loss(h, bt.weight, bt.targets, bt.advantages, bt.old_logps, bt.mask,
+                                    bias=bt.bias, backend=backend)
+        out.append(torch.autograd.grad(loss, h, create_graph=cg)[0].detach())
+    assert torch.equal(out[0], out[1])
+
+
+def test_double_backward_linear_logprobs_refused():
+    bt = ref.make_batch("bt", B=2, T=3, H=8, V=17, empty_row=False, junk_masked=False)
+    h = bt.hidden.clone().requires_grad_(True)
+    lp = linear_logprobs(h, bt.weight, bt.targets.clamp_min(0), backend="torch")
+    (gh,) = torch.autograd.grad(lp.sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(gh.pow(2).sum(), h)
+
+
+def test_double_backward_policy_loss_is_right():
+    """policy_loss is plain autograd: its second order is float64's."""
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    lp64, _ = ref.logprobs(bt.hidden.reshape(-1, bt.H), bt.weight, bt.targets.reshape(-1), bt.bias)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+    lp = lp64.float().reshape(m.shape).requires_grad_(True)
+    loss, _ = policy_loss(lp, bt.old_logps, bt.advantages, m, loss="opo", level="token",
+                          ratio="exact")
+    (g,) = torch.autograd.grad(loss, lp, create_graph=True)
+    (gg,) = torch.autograd.grad((g * g).sum(), lp)
+    x = lp.detach().double().reshape(-1).requires_grad_(True)
+    want, _ = ref.policy_loss(x, bt.old_logps.reshape(-1).double(), bt.advantages, bt.valid,
+                              bt.lengths, loss="opo", level="token", ratio="exact")
+    (gx,) = torch.autograd.grad(want, x, create_graph=True)
+    (ggx,) = torch.autograd.grad((gx * gx).sum(), x)
+    assert float(ggx.abs().max()) > 0
+    close(gg.reshape(-1), ggx, "d(|dL/dlogp|^2)/dlogp", rtol=1e-4, atol_rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-probs must be <= 0 (up to rounding): a wrong-sign NLL is refused, naming the argument
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["old_logps", "ref_logps", "rollout_logps"])
+@pytest.mark.parametrize("api", ["fused", "policy_loss"])
+def test_positive_logps_refused(name, api):
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+    nll = -bt.old_logps  # an NLL passed with the wrong sign
+    kw = {"ref_logps": bt.old_logps, "rollout_logps": bt.old_logps, "beta": 0.1}
+    old = nll if name == "old_logps" else bt.old_logps
+    if name != "old_logps":
+        kw[name] = nll
+    with pytest.raises(ValueError, match=name):
+        if api == "fused":
+            fused_policy_loss(bt.hidden, bt.weight, bt.targets, bt.advantages, old, bt.mask,
+                              bias=bt.bias, backend="torch", **kw)
+        else:
+            policy_loss(bt.old_logps, old, bt.advantages, m, **kw)
+
+
+def test_positive_policy_logps_refused():
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+    with pytest.raises(ValueError, match="logps"):
+        policy_loss(-bt.old_logps, bt.old_logps, bt.advantages, m)
+
+
+def test_logps_rounding_above_zero_accepted_and_masked_positions_ignored():
+    """A confident token's fp32 log-prob may round a hair above 0; masked positions may hold
+    anything."""
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+    old = bt.old_logps.clone()
+    old[m] = old[m].clamp(max=0.0)
+    old[0, m[0].nonzero()[0, 0]] = 1e-6
+    old[~m] = 50.0
+    loss, _ = policy_loss(bt.old_logps.clamp(max=0.0), old, bt.advantages, m, ref_logps=old,
+                          beta=0.1)
+    assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options a loss would ignore are refused
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss,kw,name", [
+    ("grpo", {"num_items_in_batch": 10}, "num_items_in_batch"),
+    ("sapo", {"num_items_in_batch": 10}, "num_items_in_batch"),
+    ("dapo", {"num_seqs_in_batch": 4}, "num_seqs_in_batch"),
+    ("cispo", {"num_seqs_in_batch": 4}, "num_seqs_in_batch"),
+    ("dr_grpo", {"max_completion_length": 2}, "max_completion_length"),
+    ("opo", {"process_group": "world"}, "process_group"),
+    ("grpo", {"process_group": 0}, "process_group"),
+])
+@pytest.mark.parametrize("api", ["fused", "policy_loss"])
+def test_ignored_option_refused(loss, kw, name, api):
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2, use_mask=False)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+    exc = TypeError if name == "process_group" else ValueError
+    with pytest.raises(exc, match=name):
+        if api == "fused":
+            fused_policy_loss(bt.hidden, bt.weight, bt.targets, bt.advantages, bt.old_logps, m,
+                              bias=bt.bias, backend="torch", loss=loss, **kw)
+        else:
+            policy_loss(bt.old_logps, bt.old_logps, bt.advantages, m, loss=loss, **kw)
+
+
+@pytest.mark.parametrize("loss,kw", [
+    ("grpo", {"num_seqs_in_batch": 8}),
+    ("grpo", {"num_items_in_batch": 30, "entropy_coef": 0.01}),  # the entropy bonus' token mean
+    ("dapo", {"num_items_in_batch": 30}),
+    ("dr_grpo", {"num_seqs_in_batch": 8, "max_completion_length": 5}),
+    ("opo", {"num_seqs_in_batch": 8}),
+])
+def test_counts_the_loss_reads_accepted(loss, kw):
+    bt = ref.make_batch("bt", B=4, T=5, H=16, V=67, empty_row=False, seed=2, use_mask=False)
+    m = bt.valid.reshape(bt.targets.shape) > 0
+    ent = torch.rand(m.shape) if "entropy_coef" in kw else None
+    out, _ = policy_loss(bt.old_logps, bt.old_logps - 0.1, bt.advantages, m, loss=loss,
+                         entropy=ent, **kw)
+    assert torch.isfinite(out)
+
+
+def test_escort_weights_process_group_checked():
+    from opo_kernels import escort_weights
+    with pytest.raises(TypeError, match="process_group"):
+        escort_weights(torch.randn(4), process_group="world")

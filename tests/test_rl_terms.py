@@ -12,6 +12,7 @@ import torch
 import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import escort_weights, fused_policy_loss, policy_loss
+from opo_kernels.checks import OPTION_NAMES, LossOptions, counts_read
 
 TOL = dict(rtol=1e-5, atol_rel=1e-5)
 
@@ -169,7 +170,9 @@ def test_microbatches_equal_one_call(k, lossname, terms):
         w = weight
         kw = dict(opts)
         if glob:
-            kw.update(num_items_in_batch=n_items, num_seqs_in_batch=n_seqs)
+            reads = counts_read(LossOptions(**{k: v for k, v in kw.items() if k in OPTION_NAMES}))
+            kw.update({k: v for k, v, r in (("num_items_in_batch", n_items, reads[0]),
+                                            ("num_seqs_in_batch", n_seqs, reads[1])) if r})
             if omega is not None:
                 kw["omega"] = omega[s0:s1]
         if terms == "terms":

@@ -52,6 +52,7 @@ _trl = require("trl", "1.16", "trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from opo_kernels import escort_weights, fused_policy_loss, policy_loss  # noqa: E402
+from opo_kernels.checks import LossOptions, counts_read  # noqa: E402
 from opo_kernels.losses import segment_sum  # noqa: E402
 
 __all__ = ["OPOConfig", "OPOTrainer"]
@@ -317,6 +318,12 @@ class OPOTrainer(GRPOTrainer):
                 process_group = torch.distributed.group.WORLD  # ω over every rank of the call
         if ent_coef:
             extra["entropy_coef"] = ent_coef
+        # the global counts go only to a loss that divides by them
+        reads = counts_read(LossOptions(**{"loss": self.opo_loss_name, **self._opo_options,
+                                           "entropy_coef": float(ent_coef or 0.0)}))
+        for key, read in zip(("num_items_in_batch", "num_seqs_in_batch"), reads):
+            if not read:
+                extra.pop(key, None)
         lm = self._causal_lm(self.accelerator.unwrap_model(model))
         loss, m = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask, completion_ids,
                                      advantages, old, mask.bool(), process_group, **extra)
