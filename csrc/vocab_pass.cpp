@@ -1,5 +1,6 @@
 // The vocabulary pass of the OPO loss on CPU: per-row log-sum-exp, target log-prob and entropy
-// (forward), and dz = (g (onehot - p) - g_ent p (s - lse + H)) / T written in place (backward).
+// (forward), and dz = (g (onehot - p) - g_ent p (s - lse + H)) / T written in place (backward),
+// with s = logits / T rounded as the torch backend rounds it.
 //
 // Contract: opo_kernels/vocab_torch.py (the slow PyTorch version of the same thing).
 // Registered as torch ops so that the dispatcher and torch.compile see them:
@@ -176,6 +177,30 @@ OPO_INLINE vf vexp(vf x) {
   return x < lo ? splat(0.0f) : v;
 }
 
+// e^x · 2^64 for x in [ln 2^-150, ln FLT_MIN), where e^x itself is an fp32 denormal; 0 elsewhere.
+// The entropy of a nearly one-hot row is a sum of such terms: computed at this scale they stay
+// normal numbers (no denormal arithmetic, no flush to 0), as accurate as any other fp32 term.
+OPO_INLINE vf vexp_tiny_scaled(vf x) {
+  const float lo = -87.33654f;
+  const float lo2 = -103.97208f;  // ln 2^-150: below it e^x rounds to 0 in fp32
+  vf xc = x < lo2 ? splat(lo2) : x;
+  xc = xc > lo ? splat(lo) : xc;
+  const float shifter = 12582912.0f;
+  vf k = (xc * 1.44269504088896341f + shifter) - shifter;
+  vf r = xc - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  vf y = p * r * r + r + 1.0f;
+  vi ki = __builtin_convertvector(k, vi) + 64;
+  vf v = y * reinterpret_cast<vf>((ki + 127) << 23);
+  return (x < lo) & (x >= lo2) ? v : splat(0.0f);
+}
+
 OPO_INLINE float hsum(vf v) {
   // A fixed pairwise tree (the lanes of a register hold interleaved partial sums).
   float t[W];
@@ -189,6 +214,23 @@ OPO_INLINE float hmax(vf v) {
   float m = v[0];
   for (int64_t i = 1; i < W; ++i) m = std::max(m, v[i]);
   return m;
+}
+
+// s = logits / T, rounded exactly as the torch backend rounds it (a true division; x * (1/T)
+// differs in the last bit for ~20% of values, and an FMA of it with the next subtraction keeps the
+// unrounded product). Every use of s — the max, the exp sums, the target's log-prob and the
+// backward's p — then sees the same s: at T = 0.01 an unrounded s in one place and a rounded one
+// in another shifts p by ulp(s) ~ 1e-5 relative, which is noise on a saturated row's 1 − p.
+// UNIT (T == 1): s = x, no division.
+template <bool UNIT>
+OPO_INLINE vf scaled(vf v, float t) {
+  if constexpr (UNIT) return v;
+  return v / t;
+}
+template <bool UNIT>
+OPO_INLINE float scaled1(float v, float t) {
+  if constexpr (UNIT) return v;
+  return v / t;
 }
 
 // Rows per parallel task: below ~64K elements of work, starting threads costs more than it saves.
@@ -221,16 +263,36 @@ struct RowSums {
     M = block_max;
   }
 
-  OPO_INLINE void add(vf v, float inv_t, vf& bz, vf& bzd) const {
-    vf d = v * inv_t - M;
+  template <bool UNIT>
+  OPO_INLINE void add(vf v, float t, vf& bz, vf& bzd) const {
+    vf d = scaled<UNIT>(v, t) - M;
     vf e = vexp(d);
     bz += e;
     bzd += e == 0.0f ? splat(0.0f) : e * d;  // 0 * (-inf) would be NaN for masked logits
   }
 };
 
-template <typename scalar_t>
-void forward_row(const scalar_t* x, int64_t V, int64_t t, float inv_t, float* logp, float* lse,
+// The entropy of a row whose non-target probabilities are fp32 denormals (below FLT_MIN, which the
+// exp of the main pass flushes to 0): H = -sum p log p in a second pass over the row, the
+// denormal terms scaled by 2^64. L = lse of the row.
+template <bool UNIT, typename scalar_t>
+float tiny_entropy(const scalar_t* x, int64_t V, float temp, float L) {
+  const int64_t Vv = V - V % W;
+  vf hn = {}, hs = {};
+  auto add = [&](vf v) {
+    vf d = scaled<UNIT>(v, temp) - L;  // log p
+    vf e = vexp(d);
+    vf es = vexp_tiny_scaled(d);
+    hn += e == 0.0f ? splat(0.0f) : e * d;
+    hs += es == 0.0f ? splat(0.0f) : es * d;
+  };
+  for (int64_t j = 0; j < Vv; j += W) add(vload(x + j));
+  if (V > Vv) add(vload_tail(x + Vv, V - Vv));
+  return -(hsum(hn) + hsum(hs) * 5.42101086e-20f);  // 2^-64
+}
+
+template <bool UNIT, typename scalar_t>
+void forward_row(const scalar_t* x, int64_t V, int64_t t, float temp, float* logp, float* lse,
                  float* entropy) {
   const int64_t Vv = V - V % W;
   const int64_t tail = V - Vv;
@@ -248,29 +310,34 @@ void forward_row(const scalar_t* x, int64_t V, int64_t t, float inv_t, float* lo
       mv = v > mv ? v : mv;
     }
     // The temperature is positive (validated above), so max(x) / T is the max of s.
-    acc.raise_max(hmax(mv) * inv_t);
+    acc.raise_max(scaled1<UNIT>(hmax(mv), temp));
     if (acc.M == ninf) continue;  // all -inf so far: nothing to add, and no inf - inf
     vf bz = {}, bzd = {};
     for (int64_t j = j0; j < j1; j += W) {
       if constexpr (convert)
-        acc.add(vload(buf + (j - j0)), inv_t, bz, bzd);
+        acc.template add<UNIT>(vload(buf + (j - j0)), temp, bz, bzd);
       else
-        acc.add(vload(x + j), inv_t, bz, bzd);
+        acc.template add<UNIT>(vload(x + j), temp, bz, bzd);
     }
     acc.z += bz;
     acc.zd += bzd;
   }
   if (tail) {
     vf v = vload_tail(x + Vv, tail);
-    acc.raise_max(hmax(v) * inv_t);
-    if (acc.M != ninf) acc.add(v, inv_t, acc.z, acc.zd);
+    acc.raise_max(scaled1<UNIT>(hmax(v), temp));
+    if (acc.M != ninf) acc.template add<UNIT>(v, temp, acc.z, acc.zd);
   }
   const float Z = hsum(acc.z);
   const float log_z = std::log(Z);
   const float row_lse = acc.M + log_z;  // -inf for an all -inf row, like torch.logsumexp
   *lse = row_lse;
-  *entropy = log_z - hsum(acc.zd) / Z;
-  *logp = (t >= 0 && t < V) ? load1(x + t) * inv_t - row_lse : 0.0f;
+  float H = log_z - hsum(acc.zd) / Z;
+  // Below V · 2^-95 the terms the main pass flushed (each < 104 · FLT_MIN) may exceed H's
+  // rounding: such a (nearly one-hot) row gets the exact second pass.
+  if (!(H > static_cast<float>(V) * 2.524355e-29f) && acc.M != ninf) H = tiny_entropy<UNIT>(x, V, temp, row_lse);
+  *entropy = H;
+  // (s_t - M) - log z, as the torch backend rounds it: V = 1 gives exactly 0.
+  *logp = (t >= 0 && t < V) ? (scaled1<UNIT>(load1(x + t), temp) - acc.M) - log_z : 0.0f;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tensor& logits_in,
@@ -284,15 +351,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tenso
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts), entropy = at::empty({n}, opts);
   if (n == 0) return {logp, lse, entropy};
-  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float temp = static_cast<float>(temperature);
+  const bool unit = temp == 1.0f;
   OPO_DISPATCH_VOCAB_TYPES(logits.scalar_type(), "vocab_forward", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
     const int64_t stride = logits.stride(0);
     const int64_t* tg = targets.data_ptr<int64_t>();
     float *lp = logp.data_ptr<float>(), *ls = lse.data_ptr<float>(), *en = entropy.data_ptr<float>();
     at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)  // int64 offsets: n * V may exceed 2^31
-        forward_row(base + r * stride, V, tg[r], inv_t, lp + r, ls + r, en + r);
+      for (int64_t r = r0; r < r1; ++r) {  // int64 offsets: n * V may exceed 2^31
+        if (unit)
+          forward_row<true>(base + r * stride, V, tg[r], temp, lp + r, ls + r, en + r);
+        else
+          forward_row<false>(base + r * stride, V, tg[r], temp, lp + r, ls + r, en + r);
+      }
     });
   });
   return {logp, lse, entropy};
@@ -300,12 +372,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tenso
 
 // ---- backward --------------------------------------------------------------------------------
 
-// dz_j = p_j (a + b (s_j + c)) (+ g / T at the target), with a = -g/T, b = -g_ent/T,
-// c = H - lse. `x` and `o` may be the same memory (in place): every vector is loaded before
-// the store to the same place, and the target logit is read before the row is overwritten.
-template <typename in_t, typename out_t>
+// dz_j = (-g p_j - g_ent p_j ((s_j - lse) + H) (+ g at the target)) / T, in the torch backend's
+// order. `x` and `o` may be the same memory (in place): every vector is loaded before the store
+// to the same place, and the target logit is read before the row is overwritten.
+template <bool UNIT, typename in_t, typename out_t>
 void backward_row(const in_t* x, out_t* o, int64_t V, int64_t t, float L, float H, float g, float ge,
-                  bool with_entropy, float inv_t) {
+                  bool with_entropy, float temp, float inv_t) {
   const int64_t Vv = V - V % W;
   const int64_t tail = V - Vv;
   const bool has_t = t >= 0 && t < V;
@@ -314,21 +386,24 @@ void backward_row(const in_t* x, out_t* o, int64_t V, int64_t t, float L, float 
     if (tail) vstore_tail(o + Vv, splat(0.0f), tail);
     return;
   }
-  const float a = -g * inv_t;
-  const float b = -ge * inv_t;
-  const float c = with_entropy ? H - L : 0.0f;
+  const float ng = -g;
+  const float nge = with_entropy ? -ge : 0.0f;
   const float x_t = has_t ? load1(x + t) : 0.0f;
-  auto grad = [&](vf v) {
-    vf s = v * inv_t;
-    vf p = vexp(s - L);
-    if (b == 0.0f) return p * a;
-    return p == 0.0f ? splat(0.0f) : p * (a + b * (s + c));  // p = 0 with s = -inf: no NaN
+  auto grad = [&](vf v) {  // before the division by T
+    vf d = scaled<UNIT>(v, temp) - L;
+    vf p = vexp(d);
+    if (nge == 0.0f) return p * ng;
+    return p == 0.0f ? splat(0.0f) : p * ng + nge * (p * (d + H));  // p = 0 with s = -inf: no NaN
   };
-  for (int64_t j = 0; j < Vv; j += W) vstore(o + j, grad(vload(x + j)));
-  if (tail) vstore_tail(o + Vv, grad(vload_tail(x + Vv, tail)), tail);
+  auto out = [&](vf v) {
+    if constexpr (UNIT) return v;
+    return v * inv_t;
+  };
+  for (int64_t j = 0; j < Vv; j += W) vstore(o + j, out(grad(vload(x + j))));
+  if (tail) vstore_tail(o + Vv, out(grad(vload_tail(x + Vv, tail))), tail);
   if (has_t) {
     vf d = grad(splat(x_t));
-    store1(o + t, d[0] + g * inv_t);
+    store1(o + t, out(splat(d[0] + g))[0]);
   }
 }
 
@@ -362,7 +437,9 @@ void vocab_backward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_i
   // temporary plus copy is fine; a column-strided `logits` (which may alias out) is copied first.
   at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   at::Tensor dst = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
-  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float temp = static_cast<float>(temperature);
+  const bool unit = temp == 1.0f;
+  const float inv_t = 1.0f / temp;
   const int64_t* tg = targets.data_ptr<int64_t>();
   const float* ls = lse.data_ptr<float>();
   const float* gl = grad_logp.data_ptr<float>();
@@ -376,9 +453,14 @@ void vocab_backward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_i
       scalar_t* ob = dst.data_ptr<scalar_t>();
       const int64_t os = dst.stride(0);
       at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          backward_row(xb + r * xs, ob + r * os, V, tg[r], ls[r], en ? en[r] : 0.0f, gl[r],
-                       ge ? ge[r] : 0.0f, with_entropy, inv_t);
+        for (int64_t r = r0; r < r1; ++r) {
+          if (unit)
+            backward_row<true>(xb + r * xs, ob + r * os, V, tg[r], ls[r], en ? en[r] : 0.0f, gl[r],
+                               ge ? ge[r] : 0.0f, with_entropy, temp, inv_t);
+          else
+            backward_row<false>(xb + r * xs, ob + r * os, V, tg[r], ls[r], en ? en[r] : 0.0f, gl[r],
+                                ge ? ge[r] : 0.0f, with_entropy, temp, inv_t);
+        }
       });
     });
   });

@@ -331,3 +331,111 @@ def test_escort_weights_process_group_checked():
     from opo_kernels import escort_weights
     with pytest.raises(TypeError, match="process_group"):
         escort_weights(torch.randn(4), process_group="world")
+
+
+# ------------------------------------------------------------------------------------------------
+# The native vocabulary pass agrees with the torch backend at the edges
+# ------------------------------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(not ref.native_available(), reason="native CPU op unavailable")
+
+
+def _vocab(name):
+    from opo_kernels import native, vocab_torch
+    return native if name == "native" else vocab_torch
+
+
+@needs_native
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.01])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_v1_logp_is_zero(temperature, dtype):
+    """One token in the vocabulary: log-prob exactly 0 and entropy 0 (as the torch backend)."""
+    z = (torch.randn(37, 1, generator=torch.Generator().manual_seed(0)) * 10).to(dtype)
+    t = torch.zeros(37, dtype=torch.long)
+    lp, lse, ent = _vocab("native").vocab_forward(z, t, temperature)
+    assert torch.equal(lp, torch.zeros(37)) and torch.equal(ent, torch.zeros(37))
+    want = _vocab("torch").vocab_forward(z, t, temperature)
+    assert torch.equal(lse, want[1])
+
+
+def _one_hot_rows(V=96, n=16):
+    """Rows whose non-target probabilities are fp32 denormals: e^(-2s), s = 44 .. 52."""
+    s = torch.linspace(44.0, 52.0, n)
+    z = torch.zeros(n, V)
+    z[:, 0] = s
+    z[:, 1:] = -s[:, None] + 0.1 * torch.arange(V - 1)
+    return z
+
+
+@needs_native
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_native_tiny_entropies(temperature):
+    """Entropies below FLT_MIN-scale terms: not flushed to 0, equal to the torch backend's up to
+    the rounding of its denormal terms (each e^(s − lse) < FLT_MIN carries an absolute error ≤
+    2^-150, times |s − lse| ≤ 104)."""
+    z = _one_hot_rows() * temperature
+    t = torch.zeros(z.shape[0], dtype=torch.long)
+    got = _vocab("native").vocab_forward(z, t, temperature)[2]
+    want = _vocab("torch").vocab_forward(z, t, temperature)[2]
+    assert bool((want > 0).all()) and bool((got > 0).all())
+    bound = 1e-5 * want.abs() + z.shape[1] * 104 * 2.0 ** -150
+    assert bool(((got - want).abs() <= bound).all()), (got - want).abs().max().item()
+    # the order of the entropies (top_entropy_quantile's mask) is the torch backend's
+    assert torch.equal(got.argsort(), want.argsort())
+
+
+@needs_native
+def test_native_top_entropy_quantile_on_tiny_entropies():
+    """top_entropy_quantile picks the same tokens on both backends when entropies are tiny."""
+    V, H, B, T = 96, 2, 4, 4
+    n = B * T
+    s = torch.linspace(44.0, 52.0, n)[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
+    hidden = torch.stack([s, torch.ones(n)], 1).reshape(B, T, H)
+    weight = torch.zeros(V, H)
+    weight[0, 0] = 1.0
+    weight[1:, 0] = -1.0
+    weight[1:, 1] = 0.1 * torch.arange(V - 1)
+    targets = torch.zeros(B, T, dtype=torch.long)
+    targets[:, 1::2] = 3
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    out = {}
+    for be in ("torch", "native"):
+        h = hidden.clone().requires_grad_(True)
+        loss, m = fused_policy_loss(h, weight, targets, adv, None, loss="dapo", backend=be,
+                                    top_entropy_quantile=0.5)
+        loss.backward()
+        out[be] = (loss.detach(), h.grad, m["entropy_mask_frac"])
+    assert float(out["torch"][2]) == 0.5 and float(out["native"][2]) == 0.5
+    close(out["native"][0], out["torch"][0], "loss", floor=1e-2)
+    close(out["native"][1], out["torch"][1], "dh")
+
+
+def _dz64(z, t, T, g):
+    zz = z.double().requires_grad_(True)
+    lp = torch.log_softmax(zz / T, -1).gather(1, t[:, None]).squeeze(1)
+    (lp * g.double()).sum().backward()
+    return zz.grad
+
+
+@needs_native
+@pytest.mark.parametrize("temperature", [0.01, 1e-3, 1e-6])
+def test_native_low_temperature_gradients(temperature):
+    """At low temperature the gradient is dominated by the rounding of s = z / T; the native pass
+    rounds s as the torch backend does, so its error against float64 stays at the torch
+    backend's (its rounding floor, measured here on the same rows): at most twice it."""
+    g = torch.Generator().manual_seed(4)
+    n, V = 48, 300
+    z = torch.randn(n, V, generator=g) * 3
+    z[::2] *= temperature * 20  # half the rows unsaturated, half saturated
+    t = torch.randint(0, V, (n,), generator=g)
+    gl = torch.randn(n, generator=g)
+    want = _dz64(z, t, temperature, gl)
+    err = {}
+    for name in ("torch", "native"):
+        m = _vocab(name)
+        _, lse, _ = m.vocab_forward(z, t, temperature)
+        dz = m.vocab_backward(z.clone(), t, lse, None, gl, None, temperature).double()
+        e = (dz - want).abs()
+        err[name] = (e.max().item(), (e.sum() / want.abs().sum()).item())
+    assert err["native"][0] <= 2 * err["torch"][0], err
+    assert err["native"][1] <= 2 * err["torch"][1], err
