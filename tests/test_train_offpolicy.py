@@ -378,11 +378,9 @@ def test_two_processes_match_one_with_the_loss_terms(tmp_path, monkeypatch, term
     import test_train_dist as D
     monkeypatch.setenv("OPO_DIST_OVERRIDES", terms)
     one = D._run(1, tmp_path / "one.pt")
+    rev = D._run(1, tmp_path / "rev.pt", reverse=True)
     two = D._run(2, tmp_path / "two.pt")
-    for l1, l2 in zip(one["loss"], two["loss"]):
-        assert D._close(l1, l2, max(abs(l1), 1e-3)), (l1, l2)
-    for g1, g2 in zip(one["grads"], two["grads"]):
-        assert D._grads_close(g1, g2), max(float((g2[n] - g1[n]).abs().max()) for n in g1)
+    D.assert_processes_match(one, rev, two)
 
 
 def test_global_counts_padded_and_packed(info):
