@@ -151,7 +151,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
         weight: (V, H) LM-head weight, dtype of ``hidden``. ``bias``: (V,) or None.
         targets: (B, T) or (N,) int64.
         advantages: (B,) float, one per sequence (packed: one per ``cu_seqlens``/``seq_ids`` sequence).
-        old_logps: like ``targets``, float — anchor log-probs; None = on-policy (Δ = 0 exactly).
+        old_logps: like ``targets``, float — anchor log-probs (≤ 0; a constant: any autograd
+            history is cut); None = on-policy (Δ = 0 exactly).
         mask: like ``targets``, bool or 0/1; None = valid wherever ``targets != ignore_index``.
             Masked positions take part in nothing, whatever their hidden state holds.
         loss: one of ``LOSSES``.
@@ -170,7 +171,9 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
         rollout_logps: like ``targets`` — the rollout engine's log-probs of the sampled tokens
             (mismatch metrics; importance weights with ``is_correction``).
         num_items_in_batch, num_seqs_in_batch: the whole batch's valid-token / sequence counts,
-            the denominators of the token / sequence means (gradient accumulation).
+            the denominators of the token / sequence means (gradient accumulation); each only
+            for a loss that divides by it (:func:`opo_kernels.checks.counts_read`), else
+            ValueError.
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
         chunk_size: tokens per logits chunk (chunked backends; default from V).
         filter_eps, deterministic, accum_fp32: ``backend="fused"`` only. ``filter_eps``: gradient
