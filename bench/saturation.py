@@ -80,9 +80,12 @@ def toy_loss(name: str, z: torch.Tensor, *, dpo_beta: float = 0.5, mu: float = 1
     if name in ("grpo", "dapo", "gspo"):
         return policy_loss(_pair_logps(z), old, adv, loss=name)[0]
     if name == "opo":
-        # The chi^2 loss on the logit margin: the "log-ratio" fed to OPO is +-(z - z_ref).
+        # The chi^2 loss on the logit margin: the "log-ratio" fed to OPO is +-(z - z_ref), as
+        # log-probs margin − c against an anchor of −c (c keeps both <= 0; Δ is the margin).
         margin = torch.stack([z - Z_REF, -(z - Z_REF)]).view(2, 1)
-        return policy_loss(margin, torch.zeros(2, 1), adv, loss="opo", mu=mu, alpha=alpha)[0]
+        c = float(margin.detach().abs().max()) + 1.0
+        return policy_loss(margin - c, torch.full((2, 1), -c), adv, loss="opo", mu=mu,
+                           alpha=alpha)[0]
     if name in ("opo_logp_pair", "opo_logp_sampled"):
         lp = _pair_logps(z, detach_ybar=name == "opo_logp_sampled")
         return policy_loss(lp, old, adv, loss="opo", mu=mu, alpha=alpha)[0]

@@ -276,7 +276,8 @@ def test_dual_clip_matches_verl_vanilla(agg, opo_loss):
     g = torch.Generator().manual_seed(0)
     B, T = 6, 9
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    logp = (old + 0.8 * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
+    logp = (old + 0.8 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=0.0)
+    logp.requires_grad_(True)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) > 0.2
     cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": None,

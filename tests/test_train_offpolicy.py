@@ -351,7 +351,7 @@ def test_rank_weighting_recovers_the_whole_batch_loss(loss):
     lengths = torch.tensor([6, 1, 2, 6, 3, 5, 4, 6])
     mask = torch.arange(T)[None, :] < lengths[:, None]
     logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
-    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1
+    old = (logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1).clamp(max=0.0)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     kw = dict(loss=loss, max_completion_length=T)
 
