@@ -2,9 +2,7 @@
 
 A :class:`Backend` answers three questions for hidden states ``(N, H)``, a weight ``(V, H)``, an
 optional bias and targets ``(N,)`` that are all valid (the public functions take masked positions
-out before a backend sees them, so no backend knows about ``mask`` or ``ignore_index``). A target
-outside ``[0, V)`` is a token of another shard of a vocabulary-parallel head
-(:mod:`opo_kernels.vocab_parallel`): its row gets logp = 0 and no one-hot term in the gradient.
+out before a backend sees them, so no backend knows about ``mask`` or ``ignore_index``):
 
 * :meth:`Backend.logprobs` — per-token ``(logp, lse, entropy)``, fp32, no autograd;
 * :meth:`Backend.grads` — the gradients of ``sum(g_logp · logp + g_ent · entropy)`` w.r.t.
@@ -108,12 +106,6 @@ class FusedBackend(Backend):
                                      accum_fp32=self.accum_fp32)
 
 
-def _in_vocab(targets, V):
-    """Rows whose target is in [0, V), and the targets with the others at 0 (for gather)."""
-    valid = (targets >= 0) & (targets < V)
-    return valid, torch.where(valid, targets, 0)
-
-
 class ReferenceBackend(Backend):
     """Materialized fp32 logits and the textbook formulas (tests; memory N·V)."""
 
@@ -134,8 +126,7 @@ class ReferenceBackend(Backend):
         lse = m.squeeze(-1) + d.log()
         # −inf logits have e = 0: their e·(s − m) is 0, not 0·(−inf).
         ent = d.log() - torch.where(e > 0, e * sm, 0.0).sum(-1) / d
-        valid, safe = _in_vocab(targets, s.shape[1])
-        logp = torch.where(valid, s.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse, 0.0)
+        logp = s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
         return logp, lse, ent
 
     def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
@@ -143,8 +134,7 @@ class ReferenceBackend(Backend):
         s = self._scaled_logits(hidden, weight, bias)
         p = torch.exp(s - lse[:, None])
         dz = -g_logp[:, None] * p
-        valid, safe = _in_vocab(targets, s.shape[1])
-        dz.scatter_add_(1, safe[:, None], torch.where(valid, g_logp, 0.0)[:, None])
+        dz.scatter_add_(1, targets[:, None], g_logp[:, None])
         if g_ent is not None:
             dz -= g_ent[:, None] * torch.where(p > 0, p * (s - lse[:, None] + entropy[:, None]), 0.0)
         dz /= self.temperature

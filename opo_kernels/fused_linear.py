@@ -55,8 +55,8 @@ only when the dropped rows of W are incoherent; use exact mode for such inputs.
 meant for filtered mode, where few tiles per row are live.
 
 Offsets are int64 everywhere (N*V, N*H and V*H may pass 2^31). V, N, H need not be multiples of
-the tiles. A row whose target is outside [0, V) (its token in another shard of a
-vocabulary-parallel head) gets logp = 0 and no one-hot term in its gradient. −inf logits (a −inf
+the tiles. Targets are in [0, V) (masked positions are taken out before a backend sees them); a
+row whose target is outside gets logp = 0 and grad_logp has no effect there. −inf logits (a −inf
 bias) have p = 0 and contribute 0 to the entropy and to every gradient, never 0·∞.
 
 On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (set before import) with small tiles
@@ -249,8 +249,9 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    # A target outside [0, V) (in another shard of a vocabulary-parallel head) matches no
-    # column: no one-hot term, the softmax part flows as for any row.
+    # The forward returns logp = 0 (a constant) for rows whose target is outside [0, V), so
+    # grad_logp has no effect there.
+    g = tl.where((tgt >= 0) & (tgt < V), g, 0.0)
     p = tl.exp(s - lse[:, None])
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     dz = g[:, None] * (onehot - p)

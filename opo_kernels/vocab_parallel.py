@@ -11,8 +11,10 @@ vocabulary pass on the local rows only and combine, per token, the statistics of
   with ``a_k = lse_k − M``, ``e_k = exp(a_k)``, ``S = Σ e_k``: ``lse = M + log S``,
   ``logp = logp_owner + a_owner − log S``, ``H = (Σ e_k H_k − Σ e_k a_k) / S + log S``;
 * backward: each rank forms ``dz`` for its columns from the global ``lse`` and ``H`` (a target
-  outside the shard has no one-hot term), its weight (and bias) gradient stays local, and the
-  hidden-state gradient is summed over the group (one all-reduce of H floats per token, in fp32).
+  outside the shard has no one-hot term: the backend gets column 0 for it, whose one-hot term is
+  taken back out, a rank-one correction of N·H flops), its weight (and bias) gradient stays
+  local, and the hidden-state gradient is summed over the group (one all-reduce of H fp32 floats
+  per token).
 
 No tensor of size V ever crosses the group. The loss itself (ω, clipping, the RL terms) is
 computed on every rank of the group from the same global log-probs.
@@ -180,18 +182,22 @@ class VocabParallelBackend(Backend):
         self.inner, self.shard = inner, shard
         self.name = inner.name
 
-    def _local_targets(self, targets):
-        # A target in another shard is out of this shard's [0, V_local): no one-hot term here.
-        return targets - self.shard.start
+    def _local_targets(self, targets, V_local):
+        """This shard's target columns, whether the shard owns each row's target, and the
+        row-wise weight of the spurious one-hot term at column 0 of the rows it does not own."""
+        lt = targets - self.shard.start
+        owned = (lt >= 0) & (lt < V_local)
+        # Every backend takes in-range targets only: a row whose target is in another shard is
+        # given column 0, and that column's one-hot term is taken back out of the gradients.
+        return torch.where(owned, lt, 0), owned
 
     def logprobs(self, hidden, weight, bias, targets):
-        lt = self._local_targets(targets)
+        lt, owned = self._local_targets(targets, weight.shape[0])
         logp_k, lse_k, ent_k = self.inner.logprobs(hidden, weight, bias, lt)
         g = self.shard.group
         M = _all_reduce(lse_k.clone(), dist.ReduceOp.MAX, g)
         a = lse_k - M
         e = torch.exp(a)
-        owned = (lt >= 0) & (lt < weight.shape[0])
         live = e > 0  # a shard whose logits are all −inf adds nothing (not 0·inf)
         parts = torch.stack([e, torch.where(live, e * ent_k, 0.0), torch.where(live, e * a, 0.0),
                              torch.where(owned, logp_k + a, 0.0)])
@@ -202,11 +208,19 @@ class VocabParallelBackend(Backend):
 
     def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
               need_hidden, need_weight, need_bias):
-        lt = self._local_targets(targets)
+        lt, owned = self._local_targets(targets, weight.shape[0])
         dh, dw, db = self.inner.grads(hidden, weight, bias, lt, lse, entropy, g_logp, g_ent,
                                       need_hidden, need_weight, need_bias)
+        # The one-hot term the inner backend added at column 0 of the rows this shard does not
+        # own: dz[r, 0] −= g_r / T.
+        c = torch.where(owned, 0.0, g_logp) / self.temperature
         if dh is not None:
-            dh = _all_reduce(dh.float(), dist.ReduceOp.SUM, self.shard.group).to(hidden.dtype)
+            dh = dh.float() - c[:, None] * weight[0].float()
+            dh = _all_reduce(dh, dist.ReduceOp.SUM, self.shard.group).to(hidden.dtype)
+        if dw is not None:
+            dw[0] = (dw[0].float() - c @ hidden.float()).to(dw.dtype)
+        if db is not None:
+            db[0] = (db[0].float() - c.sum()).to(db.dtype)
         return dh, dw, db
 
     def __repr__(self) -> str:
