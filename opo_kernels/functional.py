@@ -17,7 +17,7 @@ from .checks import LOSSES, LossOptions
 from .chunked import LossArgs
 from .dispatch import get_backend
 from .losses import Extras, finish_metrics, make_plan, plan_full_batch, segment_sum
-from .vocab_parallel import VocabParallelBackend, local_head, resolve_shard
+from .vocab_parallel import local_head, resolve_shard, shard_backend
 
 __all__ = ["fused_policy_loss", "fused_opo_loss", "linear_logprobs", "policy_loss", "opo_loss",
            "LOSSES"]
@@ -95,7 +95,7 @@ def _backend(backend, h2, keep, weight, vp, lengths, **backend_options):
     if group is None:
         return be, weight.shape[0]
     shard = resolve_shard(h2, keep, weight, group, start, stop)
-    return VocabParallelBackend(be, shard), shard.vocab_size
+    return shard_backend(be, shard), shard.vocab_size
 
 
 @torch.compiler.disable

@@ -17,7 +17,9 @@ vocabulary pass on the local rows only and combine, per token, the statistics of
   per token).
 
 No tensor of size V ever crosses the group. The loss itself (ω, clipping, the RL terms) is
-computed on every rank of the group from the same global log-probs.
+computed on every rank of the group from the same global log-probs. The chunked backends
+(``triton``, ``native``, ``torch``) combine the statistics chunk by chunk inside their own pass, so
+they keep its GEMM count (one pass included); ``fused`` and ``reference`` run two phases.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .dispatch import Backend
+from .dispatch import Backend, ChunkedBackend
 
 __all__ = ["VocabParallel"]
 
@@ -172,8 +174,69 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return x if x.device == t.device else x.to(t.device)
 
 
+def combine(logp_k, lse_k, ent_k, owned, group):
+    """The global ``(logp, lse, entropy)`` (N,) fp32 from each shard's own; ``owned`` (N,) bool:
+    whether this shard holds the row's target. One all-reduce MAX of 1 float and one SUM of 4
+    floats per row."""
+    M = _all_reduce(lse_k.clone(), dist.ReduceOp.MAX, group)
+    a = lse_k - M
+    e = torch.exp(a)
+    live = e > 0  # a shard whose logits are all −inf adds nothing (not 0·inf)
+    parts = torch.stack([e, torch.where(live, e * ent_k, 0.0), torch.where(live, e * a, 0.0),
+                         torch.where(owned, logp_k + a, 0.0)])
+    S, eH, ea, lp = _all_reduce(parts, dist.ReduceOp.SUM, group).unbind(0)
+    log_s = torch.log(S)
+    return lp - log_s, M + log_s, (eH - ea) / S + log_s
+
+
+def shard_backend(be: Backend, shard: Shard) -> Backend:
+    """``be`` on a vocabulary shard: the chunked backends keep their one pass (the statistics of
+    each chunk of logits combined before its loss), the others run two phases."""
+    if isinstance(be, ChunkedBackend):
+        return ChunkedShardBackend(be, shard)
+    return VocabParallelBackend(be, shard)
+
+
+class ChunkedShardBackend(ChunkedBackend):
+    """A chunked backend on a vocabulary shard. Its vocabulary pass combines the shards'
+    statistics per chunk (targets of other shards are out of this shard's range: the chunked
+    vocabulary passes give them no one-hot term), and the hidden-state gradient is summed over
+    the group once at the end, so every path of :mod:`opo_kernels.chunked` (one pass included)
+    runs unchanged."""
+
+    def __init__(self, be: ChunkedBackend, shard: Shard):
+        self.__dict__.update(be.__dict__)  # the chunk schedule and whatever else it carries
+        self._forward, self._backward = self.__dict__.pop("vocab_forward"), self.__dict__.pop("vocab_backward")
+        self.shard = shard
+
+    def vocab_forward(self, logits, targets, temperature=1.0):
+        lt = targets - self.shard.start
+        owned = (lt >= 0) & (lt < logits.shape[1])
+        return combine(*self._forward(logits, lt, temperature), owned, self.shard.group)
+
+    def vocab_backward(self, logits, targets, *args, **kwargs):
+        return self._backward(logits, targets - self.shard.start, *args, **kwargs)
+
+    def _sum_dh(self, dh):
+        if dh is None:
+            return None
+        return _all_reduce(dh.float(), dist.ReduceOp.SUM, self.shard.group).to(dh.dtype)
+
+    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+              need_hidden, need_weight, need_bias):
+        dh, dw, db = super().grads(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+                                   need_hidden, need_weight, need_bias)
+        return self._sum_dh(dh), dw, db
+
+    def one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight, need_bias):
+        loss, sums, ent_sum, dh, dw, db = super().one_pass_loss(hidden, weight, bias, la,
+                                                                need_hidden, need_weight, need_bias)
+        return loss, sums, ent_sum, self._sum_dh(dh), dw, db
+
+
 class VocabParallelBackend(Backend):
-    """Any backend on a vocabulary shard; the shards' statistics combined per token."""
+    """A backend without a separate vocabulary pass (``fused``, ``reference``) on a vocabulary
+    shard, in two phases: its log-probs combined per token, then its gradients."""
 
     one_pass = False
 
@@ -193,18 +256,7 @@ class VocabParallelBackend(Backend):
 
     def logprobs(self, hidden, weight, bias, targets):
         lt, owned = self._local_targets(targets, weight.shape[0])
-        logp_k, lse_k, ent_k = self.inner.logprobs(hidden, weight, bias, lt)
-        g = self.shard.group
-        M = _all_reduce(lse_k.clone(), dist.ReduceOp.MAX, g)
-        a = lse_k - M
-        e = torch.exp(a)
-        live = e > 0  # a shard whose logits are all −inf adds nothing (not 0·inf)
-        parts = torch.stack([e, torch.where(live, e * ent_k, 0.0), torch.where(live, e * a, 0.0),
-                             torch.where(owned, logp_k + a, 0.0)])
-        parts = _all_reduce(parts, dist.ReduceOp.SUM, g)
-        S, eH, ea, lp = parts.unbind(0)
-        log_s = torch.log(S)
-        return lp - log_s, M + log_s, (eH - ea) / S + log_s
+        return combine(*self.inner.logprobs(hidden, weight, bias, lt), owned, self.shard.group)
 
     def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
               need_hidden, need_weight, need_bias):
