@@ -9,7 +9,8 @@ from .functional import (LOSSES, fused_opo_loss, fused_policy_loss, linear_logpr
                          policy_loss)
 from .losses import escort_weights, group_advantages
 from .modules import FusedOPOLoss, FusedPolicyLoss
+from .vocab_parallel import VocabParallel
 
 __all__ = ["fused_opo_loss", "fused_policy_loss", "FusedOPOLoss", "FusedPolicyLoss", "opo_loss",
-           "policy_loss", "linear_logprobs", "escort_weights", "group_advantages", "LOSSES"]
+           "policy_loss", "linear_logprobs", "escort_weights", "group_advantages", "VocabParallel", "LOSSES"]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from .checks import LOSSES, LossOptions
 from .chunked import LossArgs
 from .dispatch import get_backend
 from .losses import Extras, finish_metrics, make_plan, plan_full_batch, segment_sum
+from .vocab_parallel import local_head, resolve_shard, shard_backend
 
 __all__ = ["fused_policy_loss", "fused_opo_loss", "linear_logprobs", "policy_loss", "opo_loss",
            "LOSSES"]
@@ -79,18 +80,33 @@ def _logprobs(be, h2, weight, bias, targets, want_grad: bool):
     return logp, ent
 
 
-def _check_head(hidden, weight, bias, targets, temperature, ignore_index):
+def _check_head(hidden, weight, bias, targets, temperature, ignore_index, vocab_parallel):
+    """The head's tensors (local shards of a vocabulary-parallel head), checked, and the
+    vocabulary-parallel group with this rank's rows (None when the head is whole)."""
     checks.check_tensor("hidden", hidden)
+    hidden, weight, bias, *vp = local_head(hidden, weight, bias, vocab_parallel)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     checks.check_linear(hidden, weight, bias, targets)
     checks.check_vocab_options(temperature, ignore_index)
-    return hidden, weight, bias
+    return hidden, weight, bias, vp
+
+
+def _backend(backend, h2, keep, weight, vp, lengths, **backend_options):
+    """The backend for one call and the global vocabulary size; on a vocabulary shard, the
+    backend wrapped so that the shards' statistics are combined per token."""
+    be = get_backend(backend, h2.device, V=weight.shape[0], lengths=lengths, **backend_options)
+    group, start, stop = vp
+    if group is None:
+        return be, weight.shape[0]
+    shard = resolve_shard(h2, keep, weight, group, start, stop)
+    return shard_backend(be, shard), shard.vocab_size
 
 
 @torch.compiler.disable
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
                     ignore_index=-100, backend="auto", chunk_size=None, seq_ids=None,
-                    cu_seqlens=None, filter_eps=None, deterministic=False, accum_fp32=True):
+                    cu_seqlens=None, filter_eps=None, deterministic=False, accum_fp32=True,
+                    vocab_parallel=None):
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden: (B, T, H) or (N, H), fp32/bf16/fp16. weight: (V, H), same dtype. targets: (B, T) or
@@ -101,18 +117,20 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     Logits exist one chunk at a time. ``seq_ids``/``cu_seqlens`` (packed inputs) only align the
     chunks with sequences. ``chunk_size``: tokens per logits chunk (chunked backends).
     ``filter_eps`` / ``deterministic`` / ``accum_fp32``: ``backend="fused"`` only, as in
-    :func:`fused_policy_loss` (see :mod:`opo_kernels.fused_linear`).
+    :func:`fused_policy_loss` (see :mod:`opo_kernels.fused_linear`). ``vocab_parallel``: a
+    vocabulary-sharded head, as :func:`fused_policy_loss`.
     """
-    hidden, weight, bias = _check_head(hidden, weight, bias, targets, temperature, ignore_index)
-    V, H = weight.shape
+    hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, temperature, ignore_index,
+                                           vocab_parallel)
+    H = weight.shape[1]
     lay = checks.layout(targets, None, seq_ids, cu_seqlens)
-    be = get_backend(backend, hidden.device, temperature=temperature, V=V, lengths=lay.lengths,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
-                     accum_fp32=accum_fp32)
     tg = targets.reshape(-1)
     keep = tg != ignore_index
-    any_masked = checks.check_targets(tg, V, keep)
     h2 = hidden.reshape(-1, H)
+    be, V = _backend(backend, h2, keep, weight, vp, lay.lengths, temperature=temperature,
+                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
+                     accum_fp32=accum_fp32)
+    any_masked = checks.check_targets(tg, V, keep)
     if any_masked:
         h2, tg = _mask_rows(h2, tg, keep)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -143,7 +161,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
                       process_group=None, backend="auto", seq_ids=None, cu_seqlens=None,
                       chunk_size=None, filter_eps=None, deterministic=False, accum_fp32=True,
                       omega=None, ref_logps=None, rollout_logps=None, num_items_in_batch=None,
-                      num_seqs_in_batch=None, **options):
+                      num_seqs_in_batch=None, vocab_parallel=None, **options):
     """A policy loss fused with the LM head: ``loss="opo"`` (default) or a baseline.
 
     Args:
@@ -183,6 +201,15 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             backward holds no V × H fp32 buffer (1.1 MiB instead of 2.5 GiB above inputs and
             gradients at N = 8192, H = 4096, V = 151936 bf16, but 4.9x the GEMM floor
             against 1.4x on an H200: bench/results/2026-11-27-h200-notes.md).
+        vocab_parallel: the head split along the vocabulary over a process group (tensor
+            parallelism): ``weight`` (and ``bias``) are this rank's rows and
+            ``vocab_parallel=VocabParallel(group, start, stop)`` names the group and the rows
+            (start/stop None: the shards tile [0, V) in rank order). A DTensor weight sharded
+            ``Shard(0)`` over a mesh dimension needs no argument. Every rank of the group passes
+            the same hidden states and global targets; the log-prob statistics are combined with
+            two small all-reduces per call (5 floats per token), the hidden-state gradient is
+            summed over the group, the weight gradient stays local (docs/contract.md,
+            "Vocabulary-parallel head").
 
     Returns ``(loss, metrics)``: an fp32 scalar, differentiable w.r.t. hidden, weight and bias,
     and a dict of detached fp32 scalars (entropy, delta_mean, delta_abs_mean, chi2, omega_min,
@@ -193,18 +220,19 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     included); ``escort="group_softmax"``, ``ref_correction`` with an on-policy anchor,
     ``top_entropy_quantile < 1`` and the ``fused``/``reference`` backends take two phases.
     """
-    hidden, weight, bias = _check_head(hidden, weight, bias, targets, temperature, ignore_index)
+    hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, temperature, ignore_index,
+                                           vocab_parallel)
     checks.check_loss_tensors(advantages, old_logps, targets)
     checks.check_process_group(process_group)
     lay = checks.layout(targets, advantages.shape[0], seq_ids, cu_seqlens)
     opts = _options("fused_policy_loss", loss, options, lay)
-    V, H = weight.shape
-    be = get_backend(backend, hidden.device, temperature=temperature, V=V, lengths=lay.lengths,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
-                     accum_fp32=accum_fp32)
+    H = weight.shape[1]
     tg = targets.reshape(-1)
     m = checks.valid_mask(targets, mask, ignore_index)
     h2 = hidden.reshape(-1, H)
+    be, V = _backend(backend, h2, m > 0, weight, vp, lay.lengths, temperature=temperature,
+                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
+                     accum_fp32=accum_fp32)
     if checks.check_values(tg, V, m, advantages, old_logps, lay):
         h2, tg = _mask_rows(h2, tg, m > 0)
     old = _masked_old(old_logps, m)

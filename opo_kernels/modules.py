@@ -9,7 +9,7 @@ from .functional import fused_policy_loss
 
 # Keyword arguments of fused_policy_loss that are neither tensors of one batch nor loss options.
 _CALL_OPTIONS = ("temperature", "ignore_index", "process_group", "backend", "chunk_size",
-                 "filter_eps", "deterministic", "accum_fp32")
+                 "filter_eps", "deterministic", "accum_fp32", "vocab_parallel")
 
 
 def _check_module_options(loss: str, options: dict) -> None:

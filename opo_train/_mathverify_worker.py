@@ -12,6 +12,11 @@ import sys
 def main() -> None:
     logging.disable(logging.WARNING)  # "Timeout is disabled ..." on every call: we time out outside
     from math_verify import parse, verify
+    # The first symbolic comparison imports and caches much of sympy (over a second on a busy
+    # machine): done here, before "ready", so that it is not charged to an answer's timeout.
+    for gold, pred in (("(x+1)^2", "x^2+2x+1"), ("\\frac12", "0.5")):
+        verify(parse(f"\\boxed{{{gold}}}", parsing_timeout=None),
+               parse(f"\\boxed{{{pred}}}", parsing_timeout=None), timeout_seconds=None)
     print("ready", flush=True)
     for line in sys.stdin:
         try:
