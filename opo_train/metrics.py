@@ -231,9 +231,23 @@ class quiet_third_party:
             tlog.disable_progress_bar()
         except Exception:  # noqa: BLE001 - transformers missing or changed: nothing to quiet
             self._tf = None
+        self._ds = None
+        try:
+            import datasets
+            self._ds = (datasets, datasets.is_progress_bar_enabled(),
+                        datasets.logging.get_verbosity())
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity_error()
+        except Exception:  # noqa: BLE001 - datasets missing or changed: nothing to quiet
+            self._ds = None
         return self
 
     def __exit__(self, *exc):
+        if self._ds is not None:
+            datasets, bars, verbosity = self._ds
+            datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
         if self._tf is not None:
             tlog, verbosity, bars = self._tf
             tlog.set_verbosity(verbosity)

@@ -47,6 +47,8 @@ def load_tokenizer(cfg: Config):
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if cfg.chat_template not in ("auto", "true", "false"):
+        tok.chat_template = cfg.chat_template  # the run's template: used, and exported with it
     return tok
 
 

@@ -54,16 +54,20 @@ def _start(tmp_path: Path, out: Path, nproc: int, extra=()):
                f"--master_port={port}", "--master_addr=127.0.0.1", "-m", "opo_train"]
     p = subprocess.Popen([*cmd, *ARGS, f"output_dir={out}", *extra], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Wait until every rank has a reward worker and a step is done (a checkpoint to resume).
+    return p, pids
+
+
+def _ready(p, pids: Path, out: Path, nproc: int) -> list[int]:
+    """Wait until every rank has a reward worker and a step is done; the pids seen."""
     t0 = time.time()
     while time.time() - t0 < 240 and p.poll() is None:
         kinds = [f.read_text() for f in pids.iterdir()]
         if kinds.count("worker") >= nproc and kinds.count("rank") >= nproc and \
-                (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+                (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
             break
         time.sleep(0.1)
     assert p.poll() is None, p.communicate()[0][-3000:]
-    return p, [int(f.name) for f in pids.iterdir()]
+    return [int(f.name) for f in pids.iterdir()]
 
 
 def _gone_within(pids, seconds: float) -> list[int]:
@@ -79,8 +83,10 @@ def _gone_within(pids, seconds: float) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_saves_and_hints_then_sigkill_leaves_nothing(tmp_path, nproc):
-    out = tmp_path / "run"
-    p, pids = _start(tmp_path, out, nproc)
+    out, out2 = tmp_path / "run", tmp_path / "run2"
+    p, pid_dir = _start(tmp_path, out, nproc)
+    p2, pid_dir2 = _start(tmp_path, out2, nproc)  # to be killed with -9 (both start together)
+    pids = _ready(p, pid_dir, out, nproc)
     p.send_signal(signal.SIGTERM)
     log, _ = p.communicate(timeout=120)
     assert p.returncode != 0, log[-3000:]
@@ -98,7 +104,7 @@ def test_sigterm_saves_and_hints_then_sigkill_leaves_nothing(tmp_path, nproc):
     cmd = lines[0].split("resume with: ", 1)[1].split()
     assert cmd[cmd.index("--config") + 1] == str(out / "config.yaml") and cmd[-1] == "resume=true"
     assert ("torchrun" in cmd) == (nproc > 1)
-    p, pids = _start(tmp_path, tmp_path / "run2", nproc)  # a fresh run to kill (own pids)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    pids = _ready(p2, pid_dir2, out2, nproc)
+    os.kill(p2.pid, signal.SIGKILL)
+    p2.wait()
     assert _gone_within(pids, 5.0) == [], "processes left behind after SIGKILL"
