@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -265,6 +266,9 @@ class Config:
             if dest not in ("tensorboard", "wandb", "none"):
                 out.append(f"config key 'report_to': {dest!r} is not one of tensorboard, wandb, "
                            f"none (got {self.report_to!r})")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                   for w in self.reward_weights):
+            bad("reward_weights", "must be numbers, one per reward function")
         if self.resume and self.overwrite:
             bad("overwrite", "contradicts resume=true (continue the run, or delete it: not both)")
         return out
@@ -322,6 +326,8 @@ def _check_type(key: str, value: Any) -> Any:
     elif hint is list:
         if isinstance(value, list):
             return value
+        if isinstance(value, str) and "," in value:  # a,b on the command line: [a, b]
+            return [yaml.safe_load(x) if x.strip() else "" for x in value.split(",")]
         if isinstance(value, (str, int, float)):
             return [value]
     elif hint is dict:

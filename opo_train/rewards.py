@@ -304,8 +304,8 @@ def _portable(x):
     return v if not bad else f"<{type(x).__name__}: {str(x)[:40]}>"
 
 
-def _watch_parent(parent: int) -> None:
-    """In a worker: end this process as soon as its parent is gone (``kill -9`` on the trainer
+def watch_parent(parent: int) -> None:
+    """End this process as soon as its parent is gone (``kill -9`` on the trainer
     runs no handler, and the worker may sit in user code that never reads the pipe again)."""
     import os
     import signal
@@ -328,7 +328,7 @@ def _serve(fns, conn, parent: int) -> None:  # the body of the reward worker pro
     _die_with_parent()
     if os.getppid() != parent:
         os._exit(0)
-    _watch_parent(parent)
+    watch_parent(parent)
     while True:
         try:
             msg = conn.recv()

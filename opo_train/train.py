@@ -460,6 +460,9 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
 # Signals: SIGINT / SIGTERM stop after the step in flight and save it; nothing outlives the run
 # ----------------------------------------------------------------------------------------------
 
+_WATCHING = False  # this process watches its launcher (once, whatever the number of runs)
+
+
 class StopOnSignal:
     """SIGINT and SIGTERM ask the run to stop. During RL the first signal lets the step in flight
     finish (its checkpoint is then saved); a second one, or one outside the RL steps, stops at
@@ -480,9 +483,11 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.old[sig] = signal.signal(sig, self._handle)
-        if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
-            from .rewards import _watch_parent
-            _watch_parent(os.getppid())
+        global _WATCHING
+        if ("TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ) and not _WATCHING:
+            from .rewards import watch_parent
+            watch_parent(os.getppid())  # the launcher: gone means this rank is orphaned
+            _WATCHING = True
         return self
 
     def __exit__(self, *exc):
@@ -562,7 +567,7 @@ def _default_data(cfg: Config):
 
 
 def train(config: Config | str | dict | None = None, reward_fns=None, dataset=None,
-          val_dataset=None) -> dict:
+          val_dataset=None, reward_weights=None) -> dict:
     """Run a training job; returns a summary dict (also the last metrics row).
 
     config: a :class:`Config`, a YAML path / shipped config name, a dict of overrides on the toy
@@ -572,6 +577,7 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
     dataset: a list of row dicts (each with a ``prompt`` plus the columns the rewards read) or
         any object with ``batch(step, n)``; default: the config's task / train_file.
     val_dataset: a list of row dicts for validation (``val_every``).
+    reward_weights: one weight per reward function (the ``reward_weights`` config key).
     """
     if config is None or isinstance(config, dict):
         cfg = load_config(None, config or {})
@@ -581,6 +587,10 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
         cfg = config  # checked with everything else in preflight
     else:
         raise TypeError(f"config must be a Config, a path or a dict, got {type(config).__name__}")
+    if reward_weights is not None:
+        import dataclasses
+        from .config import apply
+        cfg = apply(dataclasses.replace(cfg), {"reward_weights": list(reward_weights)})
     with quiet_third_party():
         train_data, val_rows, fns, limit = preflight(cfg, reward_fns, dataset, val_dataset)
         info = setup(cfg.device)

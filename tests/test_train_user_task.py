@@ -61,7 +61,7 @@ def digits(prompts, completions, answer, **_):
 
 def test_python_api_takes_several_reward_functions_with_weights(tmp_path):
     out = tmp_path / "api"
-    train(_cfg(out, "max_steps=2", "reward_weights=[1.0,0.5]"), reward_fns=[length, digits], dataset=ROWS)
+    train(_cfg(out, "max_steps=2"), reward_fns=[length, digits], dataset=ROWS, reward_weights=[1.0, 0.5])
     for row in _rows(out):
         # each function's own mean; the combined reward is their weighted sum (no None here)
         combined = row["reward_length_mean"] + 0.5 * row["reward_digits_mean"]
@@ -74,7 +74,7 @@ def test_command_line_names_reward_functions_of_a_module(tmp_path, monkeypatch, 
     data = _write_jsonl(tmp_path / "train.jsonl", ROWS)
     monkeypatch.chdir(tmp_path)
     rc = main([*SMALL, "max_steps=2", "task=hf", f"train_file={data}", f"output_dir={tmp_path / 'cli'}",
-               "rewards=[myrew:length,myrew:digits]", "reward_weights=[1.0,0.5]"])
+               "rewards=myrew:length,myrew:digits", "reward_weights=1.0,0.5"])
     assert rc == 0, capfd.readouterr()
     row = _rows(tmp_path / "cli")[-1]
     assert row["reward_mean"] == pytest.approx(row["reward_length_mean"] + 0.5 * row["reward_digits_mean"],
