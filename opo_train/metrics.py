@@ -273,6 +273,8 @@ def console_line(row: dict, max_steps: int) -> str:
             + (f"  KL(ref) {f('kl', '{:.4f}')}" if row.get("kl") is not None else "")
             + (f"  IS w {f('is_weight_mean', '{:.3f}')} cut {f('is_frac_cut', '{:.3f}')}"
                if row.get("is_weight_mean") is not None else "")
+            + (f"  clip {f('clip_frac', '{:.3f}')}" if row.get("clip_frac") is not None else "")
+            + f"  0-spread {f('zero_spread_frac', '{:.2f}')}"
             + f"  len {f('completion_len_mean', '{:.1f}')}"
             f"  {f('train_tokens_per_s', '{:.0f}')} tok/s  mem {f('peak_mem_gb', '{:.2f}')} GB"
             f"  t {f('elapsed', '{:.0f}')}s")

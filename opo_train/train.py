@@ -465,8 +465,8 @@ _WATCHING = False  # this process watches its launcher (once, whatever the numbe
 
 class StopOnSignal:
     """SIGINT and SIGTERM ask the run to stop. During RL the first signal lets the step in flight
-    finish (its checkpoint is then saved); a second one, or one outside the RL steps, stops at
-    once, keeping the newest checkpoint on disk. Either way :class:`Interrupted` ends the run and
+    finish (its checkpoint is then saved); the same signal again, or one outside the RL steps,
+    stops at once, keeping the newest checkpoint on disk. Either way :class:`Interrupted` ends the run and
     says what holds it. Under torchrun a rank whose launcher disappears (``kill -9`` on
     torchrun) kills itself, so no rank is left waiting on its peers."""
 
@@ -498,13 +498,15 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         import signal
-        first = self.signum is None
-        self.signum = signum
-        if first and self.in_steps:
-            if self.info.is_main:
+        # Only the same signal again stops at once: on Ctrl-C under torchrun every rank gets
+        # SIGINT from the terminal and then SIGTERM from torchrun, and should still save.
+        if self.in_steps and self.signum in (None, *{signal.SIGINT, signal.SIGTERM} - {signum}):
+            if self.signum is None and self.info.is_main:
                 print(f"opo-train: {signal.Signals(signum).name}: stopping when this step ends "
                       f"and saving it (send it again to stop at once)", flush=True)
+            self.signum = self.signum or signum
             return
+        self.signum = signum
         raise Interrupted("", signum)
 
     def requested(self) -> bool:
@@ -539,8 +541,9 @@ def interrupted(cfg: Config, info: DistInfo, signum: int, saved: Path | None) ->
     name = signal.Signals(signum).name
     kept = saved or ckpt.latest(cfg.output_dir)
     if kept is None:
-        return Interrupted(f"{name} before the first checkpoint: nothing was saved; run it again "
-                           f"with overwrite=true", signum)
+        again = " with overwrite=true" if ckpt.existing_run(cfg.output_dir) else ""
+        return Interrupted(f"{name} before the first checkpoint: nothing was saved; start the run "
+                           f"again{again}", signum)
     what = "saved" if saved is not None else "the newest checkpoint is"
     return Interrupted(f"{name}: {what} {kept} (step {ckpt.step_of(kept)}); resume with: "
                        f"{resume_hint(cfg, info)}", signum)

@@ -180,8 +180,9 @@ def test_ctrl_c_saves_the_finished_step_and_resume_continues(tmp_path):
 
     def interrupting(prompts, completions, **_):
         calls["n"] += 1
-        if calls["n"] == 2:  # in step 2: Ctrl-C (the trainer's main thread gets it)
+        if calls["n"] == 2:  # in step 2: Ctrl-C, then SIGTERM as torchrun sends its ranks next
             os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
         return [len(c) % 3 / 2 for c in completions]
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as e:
@@ -196,11 +197,11 @@ def test_ctrl_c_saves_the_finished_step_and_resume_continues(tmp_path):
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
 
 
-def _tb_scalars(d: Path) -> dict:
+def _tb(d: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(d / "tb"))  # as TensorBoard reads the run's folder
     ea.Reload()
-    return {t: [e.step for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    return {t: [e.step for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}, ea.Tags()["tensors"]
 
 
 def test_resume_refuses_a_changed_config_and_tensorboard_has_no_duplicates(tmp_path, capsys):
@@ -213,11 +214,12 @@ def test_resume_refuses_a_changed_config_and_tensorboard_has_no_duplicates(tmp_p
                    "sft_steps=2", "sft_batch_size=8"))
     shutil.rmtree(out / "checkpoints" / "step_000004")  # resume from step 2: steps 3, 4 replayed
     train(_cfg(out, "max_steps=4", "resume=true", "tensorboard=true", "sft_steps=2", "sft_batch_size=8"))
-    scalars = _tb_scalars(out)
+    scalars, texts = _tb(out)
     assert scalars["rollout/reward_mean"] == [1, 2, 3, 4]  # no step twice
     groups = {t.split("/")[0] for t in scalars}
     assert groups == {"train", "rollout", "loss", "sft"}, groups
     assert "loss/loss" in scalars and "train/lr" in scalars and "sft/sft_loss" in scalars
+    assert any(t.startswith("rollout/completions") for t in texts), texts
     # nothing to resume: said, and the run starts at step 0
     capsys.readouterr()
     train(_cfg(tmp_path / "empty", "max_steps=1", "resume=true"))
