@@ -30,12 +30,15 @@ def slow(prompts, completions, **_):
 '''
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, cwd: Path) -> bool:
+    """Whether this test's process ``pid`` still runs (a process of another program that got the
+    same pid since, on a busy machine, does not count: ours run in the test's folder)."""
     try:
         state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+        here = os.readlink(f"/proc/{pid}/cwd") == str(cwd)
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
         return False
-    return "\nState:\tZ" not in state  # a zombie has ended (only its exit status is left)
+    return here and "\nState:\tZ" not in state  # a zombie has ended (only its exit status is left)
 
 
 def _start(tmp_path: Path, out: Path, nproc: int, extra=()):
@@ -70,14 +73,14 @@ def _ready(p, pids: Path, out: Path, nproc: int) -> list[int]:
     return [int(f.name) for f in pids.iterdir()]
 
 
-def _gone_within(pids, seconds: float) -> list[int]:
+def _gone_within(pids, cwd: Path, seconds: float) -> list[int]:
     t0 = time.time()
     while time.time() - t0 < seconds:
-        left = [x for x in pids if _alive(x)]
+        left = [x for x in pids if _alive(x, cwd)]
         if not left:
             return []
         time.sleep(0.1)
-    return [x for x in pids if _alive(x)]
+    return [x for x in pids if _alive(x, cwd)]
 
 
 @pytest.mark.slow
@@ -98,7 +101,7 @@ def test_sigterm_saves_and_hints_then_sigkill_leaves_nothing(tmp_path, nproc):
     saved = sorted(x.name for x in (out / "checkpoints").iterdir() if (x / "COMPLETE").exists())
     assert saved[-1] == f"step_{max(done):06d}", (saved, done)  # the last finished step
     assert saved[-1] in lines[0] and "resume=true" in lines[0] and "config.yaml" in lines[0]
-    assert _gone_within(pids, 5.0) == [], "processes left behind after SIGTERM"
+    assert _gone_within(pids, tmp_path, 5.0) == [], "processes left behind after SIGTERM"
 
     # kill -9 leaves nothing behind either (the in-process tests resume from the printed config).
     cmd = lines[0].split("resume with: ", 1)[1].split()
@@ -107,4 +110,4 @@ def test_sigterm_saves_and_hints_then_sigkill_leaves_nothing(tmp_path, nproc):
     pids = _ready(p2, pid_dir2, out2, nproc)
     os.kill(p2.pid, signal.SIGKILL)
     p2.wait()
-    assert _gone_within(pids, 5.0) == [], "processes left behind after SIGKILL"
+    assert _gone_within(pids, tmp_path, 5.0) == [], "processes left behind after SIGKILL"
