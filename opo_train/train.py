@@ -1119,7 +1119,6 @@ def machine_problems(cfg: Config):
 def reward_functions(cfg: Config, reward_fns) -> list:
     """The run's reward functions: the caller's, or those the ``rewards`` key names; their
     weights and DAPO's filter metric checked against them."""
-    from .rewards import resolve_rewards
     errors = []
     if reward_fns is not None:
         fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
