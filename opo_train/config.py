@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -32,8 +33,8 @@ TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random ini
 @dataclass
 class Config:
     # -- run ------------------------------------------------------------------------------------
-    output_dir: str = "runs/toy"
-    seed: int = 0
+    output_dir: str = "runs/toy"  # where the run writes everything (one run per folder)
+    seed: int = 0  # model init, sampling and toy problems
     max_steps: int = 0             # outer iterations (rollout batches); 0 = from `epochs`
     epochs: float = 0.0            # passes over a finite train set (used when max_steps == 0)
     resume: bool = False           # continue from the latest complete checkpoint in output_dir
@@ -46,47 +47,51 @@ class Config:
     tokenizer: str = ""            # "" = the model directory (or the shipped tokenizer for "tiny")
     dtype: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     model_overrides: dict = field(default_factory=dict)  # HF config fields, e.g. {vocab_size: 32768}
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder block in backward (less memory)
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
     packed: str = "auto"           # auto (padding-free when flash-attn is usable) | true | false
     fsdp: bool = True              # False: plain module, only allowed with one process
     lora_r: int = 0                # > 0: train LoRA adapters (peft) of this rank; the base is frozen
-    lora_alpha: float = 16.0
+    lora_alpha: float = 16.0  # LoRA scale numerator (scale = lora_alpha / lora_r)
     lora_dropout: float = 0.0      # keep 0: dropout makes the anchor differ from the policy (Δ ≠ 0)
     lora_target_modules: list = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # LoRA: module names
 
     # -- task and data --------------------------------------------------------------------------
     task: str = "toy"              # toy (built-in) | math (MATH-format files) | hf (datasets.load_dataset)
     toy_task: str = "add"          # add ("37+45=" -> "82") | reverse ("3817>" -> "7183")
     toy_digits: int = 2            # add: operands of up to this many digits; reverse: 2..digits+2
-    train_file: str = ""           # jsonl / parquet with problem, solution, level
+    train_file: str = ""           # math: jsonl / parquet with problem, solution, level; hf: any
+    #                                jsonl / json / csv / parquet file or saved dataset with a prompt column
     train_levels: list = field(default_factory=list)   # e.g. ["Level 3"]; [] = all
     train_fraction: float = 1.0    # keep this fraction of the train rows (sampled with data_seed)
-    data_seed: int = 42
-    val_file: str = ""
-    val_levels: list = field(default_factory=list)
+    data_seed: int = 42  # shuffling and train_fraction sampling of a dataset
+    val_file: str = ""  # validation rows (same format as train_file); "" = none (toy: its own split)
+    val_levels: list = field(default_factory=list)  # like train_levels, for val_file
     val_size: int = 0              # 0 = all validation rows
     val_every: int = 0             # steps between validations; 0 = never
-    prompt_suffix: str = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    prompt_suffix: str = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # appended to each MATH problem (task math)
     chat_template: str = "auto"    # auto (the tokenizer's, if any) | true | false | a Jinja template
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {enable_thinking: false}
-    max_prompt_length: int = 512
+    max_prompt_length: int = 512  # longest prompt in tokens; longer ones: see truncate
+    truncate: str = "error"        # a longer prompt: error (stop, naming it) | left | right (cut
+    #                                that side, with a warning and the prompts_truncated metric)
 
     # -- rollout --------------------------------------------------------------------------------
     engine: str = "hf"             # hf | vllm
     prompts_per_step: int = 16     # global, over all ranks
     group_size: int = 8            # G generations per prompt
-    max_new_tokens: int = 6
-    temperature: float = 1.0
-    top_p: float = 1.0
-    vllm_gpu_memory_utilization: float = 0.4
+    max_new_tokens: int = 6  # longest completion in tokens (TRL: max_completion_length)
+    temperature: float = 1.0  # sampling temperature (also applied to the trainer's log-probs)
+    top_p: float = 1.0  # nucleus sampling
+    vllm_gpu_memory_utilization: float = 0.4  # vLLM: share of GPU memory for its weights and KV cache
     vllm_sleep: bool = True        # free the KV cache between rollout and training
     tensor_parallel_size: int = 1  # vLLM: ranks per engine (torchrun; must divide the world)
 
     # -- rewards --------------------------------------------------------------------------------
-    rewards: list = field(default_factory=lambda: ["auto"])  # names in rewards.REWARDS; auto = task's
-    reward_weights: list = field(default_factory=list)       # [] = all 1.0
+    rewards: list = field(default_factory=lambda: ["auto"])  # auto (the task's: toy, math) | toy |
+    #                     math | module:function of your own (several: [mod:f, mod:g]; TRL: reward_funcs)
+    reward_weights: list = field(default_factory=list)       # one per reward function; [] = all 1.0
     reward_timeout: float = 30.0   # seconds for one reward call over the whole batch
     reward_isolation: str = "process"  # process (a forked worker: a hang costs nothing) | thread
     reward_max_failed_steps: int = 3   # stop after this many steps in a row without any reward; 0 = never
@@ -97,59 +102,61 @@ class Config:
     loss: str = "opo"              # one of opo_kernels.LOSSES: opo | grpo | dapo | gspo | dr_grpo | bnpo | cispo | sapo
     loss_impl: str = "fused"       # fused (opo_kernels, no logits) | naive (materialized logits)
     kernel_backend: str = "auto"   # opo_kernels backend=
-    alpha: float = 0.4
-    mu: float = 1.0
-    tau: float = 1.0
-    level: str = "sequence"
-    seq_reduce: str = "mean"
-    ratio: str = "log"
-    normalize: str = "zscore"
-    norm_scope: str = "batch"
-    escort: str = "paper"
-    ref_correction: bool = False
-    max_log_ratio: typing.Optional[float] = None
-    clip_eps_low: typing.Optional[float] = None
-    clip_eps_high: typing.Optional[float] = None
+    alpha: float = 0.4  # OPO: weight of the chi-square term
+    mu: float = 1.0  # OPO: scale of the linear policy term
+    tau: float = 1.0  # OPO: escort temperature
+    level: str = "sequence"  # OPO: sequence | token ratios
+    seq_reduce: str = "mean"  # OPO: how token log-ratios make a sequence's (mean | sum)
+    ratio: str = "log"  # OPO: log | linear ratio in the escort
+    normalize: str = "zscore"  # OPO: how escort weights are normalized
+    norm_scope: str = "batch"  # OPO: batch | group normalization of the weights
+    escort: str = "paper"  # OPO: paper | group_softmax escort weights
+    ref_correction: bool = False  # OPO: correct for a reference other than the anchor
+    max_log_ratio: typing.Optional[float] = None  # OPO: bound on |log ratio| (None = none)
+    clip_eps_low: typing.Optional[float] = None  # clipped losses: lower clip epsilon (None = the loss's default; TRL: epsilon)
+    clip_eps_high: typing.Optional[float] = None  # clipped losses: upper clip epsilon (None = the loss's default; TRL: epsilon_high)
     adv_scale: str = "auto"        # auto (none for dr_grpo, else group) | group | batch | none
     dynamic_sampling: str = "auto" # auto (on for dapo) | true | false: drop all-equal groups
     dynamic_sampling_max_rounds: int = 3  # extra sampling rounds to refill the kept groups (DAPO)
+    dynamic_sampling_metric: str = "accuracy"  # what must differ in a kept group: accuracy |
+    #                                 reward | shaped_reward (after overlong shaping) | a reward function's name
     overlong_buffer: int = -1      # DAPO soft overlong penalty window; -1 = max_new_tokens // 4
-    overlong_penalty: float = 1.0
+    overlong_penalty: float = 1.0  # DAPO: reward penalty at the end of the overlong window
     overlong_filter: bool = False  # DAPO: mask truncated responses out of the loss
     # Off-policy terms of the loss (issue 9; names and rules of opo_kernels' loss options):
     is_correction: typing.Optional[str] = None  # rollout/anchor mismatch IS: None | token_truncate
     #                                             | token_mask | sequence_truncate | sequence_mask
     is_clip_max: typing.Optional[float] = 3.0   # IS weight bounds (truncate: clamp; mask: drop)
-    is_clip_min: typing.Optional[float] = None
+    is_clip_min: typing.Optional[float] = None  # lower IS weight bound (None = none)
     beta: float = 0.0              # > 0: k3 KL to a frozen reference model (loaded at start-up)
     use_bias_correction_kl: bool = False  # TRL's bias-corrected KL (beta > 0)
     entropy_coef: float = 0.0      # loss - entropy_coef * mean token entropy (differentiable)
     top_entropy_quantile: float = 1.0  # < 1: only the highest-entropy tokens take the policy term
 
     # -- optimization ---------------------------------------------------------------------------
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 3e-4  # learning rate of the RL phase (TRL: learning_rate)
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.99  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_ratio * lr at the last step)
-    lr_min_ratio: float = 0.1
+    lr_min_ratio: float = 0.1  # cosine: the last step's lr as a share of lr
     grad_clip: float = 1.0         # 0 = no clipping (the norm is still logged)
     minibatches: int = 2           # optimizer steps per rollout batch, anchor frozen for all
     ppo_epochs: int = 1            # passes over the rollout batch
 
     # -- supervised warm start (its own phase, on a split disjoint from the RL prompts) ------------
-    sft_steps: int = 0
-    sft_batch_size: int = 64
-    sft_lr: float = 1e-3
+    sft_steps: int = 0  # supervised warm-start steps before RL (toy task only)
+    sft_batch_size: int = 64  # warm start: examples per step
+    sft_lr: float = 1e-3  # warm start: peak learning rate
 
     # -- logging and checkpoints ----------------------------------------------------------------
-    log_every: int = 1
+    log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     save_every: int = 0            # steps between checkpoints; 0 = only the final one
-    keep_checkpoints: int = 2
-    export_hf: bool = True
-    plot: bool = True
+    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
+    export_hf: bool = True  # write hf_model/ (from_pretrained) at the end
+    plot: bool = True  # write metrics.png at the end
     tensorboard: bool = True       # false: no TensorBoard even when report_to names it
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
     wandb_project: str = "opo"     # wandb runs offline unless WANDB_API_KEY / WANDB_MODE say otherwise
@@ -172,9 +179,13 @@ class Config:
         return dataclasses.asdict(self)
 
     # -- validation -----------------------------------------------------------------------------
-    def validate(self) -> "Config":
+    def problems(self) -> list[str]:
+        """Every rule this configuration breaks, one message per key (nothing is checked twice:
+        the loss options by opo_kernels, the rest here)."""
+        out: list[str] = []
+
         def bad(key, why):
-            raise ConfigError(f"config key {key!r}: {why}, got {getattr(self, key)!r}")
+            out.append(f"config key {key!r}: {why}, got {getattr(self, key)!r}")
 
         def choice(key, options):
             if getattr(self, key) not in options:
@@ -190,11 +201,12 @@ class Config:
                              "(is_correction: token_truncate | token_mask | sequence_truncate | "
                              "sequence_mask)")
         # The loss options' rules live with the loss: opo_kernels checks them, naming the key.
-        try:
-            check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
-        except (TypeError, ValueError) as e:  # its messages start with the option's name
-            key = re.match(r"[a-z_]+", str(e)).group(0)
-            raise ConfigError(f"config key {key!r}: {e}") from None
+        if self.loss in LOSSES:
+            try:
+                check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
+            except (TypeError, ValueError) as e:  # its messages start with the option's name
+                key = re.match(r"[a-z_]+", str(e)).group(0)
+                out.append(f"config key {key!r}: {e}")
         choice("adv_scale", ("auto", "group", "batch", "none"))
         choice("dynamic_sampling", ("auto", "true", "false"))
         choice("engine", ("hf", "vllm"))
@@ -202,6 +214,7 @@ class Config:
         choice("task", ("toy", "math", "hf"))
         choice("toy_task", ("add", "reverse"))
         choice("lr_schedule", ("constant", "cosine"))
+        choice("truncate", ("error", "left", "right"))
         if not 0.0 <= self.lr_min_ratio <= 1.0:
             bad("lr_min_ratio", "must be in [0, 1]")
         choice("dtype", ("auto", "float32", "bfloat16"))
@@ -229,7 +242,7 @@ class Config:
                 bad(key, "must be >= 0")
         if self.group_size < 2:
             bad("group_size", "must be >= 2 (group advantages need two samples per prompt)")
-        if self.prompts_per_step % self.minibatches:
+        if self.minibatches >= 1 and self.prompts_per_step % self.minibatches:
             bad("minibatches", f"must divide prompts_per_step={self.prompts_per_step}")
         if self.max_steps == 0 and self.epochs == 0:
             bad("max_steps", "one of max_steps / epochs must be > 0")
@@ -239,8 +252,8 @@ class Config:
             bad("train_file", f"task {self.task!r} needs a train_file (a local file or dataset directory)")
         if self.val_every and not (self.val_file or self.task == "toy"):
             bad("val_file", "val_every > 0 needs a val_file")
-        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
-            bad("reward_weights", f"needs one weight per reward ({len(self.rewards)})")
+        if self.sft_steps and self.task != "toy":
+            bad("sft_steps", "the warm start is only defined for task 'toy'")
         if self.keep_checkpoints < 1:
             bad("keep_checkpoints", "must be >= 1")
         if not 0.0 < self.adam_beta1 < 1.0 or not 0.0 < self.adam_beta2 < 1.0:
@@ -251,10 +264,20 @@ class Config:
             bad("lora_target_modules", "lora_r > 0 needs at least one module name")
         for dest in self.report_to:
             if dest not in ("tensorboard", "wandb", "none"):
-                raise ConfigError(f"config key 'report_to': {dest!r} is not one of tensorboard, wandb, "
-                                  f"none (got {self.report_to!r})")
+                out.append(f"config key 'report_to': {dest!r} is not one of tensorboard, wandb, "
+                           f"none (got {self.report_to!r})")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                   for w in self.reward_weights):
+            bad("reward_weights", "must be numbers, one per reward function")
         if self.resume and self.overwrite:
             bad("overwrite", "contradicts resume=true (continue the run, or delete it: not both)")
+        return out
+
+    def validate(self) -> "Config":
+        """This configuration, or :class:`ConfigError` listing every rule it breaks."""
+        errors = self.problems()
+        if errors:
+            raise ConfigError.of(errors)
         return self
 
 
@@ -303,6 +326,8 @@ def _check_type(key: str, value: Any) -> Any:
     elif hint is list:
         if isinstance(value, list):
             return value
+        if isinstance(value, str) and "," in value:  # a,b on the command line: [a, b]
+            return [yaml.safe_load(x) if x.strip() else "" for x in value.split(",")]
         if isinstance(value, (str, int, float)):
             return [value]
     elif hint is dict:
@@ -312,28 +337,123 @@ def _check_type(key: str, value: Any) -> Any:
                      f"got {value!r} ({type(value).__name__})")
 
 
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+# TRL's GRPOConfig names (and a few of verl's) for the same settings: accepted as aliases.
+ALIASES = {
+    "learning_rate": "lr", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
+    "epsilon": "clip_eps_low", "epsilon_high": "clip_eps_high", "num_iterations": "ppo_epochs",
+    "max_grad_norm": "grad_clip", "lr_scheduler_type": "lr_schedule", "logging_steps": "log_every",
+    "save_steps": "save_every", "save_total_limit": "keep_checkpoints",
+    "num_train_epochs": "epochs", "reward_funcs": "rewards", "loss_type": "loss",
+    "scale_rewards": "adv_scale", "adam_epsilon": "adam_eps", "mask_truncated_completions":
+    "overlong_filter", "vllm_tensor_parallel_size": "tensor_parallel_size",
+    "model_name_or_path": "model", "dataset_name": "train_file", "use_liger_loss": None,
+    "per_device_train_batch_size": None,
+}
+# TRL's completions per device per optimizer step: prompts_per_step follows from it (below).
+_PER_DEVICE_BATCH = "per_device_train_batch_size"
 
 
-def apply(cfg: Config, updates: dict, source: str = "") -> Config:
-    """Set every ``key: value`` of ``updates`` on ``cfg`` with type checks (``a.b`` for dicts)."""
+def _unknown(key: str) -> str:
+    names = list(_FIELDS) + [a for a, k in ALIASES.items() if k]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    # Abbreviations: the initials of the words typed (learnin_rate -> lr), and a known key the
+    # typed one starts or ends with.
+    initials = "".join(w[0] for w in key.split("_") if w)
+    extra = [k for k in _FIELDS if k == initials or (len(k) > 3 and (key.startswith(k) or key.endswith(k)))]
+    seen = []
+    for c in close + extra:
+        name = ALIASES.get(c) or c
+        if name not in seen:
+            seen.append(name)
+    hint = f"; did you mean {', '.join(seen[:3])}?" if seen else ""
+    return f"unknown config key {key!r}{hint} (opo-train --help lists every key)"
+
+
+def apply(cfg: Config, updates: dict, source: str = "", errors: list | None = None) -> Config:
+    """Set every ``key: value`` of ``updates`` on ``cfg`` with type checks (``a.b`` for dicts;
+    TRL's names through ``ALIASES``). Problems go to ``errors`` when given (all keys are tried),
+    else the first one raises."""
+    own = errors is None
+    errors = [] if own else errors
+    where = f" (in {source})" if source else ""
     for key, value in updates.items():
         top, _, sub = str(key).partition(".")
+        if top == _PER_DEVICE_BATCH:
+            try:
+                cfg.__dict__["_per_device_batch"] = _check_type("prompts_per_step", value)
+            except ConfigError:
+                errors.append(f"config key {top!r} expects int, got {value!r}{where}")
+            continue
+        if top in ALIASES:
+            if ALIASES[top] is None:
+                errors.append(f"config key {top!r} (TRL) has no counterpart here{where}")
+                continue
+            top = ALIASES[top]
         if top not in _FIELDS:
-            raise _unknown(top)
+            errors.append(_unknown(top) + where)
+            continue
         if sub:
             if _HINTS[top] is not dict:
-                raise ConfigError(f"config key {top!r} is not a mapping; cannot set {key!r}")
+                errors.append(f"config key {top!r} is not a mapping; cannot set {key!r}")
+                continue
             getattr(cfg, top)[sub] = value
             continue
         try:
             setattr(cfg, top, _check_type(top, value))
         except ConfigError as e:
-            raise ConfigError(f"{e}{f' (in {source})' if source else ''}") from None
+            errors.append(f"{e}{where}")
+    if own and errors:
+        raise ConfigError.of(errors)
     return cfg
+
+
+def _per_device_batch(cfg: Config, errors: list) -> None:
+    """TRL's ``per_device_train_batch_size`` B (completions per device per optimizer step):
+    prompts_per_step = B x processes x minibatches / group_size, which must be whole."""
+    b = cfg.__dict__.pop("_per_device_batch", None)
+    if b is None:
+        return
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n = b * world * cfg.minibatches
+    if b < 1 or cfg.group_size < 1 or n % cfg.group_size:
+        errors.append(f"config key {_PER_DEVICE_BATCH!r}: {b} completions x {world} process(es) x "
+                      f"{cfg.minibatches} minibatches must be a multiple of group_size="
+                      f"{cfg.group_size}")
+        return
+    cfg.prompts_per_step = n // cfg.group_size
+
+
+def key_docs() -> dict[str, tuple[Any, str]]:
+    """``key -> (default, doc)`` for every config key, the doc being the comment written beside
+    its field in :class:`Config` (one place for both)."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+    src = inspect.getsource(Config)
+    starts = {}
+    for node in ast.parse(src).body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            starts[node.lineno] = node.target.id
+    comments: dict[str, list[str]] = {}
+    current = None
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        line = tok.start[0]
+        if line in starts:
+            current = starts[line]
+        if tok.type == tokenize.COMMENT and current and not tok.string.startswith("# --"):
+            text = tok.string.lstrip("#").strip()
+            if text and not (tok.start[1] <= 4 and not tok.line[:tok.start[1]].strip() and
+                             line not in starts and not tok.string.startswith("#  ")):
+                comments.setdefault(current, []).append(text)
+        if tok.type == tokenize.NAME and tok.string == "def":
+            current = None
+    out = {}
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        out[f.name] = (default, " ".join(comments.get(f.name, [])))
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -407,14 +527,25 @@ def _layers(p: Path, chain: tuple = ()) -> list[tuple[Path, dict]]:
 
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- YAML file (default: the shipped toy config; its ``base:`` first, recursively)
-    <- overrides; validated."""
+    <- overrides; validated. Every problem found is reported in one :class:`ConfigError`."""
     cfg = Config()
+    errors: list[str] = []
     for p, data in _layers(resolve_config_path(path or "toy")):
-        apply(cfg, data, source=str(p))
+        apply(cfg, data, source=str(p), errors=errors)
     if isinstance(overrides, dict):
-        apply(cfg, overrides, source="overrides")
+        apply(cfg, overrides, source="overrides", errors=errors)
     else:
         for text in overrides or []:
-            k, v = parse_override(text)
-            apply(cfg, {k: v}, source=f"override {text!r}")
-    return cfg.validate()
+            try:
+                k, v = parse_override(text)
+            except ConfigError as e:
+                errors.append(str(e))
+                continue
+            apply(cfg, {k: v}, source=f"override {text!r}", errors=errors)
+    _per_device_batch(cfg, errors)
+    errors += cfg.problems()
+    if errors:
+        err = ConfigError.of(errors)
+        err.config = cfg  # what could be read: the command line checks the rest against it
+        raise err
+    return cfg

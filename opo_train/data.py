@@ -137,9 +137,11 @@ def load_hf_rows(path: str, split: str = "train") -> list[dict]:
     """Rows of a local file (json/jsonl/csv/parquet) or a saved dataset directory, read through
     ``datasets`` (nothing is downloaded: a name that is not a local path is refused)."""
     p = Path(path)
-    if not p.exists():
+    if not path or not p.exists():
         raise ConfigError(f"config key 'train_file'/'val_file': {path!r} is not a local file or "
                           f"directory (nothing is downloaded at run time)")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ConfigError(f"config key 'train_file'/'val_file': {path!r} is empty (no rows)")
     try:
         import datasets
     except ImportError:
@@ -152,9 +154,16 @@ def load_hf_rows(path: str, split: str = "train") -> list[dict]:
             ds = ds[split]
     else:
         fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
-        ds = datasets.load_dataset(fmt, data_files=str(p), split=split) if fmt else \
-            datasets.load_dataset(str(p), split=split)
-    return [dict(r) for r in ds]
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(p), split=split) if fmt else \
+                datasets.load_dataset(str(p), split=split)
+        except Exception as e:  # noqa: BLE001 - the file's problem, said on one line
+            raise ConfigError(f"config key 'train_file'/'val_file': {path!r} cannot be read as a "
+                              f"dataset: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    rows = [dict(r) for r in ds]
+    if not rows:
+        raise ConfigError(f"config key 'train_file'/'val_file': {path!r} holds no rows")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +266,8 @@ def load_math(path: str | Path, *, levels=(), fraction: float = 1.0, size: int =
                     "solution": sol if isinstance(sol, str) else "",
                     "level": _level_of(r.get("level", ""))})
     if not out:
-        raise ConfigError(f"{path}: no rows left after filtering by levels={sorted(want)}")
+        raise ConfigError(f"{path}: no rows left after filtering by levels={sorted(want)}" if want
+                          else f"{path}: holds no rows")
     if fraction < 1.0:
         rng = random.Random(seed)
         keep = max(1, round(len(out) * fraction))

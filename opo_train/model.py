@@ -47,6 +47,8 @@ def load_tokenizer(cfg: Config):
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if cfg.chat_template not in ("auto", "true", "false"):
+        tok.chat_template = cfg.chat_template  # the run's template: used, and exported with it
     return tok
 
 
@@ -56,7 +58,14 @@ def hf_config(cfg: Config):
     if not path.exists():
         raise ConfigError(f"config key 'model': {cfg.model!r} is not a local directory "
                          "(nothing is downloaded at run time)")
-    conf = AutoConfig.from_pretrained(str(path))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"config key 'model': {cfg.model!r} has no config.json (a model folder "
+                          f"as save_pretrained writes it: config.json, weights, tokenizer)")
+    try:
+        conf = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'model': {cfg.model!r} cannot be read as an HF model: "
+                          f"{' '.join(str(e).split())[:300]}") from None
     for k, v in cfg.model_overrides.items():
         if not hasattr(conf, k):
             raise ConfigError(f"config key 'model_overrides': {type(conf).__name__} has no field {k!r}")

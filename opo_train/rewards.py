@@ -161,13 +161,58 @@ def _budget(per_answer: float):
 REWARDS = {"toy": toy_reward, "math": math_reward}
 
 
+def import_reward(spec: str):
+    """``module:function`` (or ``module.function``, or ``path/to/file.py:function``) -> the
+    function. The current directory is searched first, as ``python -m`` does."""
+    import importlib
+    import importlib.util
+    import os
+    where, sep, name = spec.rpartition(":")
+    if not sep:
+        where, _, name = spec.rpartition(".")
+    if not where or not name:
+        raise ConfigError(f"config key 'rewards': {spec!r} is neither a built-in reward "
+                          f"({', '.join(sorted(REWARDS))}) nor module:function")
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise ConfigError(f"config key 'rewards': {spec!r}: no file {where!r}")
+            mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module: say what it raised, on one line
+        raise ConfigError(f"config key 'rewards': importing {where!r} for {spec!r} failed: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"config key 'rewards': {where!r} has no function {name!r} (from {spec!r})")
+    return fn
+
+
 def resolve_rewards(names, task: str, math_timeout: float = 5.0):
-    """Config names -> callables (``auto`` = the task's own reward)."""
-    fns = []
+    """Config names -> callables: ``auto`` (the task's own reward: toy, math), a built-in name,
+    or a user's ``module:function``. Every bad name is reported together."""
+    fns, errors = [], []
     for n in names:
-        key = task if n == "auto" else n
+        key = task if n == "auto" else str(n)
+        if n == "auto" and key not in REWARDS:
+            errors.append(f"config key 'rewards': task {task!r} has no built-in reward; name your "
+                          f"reward function(s): rewards=module:function (several: "
+                          f"rewards=[mod:f,mod:g] reward_weights=[1.0,0.5]), or pass reward_fns= "
+                          f"to train()")
+            continue
         if key not in REWARDS:
-            raise ConfigError(f"config key 'rewards': unknown reward {n!r}; known: {sorted(REWARDS)}")
+            try:
+                fns.append(import_reward(key))
+            except ConfigError as e:
+                errors.append(str(e))
+            continue
         fn = REWARDS[key]
         if fn is math_reward:
             def fn(prompts, completions, answer, _t=math_timeout, **kw):
@@ -175,6 +220,8 @@ def resolve_rewards(names, task: str, math_timeout: float = 5.0):
             fn.__name__ = "math_reward"
             fn.max_seconds = _budget(math_timeout)
         fns.append(fn)
+    if errors:
+        raise ConfigError.of(errors)
     return fns
 
 
@@ -257,9 +304,31 @@ def _portable(x):
     return v if not bad else f"<{type(x).__name__}: {str(x)[:40]}>"
 
 
-def _serve(fns, conn) -> None:  # the body of the reward worker process
+def watch_parent(parent: int) -> None:
+    """End this process as soon as its parent is gone (``kill -9`` on the trainer
+    runs no handler, and the worker may sit in user code that never reads the pipe again)."""
+    import os
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+
+
+def _serve(fns, conn, parent: int) -> None:  # the body of the reward worker process
+    import os
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the trainer's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler, copied by fork
+    # Die with the trainer: the kernel's parent-death signal, and a watchdog for the case where
+    # the parent died before the signal was armed.
+    _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(0)
+    watch_parent(parent)
     while True:
         try:
             msg = conn.recv()
@@ -285,7 +354,8 @@ class _ProcessCaller:
 
     def _start(self):
         parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_serve, args=(self.fns, child), daemon=True,
+        import os
+        self.proc = self.ctx.Process(target=_serve, args=(self.fns, child, os.getpid()), daemon=True,
                                      name="opo-reward-worker")
         self.proc.start()
         child.close()
@@ -420,6 +490,7 @@ class RewardRunner:
                  completion_ids: list[list[int]] | None = None) -> list[float | None]:
         parts = [self._call(i, prompts, completions, columns, completion_ids)
                  for i in range(len(self.fns))]
+        self.last_parts = parts  # per function, unweighted (its own metrics)
         total: list[float | None] = []
         for j in range(len(prompts)):
             vals = [w * p[j] for p, w in zip(parts, self.weights) if p[j] is not None]

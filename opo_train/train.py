@@ -29,10 +29,11 @@ from . import checkpoint as ckpt
 from opo_kernels.checks import LossOptions, counts_read
 
 from .config import LOSS_OPTION_KEYS, Config, load_config
-from .errors import ConfigError, TrainingStopped
+from .errors import ConfigError, Interrupted, TrainingStopped
 from .data import ToyTask, as_dataset, is_conversation, load_hf_rows, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
-from .metrics import MetricsLogger, console_line, quiet_third_party, validation_line
+from .metrics import (MetricsLogger, console_line, peak_memory_gb, quiet_third_party,
+                      validation_line)
 from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
                     param_count, save_hf, trainable_params)
 from .rewards import RewardRunner, resolve_rewards
@@ -339,10 +340,16 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
 # Prompts, rollout, validation
 # ----------------------------------------------------------------------------------------------
 
-def format_prompts(rows: list[dict], tok, cfg: Config) -> list[list[int]]:
+def format_prompts(rows: list[dict], tok, cfg: Config, limit: int | None = None,
+                   counts: dict | None = None) -> list[list[int]]:
     """Prompt token ids. A conversational prompt (a list of messages) always goes through the
     chat template; a string prompt does when ``chat_template`` is true, or auto and the tokenizer
-    has one (as a single user message). ``chat_template`` may also be a Jinja template."""
+    has one (as a single user message). ``chat_template`` may also be a Jinja template.
+
+    A prompt longer than ``limit`` tokens (default ``max_prompt_length``) raises
+    :class:`ConfigError` (``truncate=error``) or is cut on the ``truncate`` side, counted in
+    ``counts["truncated"]``."""
+    limit = limit or cfg.max_prompt_length
     custom = cfg.chat_template if cfg.chat_template not in ("auto", "true", "false") else None
     has_template = bool(custom or getattr(tok, "chat_template", None))
     wrap_strings = cfg.chat_template == "true" or custom is not None or (
@@ -364,7 +371,19 @@ def format_prompts(rows: list[dict], tok, cfg: Config) -> list[list[int]]:
                 ids = ids["input_ids"]
         else:
             ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-        out.append(list(ids)[-cfg.max_prompt_length:])
+        ids = list(ids)
+        if len(ids) > limit:
+            if cfg.truncate == "error":
+                text = " ".join(str(r["prompt"]).split())
+                raise ConfigError(
+                    f"config key 'max_prompt_length': a prompt has {len(ids)} tokens, more than "
+                    f"the {limit} the run takes ({text[:60]!r}...); raise max_prompt_length (up to "
+                    f"the model's positions less max_new_tokens), shorten the prompts, or set "
+                    f"truncate=left or truncate=right to cut them")
+            ids = ids[-limit:] if cfg.truncate == "left" else ids[:limit]
+            if counts is not None:
+                counts["truncated"] = counts.get("truncated", 0) + 1
+        out.append(ids)
     return out
 
 
@@ -380,12 +399,12 @@ def step_seed(cfg: Config, step: int, rank: int, salt: int = 0) -> int:
 
 
 def validate(engine, rows: list[dict], tok, runner: RewardRunner, cfg: Config, info: DistInfo,
-             step: int) -> dict:
+             step: int, limit: int | None = None) -> dict:
     """Greedy decoding on this rank's share of the validation rows; accuracy = reward >= 1."""
     share = rows[info.rank * len(rows) // info.world:(info.rank + 1) * len(rows) // info.world]
     hits = total = reward_sum = 0.0
     if share:
-        samples = engine.generate(format_prompts(share, tok, cfg), 1, seed=step_seed(cfg, step, info.rank, 7),
+        samples = engine.generate(format_prompts(share, tok, cfg, limit), 1, seed=step_seed(cfg, step, info.rank, 7),
                                   greedy=True)
         comps = as_completions(share, [tok.decode(g[0].tokens, skip_special_tokens=True) for g in samples])
         cols = {k: [r.get(k) for r in share] for k in share[0] if k != "prompt"}
@@ -408,7 +427,8 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
     validation splits), through the same fused log-prob kernel. Logged to sft_metrics.jsonl."""
     task = ToyTask(cfg.seed, "sft", cfg.toy_digits, cfg.toy_task)
     opt = torch.optim.AdamW(trainable_params(policy), lr=cfg.sft_lr, betas=(0.9, 0.98))
-    logger = MetricsLogger(output_dir, info.is_main, tensorboard=False, filename="sft_metrics.jsonl")
+    logger = MetricsLogger(output_dir, info.is_main, filename="sft_metrics.jsonl", tag_prefix="sft/",
+                           tensorboard=cfg.tensorboard and "tensorboard" in cfg.report_to)
     t0 = time.time()
     for k in range(cfg.sft_steps):
         rows = task.batch(k, cfg.sft_batch_size)
@@ -442,6 +462,99 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
 
 
 # ----------------------------------------------------------------------------------------------
+# Signals: SIGINT / SIGTERM stop after the step in flight and save it; nothing outlives the run
+# ----------------------------------------------------------------------------------------------
+
+_WATCHING = False  # this process watches its launcher (once, whatever the number of runs)
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the run to stop. During RL the first signal lets the step in flight
+    finish (its checkpoint is then saved); the same signal again, or one outside the RL steps,
+    stops at once, keeping the newest checkpoint on disk. Either way :class:`Interrupted` ends the run and
+    says what holds it. Under torchrun a rank whose launcher disappears (``kill -9`` on
+    torchrun) kills itself, so no rank is left waiting on its peers."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.signum = None
+        self.in_steps = False
+        self.old = {}
+
+    def __enter__(self):
+        import os
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        global _WATCHING
+        if ("TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ) and not _WATCHING:
+            from .rewards import watch_parent
+            watch_parent(os.getppid())  # the launcher: gone means this rank is orphaned
+            _WATCHING = True
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        return False
+
+    def _handle(self, signum, frame):
+        import signal
+        # Only the same signal again stops at once: on Ctrl-C under torchrun every rank gets
+        # SIGINT from the terminal and then SIGTERM from torchrun, and should still save.
+        if self.in_steps and self.signum in (None, *{signal.SIGINT, signal.SIGTERM} - {signum}):
+            if self.signum is None and self.info.is_main:
+                print(f"opo-train: {signal.Signals(signum).name}: stopping when this step ends "
+                      f"and saving it (send it again to stop at once)", flush=True)
+            self.signum = self.signum or signum
+            return
+        self.signum = signum
+        raise Interrupted("", signum)
+
+    def requested(self) -> bool:
+        """Collective: whether any rank was asked to stop (all ranks then stop together)."""
+        import signal
+        flag, = all_reduce_sum([1.0 if self.signum is not None else 0.0], self.info)
+        if flag > 0 and self.signum is None:  # another rank's signal: stop alike
+            self.signum = signal.SIGTERM
+        return flag > 0
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it, or what it wraps) is ENOSPC."""
+    import errno
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def resume_hint(cfg: Config, info: DistInfo) -> str:
+    launch = (f"torchrun --nproc_per_node {info.world} -m opo_train" if info.world > 1
+              else "opo-train")
+    return f"{launch} --config {Path(cfg.output_dir) / 'config.yaml'} resume=true"
+
+
+def interrupted(cfg: Config, info: DistInfo, signum: int, saved: Path | None) -> Interrupted:
+    import signal
+    name = signal.Signals(signum).name
+    kept = saved or ckpt.latest(cfg.output_dir)
+    if kept is None:
+        again = " with overwrite=true" if ckpt.existing_run(cfg.output_dir) else ""
+        return Interrupted(f"{name} before the first checkpoint: nothing was saved; start the run "
+                           f"again{again}", signum)
+    what = "saved" if saved is not None else "the newest checkpoint is"
+    return Interrupted(f"{name}: {what} {kept} (step {ckpt.step_of(kept)}); resume with: "
+                       f"{resume_hint(cfg, info)}", signum)
+
+
+# ----------------------------------------------------------------------------------------------
 # The entry point
 # ----------------------------------------------------------------------------------------------
 
@@ -462,7 +575,7 @@ def _default_data(cfg: Config):
 
 
 def train(config: Config | str | dict | None = None, reward_fns=None, dataset=None,
-          val_dataset=None) -> dict:
+          val_dataset=None, reward_weights=None) -> dict:
     """Run a training job; returns a summary dict (also the last metrics row).
 
     config: a :class:`Config`, a YAML path / shipped config name, a dict of overrides on the toy
@@ -472,17 +585,22 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
     dataset: a list of row dicts (each with a ``prompt`` plus the columns the rewards read) or
         any object with ``batch(step, n)``; default: the config's task / train_file.
     val_dataset: a list of row dicts for validation (``val_every``).
+    reward_weights: one weight per reward function (the ``reward_weights`` config key).
     """
     if config is None or isinstance(config, dict):
         cfg = load_config(None, config or {})
     elif isinstance(config, (str, Path)):
         cfg = load_config(str(config))
     elif isinstance(config, Config):
-        cfg = config.validate()
+        cfg = config  # checked with everything else in preflight
     else:
         raise TypeError(f"config must be a Config, a path or a dict, got {type(config).__name__}")
+    if reward_weights is not None:
+        import dataclasses
+        from .config import apply
+        cfg = apply(dataclasses.replace(cfg), {"reward_weights": list(reward_weights)})
     with quiet_third_party():
-        preflight(cfg)
+        train_data, val_rows, fns, limit = preflight(cfg, reward_fns, dataset, val_dataset)
         info = setup(cfg.device)
         threads = torch.get_num_threads()
         if info.device.type == "cpu" and cfg.cpu_threads:
@@ -490,7 +608,22 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
             # threads that wait for a busy core slow every op down by an order of magnitude.
             torch.set_num_threads(cfg.cpu_threads)
         try:
-            return _run(cfg, info, reward_fns, dataset, val_dataset)
+            with StopOnSignal(info) as stop:
+                try:
+                    return _run(cfg, info, fns, train_data, val_rows, limit, stop)
+                except Interrupted as e:
+                    if str(e):
+                        raise
+                    raise interrupted(cfg, info, e.signum, None) from None
+                except BaseException as e:  # noqa: BLE001 - DCP wraps OSErrors in a BaseException
+                    if not _disk_full(e):
+                        raise
+                    kept = ckpt.latest(cfg.output_dir)
+                    raise TrainingStopped(
+                        f"no space left on the device of output_dir {cfg.output_dir!r}: free space "
+                        f"(or use another output_dir) and resume; the newest complete checkpoint "
+                        f"is {kept if kept else 'none'} (a checkpoint is renamed into place "
+                        f"only once fully written)") from None
         finally:
             torch.set_num_threads(threads)
             teardown(info)
@@ -517,6 +650,7 @@ class Experience:
     rewards: list = field(default_factory=list)       # after shaping (DAPO's overlong penalty)
     lengths: list = field(default_factory=list)
     truncated: list = field(default_factory=list)
+    fn_rewards: list = field(default_factory=list)    # per sample: each reward function's value
     advantages: list = field(default_factory=list)
     keep: list = field(default_factory=list)          # per group: takes part in the update
     batches: list = field(default_factory=list)       # this rank's mini-batches (model inputs)
@@ -526,6 +660,7 @@ class Experience:
     stats: list = field(default_factory=list)         # one dict per optimizer step
     times: dict = field(default_factory=dict)
     gen_tokens: int = 0                               # generated on this rank
+    prompts_truncated: int = 0                        # ... prompts cut to the limit (truncate=)
     rounds: int = 0                                   # DAPO dynamic sampling: rounds sampled
     kept_first: int = 0                               # groups kept in the first round
 
@@ -549,6 +684,7 @@ class Run:
     max_steps: int
     packed: bool
     out_dir: Path
+    prompt_limit: int   # the longest prompt in tokens (see check_prompts)
     weights: dict = field(default_factory=lambda: {"policy": 0, "engine": -1})
     ref: object = None   # frozen reference model (beta > 0), built when RL starts
 
@@ -577,7 +713,12 @@ def rollout(run: Run, step: int, round: int = 0) -> Experience:
     run.sync_engine()   # new weights first (vLLM: into the woken weights, before its KV cache)
     run.engine.wake()
     groups = exp.groups
-    ids = format_prompts([exp.rows[g] for g in groups], run.tok, cfg)
+    counts = {}
+    ids = format_prompts([exp.rows[g] for g in groups], run.tok, cfg, run.prompt_limit, counts)
+    exp.prompts_truncated += counts.get("truncated", 0)
+    if counts:
+        log.warning("%d prompt(s) longer than %d tokens were cut on the %s (truncate=%s)",
+                    counts["truncated"], run.prompt_limit, cfg.truncate, cfg.truncate)
     out = run.engine.generate(ids, G, seed=step_seed(cfg, step, info.rank, salt=101 * round))
     run.engine.sleep()
     for g, p, smp in zip(groups, ids, out):
@@ -599,27 +740,48 @@ def score(run: Run, exp: Experience) -> None:
                      as_completions(rows, [exp.completions[g][k] for g, k in flat]), columns,
                      [list(exp.samples[g][k].tokens) for g, k in flat])
     local = []
-    for (g, k), r in zip(flat, raw):
+    parts = getattr(run.runner, "last_parts", [])
+    for j, ((g, k), r) in enumerate(zip(flat, raw)):
         smp = exp.samples[g][k]
         shaped = r + overlong_penalty(len(smp.tokens), cfg) if (r is not None and cfg.loss == "dapo") else r
-        local.append((g * G + k, r, shaped, len(smp.tokens), smp.truncated))
+        local.append((g * G + k, r, shaped, len(smp.tokens), smp.truncated,
+                      tuple(p[j] for p in parts)))
     n = cfg.prompts_per_step * G
     exp.raw_rewards, exp.rewards = [None] * n, [None] * n
-    exp.lengths, exp.truncated = [0] * n, [False] * n
+    exp.lengths, exp.truncated, exp.fn_rewards = [0] * n, [False] * n, [()] * n
     for part in all_gather_objects(local, run.info):
-        for i, r, shaped, length, trunc in part:
+        for i, r, shaped, length, trunc, per_fn in part:
             exp.raw_rewards[i], exp.rewards[i], exp.lengths[i], exp.truncated[i] = r, shaped, length, trunc
+            exp.fn_rewards[i] = per_fn
+
+
+def filter_values(run: Run, exp: Experience) -> list:
+    """Per sample, the value DAPO's dynamic sampling looks at (``dynamic_sampling_metric``):
+    accuracy (reward >= 1: fully right, as DAPO and verl's ``filter_groups.metric=acc``), the
+    reward before or after the overlong shaping, or one reward function's own value."""
+    metric = run.cfg.dynamic_sampling_metric
+    if metric == "accuracy":
+        return [None if r is None else r >= 1.0 - 1e-9 for r in exp.raw_rewards]
+    if metric == "reward":
+        return exp.raw_rewards
+    if metric == "shaped_reward":
+        return exp.rewards
+    i = run.runner.names.index(metric)
+    return [v[i] if v else None for v in exp.fn_rewards]
 
 
 def advantages(run: Run, exp: Experience) -> None:
     """3. Group advantages over the global batch; a group takes part when two or more of its
-    samples have a reward, and (DAPO's dynamic sampling) when those are not all equal."""
+    samples have a reward, and (DAPO's dynamic sampling) when their ``dynamic_sampling_metric``
+    values are not all equal."""
     cfg, G = run.cfg, run.cfg.group_size
     exp.advantages = compute_advantages(exp.rewards, G, cfg.effective_adv_scale())
     exp.keep = []
+    metric = filter_values(run, exp) if cfg.use_dynamic_sampling() else None
     for g in range(cfg.prompts_per_step):
-        vals = [r for r in exp.rewards[g * G:(g + 1) * G] if r is not None]
-        exp.keep.append(len(vals) > 1 and (len(set(vals)) > 1 or not cfg.use_dynamic_sampling()))
+        idx = [i for i in range(g * G, (g + 1) * G) if exp.rewards[i] is not None]
+        spread = metric is None or len({metric[i] for i in idx}) > 1
+        exp.keep.append(len(idx) > 1 and spread)
 
 
 def dynamic_sampling(run: Run, exp: Experience) -> Experience:
@@ -648,11 +810,13 @@ def dynamic_sampling(run: Run, exp: Experience) -> Experience:
             m.prompt_ids[off + g], m.samples[off + g] = e.prompt_ids[g], e.samples[g]
             m.completions[off + g] = e.completions[g]
             owned.add(off + g)
-        for name in ("raw_rewards", "rewards", "lengths", "truncated", "advantages", "keep"):
+        for name in ("raw_rewards", "rewards", "lengths", "truncated", "fn_rewards", "advantages",
+                     "keep"):
             getattr(m, name).extend(getattr(e, name))
         for k, v in e.times.items():
             m.times[k] = m.times.get(k, 0.0) + v
         m.gen_tokens += e.gen_tokens
+        m.prompts_truncated += e.prompts_truncated
     kept = [u for u, k in enumerate(m.keep) if k][:P]
     chosen = set(kept)
     m.keep = [u in chosen for u in range(len(m.keep))]
@@ -698,13 +862,11 @@ def anchor_and_update(run: Run, exp: Experience) -> None:
 
 # ---- the run -----------------------------------------------------------------------------------
 
-def _setup(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> Run:
+def _setup(cfg: Config, info: DistInfo, fns, train_data, val_rows, limit: int) -> Run:
     P, M, W = cfg.prompts_per_step, cfg.minibatches, info.world
     if P % (M * W):
         raise ConfigError(f"config key 'prompts_per_step': {P} must be a multiple of "
                           f"minibatches x processes = {M} x {W}")
-    if cfg.sft_steps and cfg.task != "toy":
-        raise ConfigError("config key 'sft_steps': the warm start is only defined for task 'toy'")
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg)
     policy = build_policy(cfg, info, cfg.seed)
@@ -712,30 +874,23 @@ def _setup(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> Run
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     engine = make_engine(cfg, tok, info.device)
     packed = cfg.packed == "true" or (cfg.packed == "auto" and flash_attn_available(info.device))
-    if dataset is None:
-        train_data, val_rows = _default_data(cfg)
-    else:  # a user's data: validation only on the user's validation rows
-        train_data, val_rows = as_dataset(dataset, seed=cfg.data_seed), None
-    if val_dataset is not None:
-        val_rows = list(val_dataset)
-    runner = RewardRunner(reward_fns if reward_fns is not None else
-                          resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout),
-                          cfg.reward_weights or None, cfg.reward_timeout, cfg.reward_isolation)
+    runner = RewardRunner(fns, cfg.reward_weights or None, cfg.reward_timeout, cfg.reward_isolation)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / P)
     return Run(cfg, info, tok, policy, optimizer, engine, runner, train_data, val_rows, max_steps,
-               packed, Path(cfg.output_dir))
+               packed, Path(cfg.output_dir), limit)
 
 
-def _run(cfg: Config, info: DistInfo, reward_fns, dataset, val_dataset) -> dict:
+def _run(cfg: Config, info: DistInfo, fns, train_data, val_rows, limit: int,
+         stop: StopOnSignal) -> dict:
     t_start = time.time()
-    run = _setup(cfg, info, reward_fns, dataset, val_dataset)
+    run = _setup(cfg, info, fns, train_data, val_rows, limit)
     try:
-        return _loop(run, t_start)
+        return _loop(run, t_start, stop)
     finally:
         run.runner.close()
 
 
-def _loop(run: Run, t_start: float) -> dict:
+def _loop(run: Run, t_start: float, stop: StopOnSignal) -> dict:
     cfg, info, out_dir, max_steps = run.cfg, run.info, run.out_dir, run.max_steps
 
     # ---- output_dir: ours alone; resume only forwards -----------------------------------------
@@ -747,7 +902,7 @@ def _loop(run: Run, t_start: float) -> dict:
         run.runner.invalid = state.get("reward_invalid", 0)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+        write_run_config(cfg, out_dir)
         lora = (f" (LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable_params(run.policy)) / 1e6:.3f}M "
                 f"trainable)" if cfg.lora_r else "")
         print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params{lora}, {info.world} process(es) on "
@@ -771,6 +926,8 @@ def _loop(run: Run, t_start: float) -> dict:
 
     # ---- RL: outer iterations ---------------------------------------------------------------
     failed_steps = zero_steps = 0
+    stop.in_steps = True
+    t_steps = time.time()
     for step in range(start_step, max_steps):
         t_step = time.perf_counter()
         exp = rollout(run, step)                       # 1. sample with the current weights
@@ -796,10 +953,13 @@ def _loop(run: Run, t_start: float) -> dict:
             _warn_zero_signal(zero_steps, row)
         row["elapsed"] = time.time() - t_start
         row["step_time"] = time.perf_counter() - t_step
+        row["eta_s"] = (time.time() - t_steps) / (step + 1 - start_step) * (max_steps - step - 1)
+        row["peak_mem_gb"] = max(all_gather_objects(peak_memory_gb(info.device), info))
         if cfg.val_every and run.val_rows and (step + 1) % cfg.val_every == 0:
             run.sync_engine()  # score the weights after this step's updates
             run.engine.wake()
-            row.update(validate(run.engine, run.val_rows, run.tok, run.runner, cfg, info, step + 1))
+            row.update(validate(run.engine, run.val_rows, run.tok, run.runner, cfg, info, step + 1,
+                                run.prompt_limit))
             run.engine.sleep()
         console = (step + 1) % cfg.log_every == 0 or step + 1 == max_steps
         logger.log(row, console=console_line(row, max_steps) if console and info.is_main else None)
@@ -807,10 +967,20 @@ def _loop(run: Run, t_start: float) -> dict:
             print(validation_line(row, len(run.val_rows), max_steps), flush=True)
         if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
             logger.log_samples(step + 1, sample_table(exp, cfg.group_size, cfg.log_completions_count))
+        saved = None
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
-            ckpt.save(out_dir, step + 1, run.policy, run.optimizer,
-                      trainer_state(cfg, step + 1, run.train_data, run.runner), info,
-                      cfg.keep_checkpoints)
+            saved = ckpt.save(out_dir, step + 1, run.policy, run.optimizer,
+                              trainer_state(cfg, step + 1, run.train_data, run.runner), info,
+                              cfg.keep_checkpoints)
+        if step + 1 < max_steps and stop.requested():
+            stop.in_steps = False  # a second signal now stops at once
+            if saved is None:
+                saved = ckpt.save(out_dir, step + 1, run.policy, run.optimizer,
+                                  trainer_state(cfg, step + 1, run.train_data, run.runner), info,
+                                  cfg.keep_checkpoints)
+            logger.close()
+            raise interrupted(cfg, info, stop.signum, saved)
+    stop.in_steps = False
 
     # ---- the end: final checkpoint, HF export, plot -----------------------------------------
     if found is not None and start_step == max_steps:
@@ -864,30 +1034,76 @@ def _summary(logger, final, out_dir: Path, t_start: float, info: DistInfo, png) 
     return summary
 
 
-def preflight(cfg: Config) -> None:
-    """What the configuration asks of the machine, checked before anything is built, so that a
-    wrong path, device, backend, package or key fails in a second with one line naming the key."""
+def preflight(cfg: Config, reward_fns=None, dataset=None, val_dataset=None):
+    """Every check that needs no model: the configuration's rules, then what it asks of the
+    machine (paths, device, packages, kernel backend, reward functions, data, prompt lengths,
+    resume), all run so that every problem is reported together in one :class:`ConfigError`
+    before anything big is loaded. Returns (train data, validation rows, reward functions,
+    prompt token limit)."""
+    errors = cfg.problems()
+    found = {}
+
+    def check(name, fn, *args):
+        try:
+            found[name] = fn(*args)
+        except ConfigError as e:
+            errors.extend(e.problems)
+        except Exception:  # noqa: BLE001 - a consequence of a value already reported
+            if not errors:
+                raise
+    check("machine", machine_problems, cfg)
+    check("rewards", reward_functions, cfg, reward_fns)
+    if dataset is not None or cfg.task == "toy" or cfg.train_file:  # else: reported above
+        check("data", load_data, cfg, dataset, val_dataset)
+    if "data" in found and "machine" in found:
+        check("limit", check_prompts, cfg, found["machine"], *found["data"])
+    if cfg.resume and (changed := changed_from_run(cfg)):
+        errors.append(
+            f"config key 'resume': this config changes what the run in {cfg.output_dir!r} was "
+            f"trained with ({'; '.join(changed)}); resume with its own config (--config "
+            f"{Path(cfg.output_dir) / 'config.yaml'} resume=true), or use another output_dir")
+    if errors:
+        raise ConfigError.of(list(dict.fromkeys(errors)))
+    return (*found["data"], found["rewards"], found["limit"])
+
+
+def machine_problems(cfg: Config):
+    """Model, tokenizer, device, packages and kernel backend; returns (tokenizer, HF config)."""
     from .model import hf_config, load_tokenizer
-    from .rewards import resolve_rewards
+    errors = []
+    conf = tok = None
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device': 'cuda' asked but no CUDA device is available")
-    hf_config(cfg)          # model path, model_overrides keys
-    load_tokenizer(cfg)     # tokenizer path
-    resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout)
+        errors.append("config key 'device': 'cuda' asked but no CUDA device is available")
+    for what in ("model", "tokenizer"):
+        if what == "tokenizer" and conf is None and not cfg.tokenizer and errors:
+            continue  # the model folder is the tokenizer's too: reported once
+        try:
+            if what == "model":
+                conf = hf_config(cfg)          # model path, model_overrides keys
+            else:
+                tok = load_tokenizer(cfg)      # tokenizer path
+        except ConfigError as e:
+            errors.extend(e.problems)
     if "wandb" in cfg.report_to:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ConfigError("config key 'report_to': 'wandb' needs the wandb package "
-                              "(pip install wandb)") from None
+            errors.append("config key 'report_to': 'wandb' needs the wandb package (pip install wandb)")
     if cfg.lora_r:
         from .model import lora_config
-        lora_config(cfg)  # peft installed?
+        try:
+            lora_config(cfg)  # peft installed?
+        except ConfigError as e:
+            errors.extend(e.problems)
+        if cfg.model == "tiny":
+            log.warning("lora_r=%d on model=tiny: LoRA trains small updates of a base that is "
+                        "random here, and a random-init model cannot learn the task from them; "
+                        "use lora_r=0 (full training) or a trained model", cfg.lora_r)
     if cfg.engine == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise ConfigError("config key 'engine': 'vllm' needs vLLM (pip install 'opo[vllm]')") from None
+            errors.append("config key 'engine': 'vllm' needs vLLM (pip install 'opo[vllm]')")
     # The kernel backend, tried on a tiny problem on the run's device (public API only).
     import opo_kernels as ok
     dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
@@ -898,8 +1114,107 @@ def preflight(cfg: Config) -> None:
                                                                           device=dev),
                            backend=cfg.kernel_backend)
     except Exception as e:  # noqa: BLE001 - whatever the backend says, on one line
-        raise ConfigError(f"config key 'kernel_backend': {cfg.kernel_backend!r} cannot run on "
-                          f"{dev.type}: {' '.join(str(e).split())}") from None
+        errors.append(f"config key 'kernel_backend': {cfg.kernel_backend!r} cannot run on "
+                      f"{dev.type}: {' '.join(str(e).split())}")
+    if errors:
+        raise ConfigError.of(errors)
+    return tok, conf
+
+
+def reward_functions(cfg: Config, reward_fns) -> list:
+    """The run's reward functions: the caller's, or those the ``rewards`` key names; their
+    weights and DAPO's filter metric checked against them."""
+    errors = []
+    if reward_fns is not None:
+        fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
+        if not fns or not all(callable(f) for f in fns):
+            raise TypeError(f"reward_fns must be a callable or a list of callables, got {reward_fns!r}")
+    else:
+        fns = resolve_rewards(cfg.rewards, cfg.task, cfg.math_verify_timeout)
+    if cfg.reward_weights and len(cfg.reward_weights) != len(fns):
+        errors.append(f"config key 'reward_weights': needs one weight per reward function "
+                      f"({len(fns)}: {', '.join(getattr(f, '__name__', '?') for f in fns)}), "
+                      f"got {cfg.reward_weights!r}")
+    names = [getattr(f, "__name__", type(f).__name__) for f in fns]
+    if cfg.use_dynamic_sampling() and cfg.dynamic_sampling_metric not in (
+            "accuracy", "reward", "shaped_reward", *names):
+        errors.append(f"config key 'dynamic_sampling_metric': must be accuracy, reward, "
+                      f"shaped_reward or a reward function's name ({', '.join(names)}), got "
+                      f"{cfg.dynamic_sampling_metric!r}")
+    if errors:
+        raise ConfigError.of(errors)
+    return fns
+
+
+def load_data(cfg: Config, dataset=None, val_dataset=None):
+    """(train prompt source, validation rows or None): the caller's, else the config's task."""
+    if dataset is None:
+        train_data, val_rows = _default_data(cfg)
+    else:  # a user's data: validation only on the user's validation rows
+        train_data, val_rows = as_dataset(dataset, seed=cfg.data_seed), None
+    if val_dataset is not None:
+        val_rows = list(val_dataset)
+    if val_rows is not None and not val_rows and cfg.val_every:
+        raise ConfigError("config key 'val_file': the validation set is empty")
+    return train_data, val_rows
+
+
+def check_prompts(cfg: Config, machine, train_data, val_rows) -> int:
+    """The longest prompt the run takes (``max_prompt_length``, and the model's positions less
+    ``max_new_tokens``); with ``truncate=error`` every prompt of a finite dataset is measured now
+    (and any other when it is drawn), so a long one stops the run before the model loads."""
+    tok, conf = machine
+    limit = cfg.max_prompt_length
+    positions = getattr(conf, "max_position_embeddings", None)
+    if positions:
+        if positions - cfg.max_new_tokens < 1:
+            raise ConfigError(f"config key 'max_new_tokens': {cfg.max_new_tokens} leaves no room for "
+                              f"a prompt in the model's {positions} positions")
+        limit = min(limit, positions - cfg.max_new_tokens)
+    if cfg.truncate == "error":
+        rows = list(train_data.rows) if hasattr(train_data, "rows") else []
+        for part in (rows, val_rows or []):
+            for i in range(0, len(part), 256):
+                format_prompts(part[i:i + 256], tok, cfg, limit)
+    return limit
+
+
+# Keys a resumed run may change: how long it runs, where and how it reports, not what it trains.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "resume", "overwrite", "max_steps", "epochs", "device", "cpu_threads",
+    "kernel_backend", "activation_checkpointing", "attn_implementation", "packed", "log_every",
+    "save_every", "keep_checkpoints", "export_hf", "plot", "tensorboard", "report_to",
+    "wandb_project", "log_completions_every", "log_completions_count", "val_every", "val_size",
+    "val_file", "val_levels", "reward_timeout", "reward_max_failed_steps", "zero_signal_steps"})
+
+
+def write_run_config(cfg: Config, out_dir: Path) -> None:
+    """``config.yaml``: the run's configuration, which ``--config`` takes back to resume it."""
+    import yaml
+    d = cfg.to_dict()
+    d["resume"] = d["overwrite"] = False  # how this start went, not what the run is
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+def changed_from_run(cfg: Config) -> list[str]:
+    """``key: old -> new`` for each key that differs from the run in ``output_dir`` in what it
+    trains (``RESUME_MAY_CHANGE`` aside); [] when there is no run config."""
+    import yaml
+
+    from .config import _FIELDS
+    path = Path(cfg.output_dir) / "config.yaml"
+    if not path.exists():
+        return []
+    old = yaml.safe_load(path.read_text()) or {}
+    out = []
+    for k, v in cfg.to_dict().items():
+        if k in RESUME_MAY_CHANGE:
+            continue
+        f = _FIELDS[k]
+        was = old.get(k, f.default_factory() if callable(f.default_factory) else f.default)
+        if was != v:
+            out.append(f"{k}: {was!r} -> {v!r}")
+    return out
 
 
 def claim_output_dir(cfg: Config, info: DistInfo, policy, optimizer, max_steps: int):
@@ -926,7 +1241,16 @@ def claim_output_dir(cfg: Config, info: DistInfo, policy, optimizer, max_steps: 
                 f"another output_dir")
         return None, None
     latest = ckpt.latest(out_dir)
-    if latest is not None and ckpt.step_of(latest) > max_steps:
+    if latest is None:
+        if info.is_main:
+            print(f"opo-train: resume=true but {str(out_dir)!r} holds no complete checkpoint: "
+                  f"nothing to resume, starting at step 0", flush=True)
+            if ckpt.existing_run(out_dir):
+                ckpt.remove_run(out_dir)  # what a run that saved nothing left: not mixed with this
+        if info.world > 1:
+            torch.distributed.barrier(group=info.group)
+        return None, None
+    if ckpt.step_of(latest) > max_steps:
         raise ConfigError(
             f"config key 'max_steps': {max_steps} is below the step of the latest checkpoint "
             f"{latest} ({ckpt.step_of(latest)}); resuming would save later weights under an "
@@ -980,6 +1304,29 @@ def off_policy_metrics(exp: Experience, cfg: Config, info: DistInfo) -> dict:
     return row
 
 
+def per_function_rewards(exp: Experience, names: list[str]) -> dict:
+    """``reward_<name>_mean`` / ``_std`` of each reward function (unweighted, over the samples it
+    scored), so a combined reward shows which part moves."""
+    row = {}
+    seen = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        key = name if seen[name] == 1 else f"{name}{seen[name]}"
+        vals = [v[i] for v in exp.fn_rewards if v and v[i] is not None]
+        m = sum(vals) / len(vals) if vals else None
+        row[f"reward_{key}_mean"] = m
+        row[f"reward_{key}_std"] = (math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1))
+                                    if len(vals) > 1 else None)
+    return row
+
+
+def zero_spread(rewards: list, G: int) -> float:
+    """The share of groups whose rewards are all equal (or fewer than two): zero advantage, no
+    learning signal from them."""
+    groups = [[r for r in rewards[g:g + G] if r is not None] for g in range(0, len(rewards), G)]
+    return sum(len(set(v)) < 2 for v in groups) / max(len(groups), 1)
+
+
 def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner) -> dict:
     """One metrics row: global reward stats (every rank has all rewards) + update stats.
     ``accuracy`` is the share of samples whose (unshaped) reward is >= 1, i.e. fully correct."""
@@ -990,7 +1337,8 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
     n = max(len(valid), 1)
     mean = sum(valid) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in valid) / max(len(valid) - 1, 1)) if valid else 0.0
-    gen_total, upd_tokens = all_reduce_sum([gen_tokens, sum(s["tokens"] for s in stats)], info)
+    gen_total, upd_tokens, cut = all_reduce_sum([gen_tokens, sum(s["tokens"] for s in stats),
+                                                 exp.prompts_truncated], info)
     # Kernel metrics are per rank; weight them by the rank's count and sum over ranks.
     keys = ["entropy", "delta_mean", "delta_abs_mean", "chi2", "omega_std", "clip_frac"]
     sums = [sum(s.get(k, 0.0) * s["count"] for s in stats) for k in keys] + \
@@ -998,6 +1346,7 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
     sums = all_reduce_sum(sums, info)
     wsum = max(sums[-1], 1e-12)
     row = {"step": step, "reward_mean": mean if valid else None, "reward_std": std,
+           **per_function_rewards(exp, runner.names), "zero_spread_frac": zero_spread(rewards, cfg.group_size),
            "accuracy": sum(r >= 1.0 - 1e-9 for r in valid) / n,
            "loss": sum(s["loss"] for s in stats) / len(stats) if stats else None,
            "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats) if stats else None}
@@ -1024,6 +1373,7 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
     row["completion_len_mean"] = sum(lens) / max(len(lens), 1)
     row["completion_len_max"] = max(lens) if lens else 0
     row["truncated_frac"] = sum(trunc) / max(len(trunc), 1)
+    row["prompts_truncated"] = int(cut)
     row["groups_kept"] = sum(keep_group)
     if exp.rounds:
         row["groups_kept_first_round"] = exp.kept_first

@@ -203,7 +203,8 @@ def test_trainer_under_torchrun_then_resume_in_one_process(tmp_path):
     import json
     out = tmp_path / "run"
     args = ["-m", "opo_train", "max_steps=3", "sft_steps=2", "sft_batch_size=8", "prompts_per_step=4",
-            "group_size=4", "max_new_tokens=4", "loss=dapo", "save_every=2", "val_every=3",
+            "group_size=4", "max_new_tokens=4", "loss=dapo", "dynamic_sampling_metric=shaped_reward",
+            "save_every=2", "val_every=3",
             "val_size=8", "plot=false", f"output_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
