@@ -129,7 +129,7 @@ class Head:
                 else:
                     torch.addmm(self.b, h, self.w.t(), out=o)
             else:
-                o.copy_(_mm_fp32_out(h, self.w.t()))
+                _mm_fp32_into(o, h, self.w.t())
                 if self.b is not None:
                     o += self.b
         return out[:b - a]
@@ -155,7 +155,7 @@ class Head:
             else:
                 dw.addmm_(dz.t(), h)
         elif fresh:
-            dw.copy_(_mm_fp32_out(dz.t().to(h.dtype), h))
+            _mm_fp32_into(dw, dz.t().to(h.dtype), h)
         else:
             _addmm_fp32_(dw, dz.t().to(h.dtype), h)
 
@@ -179,6 +179,21 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         except (TypeError, RuntimeError, NotImplementedError):
             _ADDMM_DTYPE[0] = False
     acc += _mm_fp32_out(a, b)
+
+
+_MM_DTYPE_OUT = [True]  # cleared the first time torch refuses mm(out_dtype=, out=) on this build
+
+
+def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) ← a @ b for bf16/fp16 a, b: the GEMM writes its fp32 result straight into
+    ``out`` where torch offers it (CUDA), else through an fp32 temporary."""
+    if _MM_DTYPE_OUT[0] and out.is_cuda:
+        try:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_DTYPE_OUT[0] = False
+    out.copy_(_mm_fp32_out(a, b))
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -229,10 +244,12 @@ def grads(be, hidden, weight, bias, targets, lse, ent, g_logp, g_ent, need_h, ne
 
 
 def _apply_dz(head: Head, dz, a, b, dh, dw, db):
+    # One cast of fp32 dz to the GEMM dtype (CUDA bf16/fp16) for both GEMMs that read it.
+    lo = dz if dz.dtype == head.w.dtype or (dh is None and dw is None) else dz.to(head.w.dtype)
     if dh is not None:
-        head.grad_hidden(dz, dh[a:b])
+        head.grad_hidden(lo, dh[a:b])
     if dw is not None:
-        head.accum_weight(dw, dz, a, b)
+        head.accum_weight(dw, lo, a, b)
     if db is not None:
         db += dz.sum(0)
 
@@ -384,14 +401,15 @@ def _sequence_deferred(be, head, acc, g, subs, t0, t1, s0, s1):
         cs.append(ct)
         dz = be.vocab_backward(z, la.targets[a:b], lse, None, ct.contiguous(), None,
                                be.temperature, out=z)
+        lo = dz if dz.dtype == head.w.dtype else dz.to(head.w.dtype)  # one cast, two GEMMs
         if g.dh is not None:
-            head.grad_hidden(dz, g.dh[a:b])
+            head.grad_hidden(lo, g.dh[a:b])
         if dw_seq is not None:
-            head.accum_into(dw_seq, dz, a, b, fresh)
+            head.accum_into(dw_seq, lo, a, b, fresh)
             fresh = False
         if db_seq is not None:
             db_seq += dz.sum(0)
-        del z, dz
+        del z, dz, lo
     lp = torch.cat(lps)
     gl, _ = acc.loss_grads(lp, lp, t0, t1, s0, s1, None, True)
     # g_t = F_s · c_t for every token, c_t ≥ 0: F_s is read off the sums (0 if no c_t > 0).
