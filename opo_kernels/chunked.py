@@ -298,9 +298,12 @@ def one_pass_loss(be, hidden, weight, bias, la: LossArgs, need_h: bool, need_w: 
         if len(subs) == 1 or (g.need_any and plan.piece_separable):
             for a, b in subs:
                 # A sub-chunk of a long sequence is a piece of it: its tokens are the last
-                # sequence's (chunks never cut a sequence but that one, see plan_chunks).
-                pieces = None if len(subs) == 1 else \
-                    torch.tensor([0] * (s1 - s0 - 1) + [b - a], device=dev)
+                # sequence's (the others of such a chunk are empty, see plan_chunks). Built on
+                # the device without a host copy.
+                pieces = None
+                if len(subs) > 1:
+                    pieces = torch.zeros(s1 - s0, dtype=torch.int64, device=dev)
+                    pieces[-1] = b - a
                 _chunk_in_one_pass(be, head, acc, g, a, b, s0, s1, pieces)
         elif g.need_any and plan.sequence_scaled:
             _sequence_deferred(be, head, acc, g, subs, t0, t1, s0, s1)

@@ -192,3 +192,41 @@ def test_long_sequence_deferred_buffer_only_when_needed(monkeypatch):
     assert made and made[-1].dw_open is None
     check(_batch(), "torch", ALL["opo"], FP32)
     assert made[-1].dw_open is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host synchronizations)")
+@pytest.mark.parametrize("case", ["opo", "gspo_is_tok_mask", "grpo_kl_entropy", "opo_kl"])
+def test_chunk_loop_never_synchronizes_with_the_host(case):
+    """The one-pass chunk loop (GEMMs, vocabulary passes, loss pieces, deferred scales) issues
+    no host synchronization: it runs under torch.cuda.set_sync_debug_mode("error")."""
+    from opo_kernels.checks import LossOptions
+    from opo_kernels.chunked import LossArgs
+    from opo_kernels.dispatch import get_backend
+    from opo_kernels.losses import Extras, make_plan
+    dev = torch.device("cuda")
+    lengths = [700, 0, 300, 1100]
+    N, H, V = sum(lengths), 64, 1000
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g).to(dev)
+    w = (0.3 * torch.randn(V, H, generator=g)).to(dev)
+    tg = torch.randint(0, V, (N,), generator=g).to(dev)
+    mask = (torch.rand(N, generator=g) > 0.2).float().to(dev)
+    old = (-3.0 + 0.2 * torch.randn(N, generator=g)).to(dev) * mask
+    adv = torch.randn(len(lengths), generator=g).to(dev)
+    opts = dict(ALL[case])
+    o = LossOptions(**opts)
+    ex = Extras(ref=(old + 0.1) * mask if o.beta > 0 else None,
+                rollout=(old - 0.1) * mask if o.is_correction else None)
+    lens = torch.tensor(lengths, device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lens)
+    be = get_backend("triton", dev, temperature=1.0, V=V, lengths=lengths, chunk_size=256)
+    la = LossArgs(plan=make_plan(o, adv, mask, lens, old, V, None, ex), targets=tg, mask=mask,
+                  seq=seq, old=old)
+    be.one_pass_loss(h, w, None, la, True, True, False)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, *_ = be.one_pass_loss(h, w, None, la, True, True, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
