@@ -6,6 +6,7 @@ Examples::
     python -m bench --device cpu --sweep none          # headline only
     python -m bench --device cuda --preset gpu-headline
     python -m bench --quick                            # small shapes, a smoke run
+    python -m bench --device cpu --inputs none --sweep t   # tokens per sequence T
 
 Writes ``<out>/<date>-<device>[-<tag>].json`` (raw numbers, versions, command), ``.md`` beside it
 (tables) and ``-sweep-n.png`` / ``-sweep-v.png`` (time and memory against N and V).
@@ -185,10 +186,13 @@ def parse_args(argv=None):
     p.add_argument("--t", type=int, help="tokens per sequence T")
     p.add_argument("--h", type=int, help="hidden size H")
     p.add_argument("--v", type=int, help="vocabulary size V")
-    p.add_argument("--sweep", choices=("none", "n", "v", "both"), default="both",
-                   help="sweeps over N and/or V around the headline shape (peaked inputs)")
+    p.add_argument("--sweep", choices=("none", "n", "v", "both", "t"), default="both",
+                   help="sweeps over N and/or V around the headline shape (peaked inputs); t: "
+                        "over the tokens per sequence T (B = N / T, at least 1)")
     p.add_argument("--sweep-n", help="comma list of N for the N sweep")
     p.add_argument("--sweep-v", help="comma list of V for the V sweep")
+    p.add_argument("--sweep-t", help="comma list of T for the T sweep (run at each V of "
+                                     "--sweep-v when given)")
     p.add_argument("--inputs", choices=("peaked", "flat", "both", "none"), default="both",
                    help="inputs for the headline shape (none: sweeps only); sweeps use peaked")
     p.add_argument("--methods", help=f"comma list out of {','.join(METHOD_NAMES)} "
@@ -265,14 +269,18 @@ def main(argv=None) -> dict:
         cases.append(run_case(base, kind, args.device, methods, repeats, args.seed,
                               "headline", log))
     sweeps = SWEEPS.get(preset, {})
-    for axis in ("n", "v"):
-        if args.sweep not in (axis, "both"):
+    for axis in ("n", "v", "t"):
+        if args.sweep not in (axis, "both") or (axis == "t" and args.sweep != "t"):
             continue
         given = getattr(args, f"sweep_{axis}")
         points = [int(v) for v in given.split(",")] if given else sweeps.get(axis)
         if not points:
             continue
-        for shape in sweep_shapes(base, axis, points):
+        shapes = sweep_shapes(base, axis, points)
+        if axis == "t" and args.sweep_v:  # a T sweep at each V of --sweep-v
+            shapes = [dataclasses.replace(s, V=int(v)) for v in args.sweep_v.split(",")
+                      for s in shapes]
+        for shape in shapes:
             cases.append(run_case(shape, "peaked", args.device, methods, repeats,
                                   args.seed, f"sweep-{axis}", log))
     meta["load_avg_end"] = _load()

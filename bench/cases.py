@@ -57,7 +57,8 @@ PRESETS = {
 
 # Sweep points: N goes through B at the device's tokens per sequence; V replaces the headline's.
 SWEEPS = {
-    "cpu-headline": {"n": [256, 512, 1024, 2048], "v": [8000, 16000, 32000, 65536]},
+    "cpu-headline": {"n": [256, 512, 1024, 2048], "v": [8000, 16000, 32000, 65536],
+                     "t": [256, 2048, 8192, 16384]},
     "gpu-headline": {"n": [2048, 8192, 32768], "v": [32000, 151936, 262144]},
     "cpu-quick": {"n": [128, 256, 512], "v": [4000, 8000, 16000]},
     "gpu-quick": {"n": [1024, 2048, 4096], "v": [16000, 32000, 65536]},
@@ -65,17 +66,20 @@ SWEEPS = {
 
 
 def sweep_shapes(base: Shape, axis: str, points: list[int]) -> list[Shape]:
-    """Shapes that vary ``N`` (through B, at fixed T) or ``V`` around ``base``."""
+    """Shapes that vary ``N`` (through B, at fixed T), ``V``, or the tokens per sequence ``T``
+    (B = N / T sequences, at least one: N grows past the headline's once T does)."""
     out = []
     for p in points:
-        if axis == "n":
+        if axis == "t":
+            out.append(Shape(max(1, base.N // p), p, base.H, base.V, base.dtype))
+        elif axis == "n":
             if p % base.T:
                 raise ValueError(f"sweep point N={p} is not a multiple of T={base.T}")
             out.append(Shape(p // base.T, base.T, base.H, base.V, base.dtype))
         elif axis == "v":
             out.append(Shape(base.B, base.T, base.H, p, base.dtype))
         else:
-            raise ValueError(f"axis must be 'n' or 'v', got {axis!r}")
+            raise ValueError(f"axis must be 'n', 'v' or 't', got {axis!r}")
     return out
 
 
@@ -258,7 +262,37 @@ def _opo_backend(backend: str, terms: bool = False):
     return build
 
 
+# The materializing loss holds ~2.5 fp32 copies of the N x V logits at its peak (310 MiB at
+# N = 1024, V = 32000: bench/results/2026-11-27-cpu-vsweep.md); on CPU it is left out above this
+# many bytes of logits (the machine is shared; N = 1024 at V = 151936 is 594 MiB), and reported
+# as such.
+NAIVE_CPU_LOGITS_BYTES = 768 << 20
+
+
+def _policy_backend(backend: str, loss: str):
+    """fused_policy_loss(loss=``loss``) on ``backend`` with its default options (GRPO and GSPO:
+    clip 0.2)."""
+    def build(x: Inputs):
+        try:
+            from opo_kernels import fused_policy_loss
+        except ImportError as e:
+            raise Unavailable(f"opo_kernels.fused_policy_loss not importable: {e}") from e
+
+        def step():
+            loss_, _ = fused_policy_loss(x.hidden, x.weight, x.targets, x.advantages,
+                                         x.old_logps, loss=loss, backend=backend)
+            loss_.backward()
+            return loss_.detach()
+        return step
+    return build
+
+
 def _naive(x: Inputs):
+    logits_bytes = 4 * x.shape.N * x.shape.V
+    if x.hidden.device.type == "cpu" and logits_bytes > NAIVE_CPU_LOGITS_BYTES:
+        raise Unavailable(f"left out: {logits_bytes / 2**30:.1f} GiB of fp32 logits "
+                          f"(cap {NAIVE_CPU_LOGITS_BYTES / 2**20:.0f} MiB on CPU)")
+
     def step():
         loss = naive_opo(x.hidden, x.weight, x.targets, x.old_logps, x.advantages)
         loss.backward()
@@ -353,6 +387,10 @@ METHODS: list[Method] = [
            _opo_backend("native"), devices=("cpu",), why_not="CPU op"),
     Method("opo_native_terms", "the same with entropy_coef=0.01 and token IS correction",
            _opo_backend("native", terms=True), devices=("cpu",), why_not="CPU op"),
+    Method("gspo_native", "fused_policy_loss(loss='gspo', backend='native')",
+           _policy_backend("native", "gspo"), devices=("cpu",), why_not="CPU op"),
+    Method("grpo_native", "fused_policy_loss(loss='grpo', backend='native')",
+           _policy_backend("native", "grpo"), devices=("cpu",), why_not="CPU op"),
     Method("opo_torch", "fused_opo_loss(backend='torch'): chunked PyTorch path",
            _opo_backend("torch")),
     Method("opo_triton", "fused_opo_loss(backend='triton'): GEMM + Triton vocabulary pass",

@@ -38,6 +38,10 @@ def derive_case(case: dict) -> None:
         r["x_floor_min"] = r["min_s"] / floor_min
         if naive is not None and naive["status"] == "ok" and naive.get("peak_bytes"):
             r["x_naive_mem"] = r["peak_bytes"] / naive["peak_bytes"]
+        if r.get("peak_bytes") is not None:
+            # to one fp32 N x V logits tensor, a floor of any materializing loss's peak (where the
+            # naive loss is too big to run, this bounds the ratio to it from above)
+            r["x_logits_mem"] = r["peak_bytes"] / (4 * case["N"] * case["V"])
 
 
 # Targets at the headline shape: CPU (issue 4) and GPU (issue 12).
@@ -86,15 +90,16 @@ def _fmt(v, spec):
 
 def case_table(case: dict) -> str:
     rows = ["| method | status | fwd+bwd median (ms) | x floor | best (ms) | x floor (best) "
-            "| peak above inputs+grads (MiB) | x naive mem | loss |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| peak above inputs+grads (MiB) | x naive mem | x fp32 logits | loss |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in case["methods"]:
         t, pb, tm = r.get("time_s"), r.get("peak_bytes"), r.get("min_s")
-        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"], r["status"], _fmt(None if t is None else t * 1e3, ".1f"),
             _fmt(r.get("x_floor"), ".2f"), _fmt(None if tm is None else tm * 1e3, ".1f"),
             _fmt(r.get("x_floor_min"), ".2f"), _fmt(None if pb is None else pb / MiB, ".1f"),
-            _fmt(r.get("x_naive_mem"), ".3f"), _fmt(r.get("loss"), ".5f")))
+            _fmt(r.get("x_naive_mem"), ".3f"), _fmt(r.get("x_logits_mem"), ".3f"),
+            _fmt(r.get("loss"), ".5f")))
     return "\n".join(rows)
 
 
@@ -205,6 +210,50 @@ def plot_sweep(run: dict, group: str, axis: str, path: Path) -> bool:
     return True
 
 
+def plot_t_sweep(run: dict, path: Path) -> bool:
+    """x floor (median) and peak memory against the tokens per sequence T, one line per method
+    and V."""
+    cases = [c for c in run["cases"] if c["group"] == "sweep-t"]
+    if len(cases) < 2:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
+    vs = sorted({c["V"] for c in cases})
+    names = [r["name"] for r in cases[0]["methods"] if r["name"] != "gemm_floor"]
+    for k, V in enumerate(vs):
+        cs = sorted((c for c in cases if c["V"] == V), key=lambda c: c["T"])
+        for j, name in enumerate(names):
+            pts = [(c["T"], next(r for r in c["methods"] if r["name"] == name)) for c in cs]
+            pts = [(t, r) for t, r in pts if r["status"] == "ok" and r.get("x_floor")]
+            if not pts:
+                continue
+            style = dict(color=f"C{j}", marker="os^vD"[k % 5], ls=("-", "--", ":")[k % 3])
+            label = f"{name}, V={V}"
+            ax_t.plot([t for t, _ in pts], [r["x_floor"] for _, r in pts], label=label, **style)
+            ax_m.plot([t for t, _ in pts], [max(r["peak_bytes"], 1) / MiB for _, r in pts],
+                      label=label, **style)
+    ax_t.axhline(1.0, color="k", lw=1)
+    ax_t.axhline(1.10, color="r", lw=1, ls=":", label="1.10x floor")
+    ax_t.set_ylabel("forward+backward time / GEMM floor (median)")
+    ax_m.set_ylabel("peak above inputs and gradients (MiB)")
+    ax_m.set_yscale("log")
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per sequence T")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    c0 = cases[0]
+    fig.suptitle(f"{run['meta']['device_name']}: sweep over T (N = max(headline N, T), "
+                 f"H={c0['H']}, {c0['dtype']}, {c0['inputs']} inputs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write(run: dict, out_dir: Path, stem: str) -> dict:
     """Write ``stem``.json/.md and the sweep PNGs into ``out_dir``; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +264,10 @@ def write(run: dict, out_dir: Path, stem: str) -> dict:
         if plot_sweep(run, group, axis, p):
             plots.append(p.name)
             paths[group] = p
+    p = out_dir / f"{stem}-sweep-t.png"
+    if plot_t_sweep(run, p):
+        plots.append(p.name)
+        paths["sweep-t"] = p
     run["plots"] = plots
     paths["json"] = out_dir / f"{stem}.json"
     paths["md"] = out_dir / f"{stem}.md"
@@ -232,7 +285,8 @@ def readme_table(run: dict, source: str, group: str = "headline") -> str:
         return ""
 
     def name(c):
-        return {"sweep-v": f"V={c['V']}", "sweep-n": f"N={c['N']}"}.get(group, c["inputs"])
+        return {"sweep-v": f"V={c['V']}", "sweep-n": f"N={c['N']}",
+                "sweep-t": f"{c['B']}x{c['T']} V={c['V']}"}.get(group, c["inputs"])
     head = "| method | " + " | ".join(f"{name(c)}: ms | x floor | MiB" for c in cases) + " |"
     rows = [head, "|---|" + "---:|---:|---:|" * len(cases)]
     for i, r0 in enumerate(cases[0]["methods"]):
@@ -247,6 +301,8 @@ def readme_table(run: dict, source: str, group: str = "headline") -> str:
         rows.append(f"| {r0['name']} | " + " | ".join(cells) + " |")
     m = run["meta"]
     shape = cases[0]["label"] if group == "headline" else \
+        f"H={cases[0]['H']} {cases[0]['dtype']}, {cases[0]['inputs']} inputs, B sequences x T " \
+        "tokens per column" if group == "sweep-t" else \
         f"N={cases[0]['N']} H={cases[0]['H']} {cases[0]['dtype']}, {cases[0]['inputs']} inputs"
     return (f"{m['device_name']}, {shape}, {m['timing']}; memory = peak above inputs "
             f"and gradients. From `{source}` (`{m['command']}`).\n\n" + "\n".join(rows))
@@ -275,7 +331,7 @@ def main(argv=None):
     ap.add_argument("--readme", type=Path, help="README whose marked block gets the table")
     ap.add_argument("--key", default="gpu", help="marker name of the README block")
     ap.add_argument("--group", default="headline", help="cases of the README table: headline | "
-                                                         "sweep-v | sweep-n")
+                                                         "sweep-v | sweep-n | sweep-t")
     args = ap.parse_args(argv)
     run = json.loads(args.json.read_text())
     for case in run["cases"]:

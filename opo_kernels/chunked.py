@@ -11,8 +11,9 @@ driven by a :class:`opo_kernels.dispatch.ChunkedBackend` ``be`` (its ``vocab_for
   of the sequence has its log-prob (:class:`opo_kernels.losses.LossPlan`). Chunks hold whole
   sequences, so the loss *and* its gradients come out of one pass over the logits (three GEMMs:
   the floor) and backward only scales them — the design of Liger-Kernel's fused-linear losses. A
-  sequence longer than the chunk is cut into sub-chunks: their log-probs first (keeping ``lse``),
-  then the sequence's gradient, then the logits of each sub-chunk again.
+  sequence longer than the chunk is cut into sub-chunks, still in three GEMMs where the loss
+  allows (per-token losses; sequence losses whose token gradients share one scale per sequence),
+  else in four (see :func:`one_pass_loss`).
 
 Batch invariance: every logits GEMM runs on exactly :func:`gemm_rows` rows (the last block of
 the batch padded with zero rows), whatever the chunk, the batch or the row's position. A BLAS
@@ -128,7 +129,7 @@ class Head:
                 else:
                     torch.addmm(self.b, h, self.w.t(), out=o)
             else:
-                o.copy_(_mm_fp32_out(h, self.w.t()))
+                _mm_fp32_into(o, h, self.w.t())
                 if self.b is not None:
                     o += self.b
         return out[:b - a]
@@ -142,15 +143,19 @@ class Head:
 
     def accum_weight(self, dw: torch.Tensor, dz: torch.Tensor, a: int, b: int) -> None:
         """dw (V, H) fp32 (allocated empty) += dzᵀ @ hidden[a:b]."""
-        h = self._h(a, b)
         fresh, self.dw_fresh = self.dw_fresh, False
+        self.accum_into(dw, dz, a, b, fresh)
+
+    def accum_into(self, dw: torch.Tensor, dz: torch.Tensor, a: int, b: int, fresh: bool) -> None:
+        """dw (V, H) fp32 ``=`` (fresh) or ``+=`` dzᵀ @ hidden[a:b]."""
+        h = self._h(a, b)
         if h.dtype == torch.float32:
             if fresh:
                 torch.mm(dz.t(), h, out=dw)
             else:
                 dw.addmm_(dz.t(), h)
         elif fresh:
-            dw.copy_(_mm_fp32_out(dz.t().to(h.dtype), h))
+            _mm_fp32_into(dw, dz.t().to(h.dtype), h)
         else:
             _addmm_fp32_(dw, dz.t().to(h.dtype), h)
 
@@ -174,6 +179,21 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         except (TypeError, RuntimeError, NotImplementedError):
             _ADDMM_DTYPE[0] = False
     acc += _mm_fp32_out(a, b)
+
+
+_MM_DTYPE_OUT = [True]  # cleared the first time torch refuses mm(out_dtype=, out=) on this build
+
+
+def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) ← a @ b for bf16/fp16 a, b: the GEMM writes its fp32 result straight into
+    ``out`` where torch offers it (CUDA), else through an fp32 temporary."""
+    if _MM_DTYPE_OUT[0] and out.is_cuda:
+        try:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_DTYPE_OUT[0] = False
+    out.copy_(_mm_fp32_out(a, b))
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -224,10 +244,12 @@ def grads(be, hidden, weight, bias, targets, lse, ent, g_logp, g_ent, need_h, ne
 
 
 def _apply_dz(head: Head, dz, a, b, dh, dw, db):
+    # One cast of fp32 dz to the GEMM dtype (CUDA bf16/fp16) for both GEMMs that read it.
+    lo = dz if dz.dtype == head.w.dtype or (dh is None and dw is None) else dz.to(head.w.dtype)
     if dh is not None:
-        head.grad_hidden(dz, dh[a:b])
+        head.grad_hidden(lo, dh[a:b])
     if dw is not None:
-        head.accum_weight(dw, dz, a, b)
+        head.accum_weight(dw, lo, a, b)
     if db is not None:
         db += dz.sum(0)
 
@@ -249,63 +271,186 @@ def one_pass_loss(be, hidden, weight, bias, la: LossArgs, need_h: bool, need_w: 
     """Loss, metric sums and (when asked) the gradients, one chunk of logits at a time.
 
     Returns ``loss () fp32, sums (losses.N_SUMS,) fp32, entropy_sum () fp32, dh, dw (fp32), db (fp32)``.
+
+    A chunk of whole sequences takes three GEMMs. A sequence longer than the chunk is cut into
+    sub-chunks; how it is handled depends on the loss (``docs/contract.md``, "GEMMs per call"):
+
+    * :attr:`~opo_kernels.losses.LossPlan.piece_separable` (a sum of per-token terms): each
+      sub-chunk is its own piece of the loss — three GEMMs;
+    * :attr:`~opo_kernels.losses.LossPlan.sequence_scaled` (paper-mode OPO at sequence level,
+      GSPO): a token's logit gradient is F_s · c_t · (onehot − p_t) with c_t known from the
+      token alone, so each sub-chunk adds c_t-weighted products into the hidden rows and into a
+      weight-gradient buffer of the open sequence, which are scaled by F_s once the sequence's Δ
+      is complete — three GEMMs;
+    * otherwise the sub-chunks' log-probs first, then the sequence's gradient, then the logits of
+      each sub-chunk again — four GEMMs.
     """
     plan = la.plan
     head = Head(hidden, weight, bias, be.chunk)
     dev = hidden.device
-    need_any = need_h or need_w or need_b
     from .losses import empty_sums
-    loss = torch.zeros((), dtype=torch.float32, device=dev)
-    sums = empty_sums(dev)
-    want_ent = plan.wants_entropy
-    ent_sum = torch.zeros((), dtype=torch.float32, device=dev)
-    dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.empty(weight.shape, dtype=torch.float32, device=dev) if need_w else None
-    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+    acc = _Acc(la, dev, empty_sums(dev))
+    g = _Grads(head, hidden, weight, need_h, need_w, need_b)
     for t0, t1, s0, s1 in be.chunks:
         if t1 == t0:
             continue  # only empty sequences: they take part in nothing
         subs = sub_chunks(t0, t1, be.chunk)
-        keep = len(subs) == 1  # one sub-chunk: its logits stay for the backward
-        lps, lses, ents, zs = [], [], [], []
-        for a, b in subs:
-            z = head.logits(a, b)
-            lp, lse, ent = be.vocab_forward(z, la.targets[a:b], be.temperature)
-            ent_sum += (ent * la.mask[a:b]).sum()
-            lps.append(lp)
-            lses.append(lse)
-            ents.append(ent)
-            if keep:
-                zs.append(z)
-            del z
-        lp = lps[0] if keep else torch.cat(lps)
-        ent = ents[0] if keep else torch.cat(ents)
-        old = None if la.old is None else la.old[t0:t1]
+        if len(subs) == 1 or (g.need_any and plan.piece_separable):
+            for a, b in subs:
+                # A sub-chunk of a long sequence is a piece of it: its tokens are the last
+                # sequence's (the others of such a chunk are empty, see plan_chunks). Built on
+                # the device without a host copy.
+                pieces = None
+                if len(subs) > 1:
+                    pieces = torch.zeros(s1 - s0, dtype=torch.int64, device=dev)
+                    pieces[-1] = b - a
+                _chunk_in_one_pass(be, head, acc, g, a, b, s0, s1, pieces)
+        elif g.need_any and plan.sequence_scaled:
+            _sequence_deferred(be, head, acc, g, subs, t0, t1, s0, s1)
+        else:
+            _sequence_two_phase(be, head, acc, g, subs, t0, t1, s0, s1)
+    return acc.loss, acc.sums, acc.ent_sum, g.dh, head.finish_weight(g.dw), g.db
+
+
+class _Acc:
+    """Loss, metric partial sums and entropy sum over the chunks."""
+
+    def __init__(self, la: LossArgs, dev, sums):
+        self.la = la
+        self.loss = torch.zeros((), dtype=torch.float32, device=dev)
+        self.ent_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        self.sums = sums
+
+    def forward(self, be, z, a, b):
+        """(logp, lse, entropy) of rows [a, b) from their logits ``z``; adds the entropies."""
+        lp, lse, ent = be.vocab_forward(z, self.la.targets[a:b], be.temperature)
+        self.ent_sum += (ent * self.la.mask[a:b]).sum()
+        return lp, lse, ent
+
+    def loss_grads(self, lp, ent, a, b, s0, s1, lengths, need_any):
+        """Adds the loss of tokens [a, b) (sequences [s0, s1)); returns d/d logp and d/d entropy
+        (None when nothing needs a gradient; the latter None without an entropy term)."""
+        la, plan = self.la, self.la.plan
+        want_ent = plan.wants_entropy
+        old = None if la.old is None else la.old[a:b]
         with torch.enable_grad():
             x = lp.detach().requires_grad_(need_any)
             xe = ent.detach().requires_grad_(need_any and want_ent)
-            part, s = plan.chunk_loss(x, old, la.mask[t0:t1], la.seq[t0:t1], s0, s1, t0, xe)
-        loss += part.detach()
-        sums = plan.combine(sums, s)
+            part, s = plan.chunk_loss(x, old, la.mask[a:b], la.seq[a:b], s0, s1, a, xe, lengths)
+        self.loss += part.detach()
+        self.sums = plan.combine(self.sums, s)
         if not need_any:
-            continue
-        g, ge = None, None
+            return None, None
+        gl, ge = None, None
         if part.requires_grad:
-            g, ge = torch.autograd.grad(part, [x, xe] if want_ent else [x], allow_unused=True) + \
+            gl, ge = torch.autograd.grad(part, [x, xe] if want_ent else [x], allow_unused=True) + \
                 ((None,) if not want_ent else ())
-        if g is None:
-            g = torch.zeros_like(lp)
+        if gl is None:
+            gl = torch.zeros_like(lp)
         if want_ent and ge is None:
             ge = torch.zeros_like(lp)
-        for k, (a, b) in enumerate(subs):
-            z = zs[0] if keep else head.logits(a, b)
-            # the entropy gradient ∂H/∂z = −p ⊙ (log p + H) is formed in the same vocabulary pass
-            dz = be.vocab_backward(z, la.targets[a:b], lses[k], ents[k] if want_ent else None,
-                                   g[a - t0:b - t0].contiguous(),
-                                   ge[a - t0:b - t0].contiguous() if want_ent else None,
-                                   be.temperature, out=z)
-            _apply_dz(head, dz, a, b, dh, dw, db)
-            del z, dz
-        # Drop this chunk's logits before the next chunk allocates its own: one chunk alive.
-        del zs
-    return loss, sums, ent_sum, dh, head.finish_weight(dw), db
+        return gl, ge
+
+
+class _Grads:
+    """The gradient buffers of one call: dh (N, H) in the input dtype, dw (V, H) fp32, db (V,)
+    fp32; and, for a sequence whose scale comes last, the weight-gradient buffer it adds into."""
+
+    def __init__(self, head, hidden, weight, need_h, need_w, need_b):
+        dev = hidden.device
+        self.head = head
+        self.need_any = need_h or need_w or need_b
+        self.dh = torch.empty_like(hidden) if need_h else None
+        self.dw = torch.empty(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+        self.dw_open = None  # (V, H) fp32, allocated on first use and reused
+
+    def apply(self, dz, a, b):
+        _apply_dz(self.head, dz, a, b, self.dh, self.dw, self.db)
+
+
+def _chunk_in_one_pass(be, head, acc, g, a, b, s0, s1, lengths):
+    """Rows [a, b) whose loss is known from their own log-probs: logits once, three GEMMs."""
+    z = head.logits(a, b)
+    lp, lse, ent = acc.forward(be, z, a, b)
+    gl, ge = acc.loss_grads(lp, ent, a, b, s0, s1, lengths, g.need_any)
+    if gl is None:
+        return
+    # the entropy gradient ∂H/∂z = −p ⊙ (log p + H) is formed in the same vocabulary pass
+    dz = be.vocab_backward(z, acc.la.targets[a:b], lse, ent if ge is not None else None, gl, ge,
+                           be.temperature, out=z)
+    g.apply(dz, a, b)
+
+
+def _sequence_deferred(be, head, acc, g, subs, t0, t1, s0, s1):
+    """One sequence in sub-chunks, d(loss)/d logp_t = F_s · c_t: each sub-chunk's logits once,
+    their c_t-weighted products added up, scaled by F_s at the end (three GEMMs)."""
+    la, plan = acc.la, acc.la.plan
+    lps, cs = [], []
+    # The weight gradient of the sequence goes straight into dw when nothing is in it yet (then
+    # dw is scaled); else into its own buffer, added to dw scaled.
+    into_dw = g.dw is not None and head.dw_fresh
+    if g.dw is not None and not into_dw and g.dw_open is None:
+        g.dw_open = torch.empty_like(g.dw)
+    dw_seq = g.dw if into_dw else g.dw_open
+    db_seq = None if g.db is None else torch.zeros_like(g.db)
+    fresh = True
+    for a, b in subs:
+        z = head.logits(a, b)
+        lp, lse, _ = acc.forward(be, z, a, b)
+        lps.append(lp)
+        # on-policy (no old log-probs), the anchor of the importance weights is lp itself
+        ct = plan.token_coef(lp.detach() if la.old is None else la.old[a:b], la.mask[a:b], a)
+        cs.append(ct)
+        dz = be.vocab_backward(z, la.targets[a:b], lse, None, ct.contiguous(), None,
+                               be.temperature, out=z)
+        lo = dz if dz.dtype == head.w.dtype else dz.to(head.w.dtype)  # one cast, two GEMMs
+        if g.dh is not None:
+            head.grad_hidden(lo, g.dh[a:b])
+        if dw_seq is not None:
+            head.accum_into(dw_seq, lo, a, b, fresh)
+            fresh = False
+        if db_seq is not None:
+            db_seq += dz.sum(0)
+        del z, dz, lo
+    lp = torch.cat(lps)
+    gl, _ = acc.loss_grads(lp, lp, t0, t1, s0, s1, None, True)
+    # g_t = F_s · c_t for every token, c_t ≥ 0: F_s is read off the sums (0 if no c_t > 0).
+    sc = torch.cat(cs).sum()
+    F = torch.where(sc > 0, gl.sum() / sc.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    if g.dh is not None:
+        g.dh[t0:t1].mul_(F.to(g.dh.dtype))
+    if dw_seq is not None:
+        if into_dw:
+            head.dw_fresh = False
+            g.dw.mul_(F)
+        else:
+            g.dw.addcmul_(g.dw_open, F)
+    if db_seq is not None:
+        g.db.addcmul_(db_seq, F)
+
+
+def _sequence_two_phase(be, head, acc, g, subs, t0, t1, s0, s1):
+    """One sequence in sub-chunks, any loss: the log-probs of every sub-chunk, then the
+    sequence's gradient, then each sub-chunk's logits again (four GEMMs)."""
+    la = acc.la
+    lps, lses, ents = [], [], []
+    for a, b in subs:
+        z = head.logits(a, b)
+        lp, lse, ent = acc.forward(be, z, a, b)
+        lps.append(lp)
+        lses.append(lse)
+        ents.append(ent)
+        del z
+    lp, ent = torch.cat(lps), torch.cat(ents)
+    gl, ge = acc.loss_grads(lp, ent, t0, t1, s0, s1, None, g.need_any)
+    if gl is None:
+        return
+    for k, (a, b) in enumerate(subs):
+        z = head.logits(a, b)
+        dz = be.vocab_backward(z, la.targets[a:b], lses[k], ents[k] if ge is not None else None,
+                               gl[a - t0:b - t0].contiguous(),
+                               ge[a - t0:b - t0].contiguous() if ge is not None else None,
+                               be.temperature, out=z)
+        g.apply(dz, a, b)
+        del z, dz

@@ -180,20 +180,53 @@ class LossPlan:
         """The loss depends on the token entropies (entropy_coef > 0): they need a gradient."""
         return self.opts.entropy_coef > 0
 
+    @property
+    def piece_separable(self) -> bool:
+        """Every token's gradient is known once its own log-prob is: the loss of a piece of a
+        sequence (``chunk_loss`` with ``lengths``) is its share of the sequence's loss."""
+        o = self.opts
+        return (self.token_separable and self.ent_mask is None
+                and not (o.is_correction or "").startswith("sequence"))
+
+    @property
+    def sequence_scaled(self) -> bool:
+        """Within a sequence s, d(loss)/d logp_t = F_s · c_t with c_t = mask_t · (token
+        importance weight) independent of the log-probs and F_s a function of the sequence's Δ_s
+        alone (:meth:`token_coef`): paper-mode OPO at sequence level and GSPO, without a KL or
+        entropy term (those add a per-token part of their own)."""
+        o = self.opts
+        seq_level = o.loss == "gspo" or (o.loss == "opo" and o.escort == "paper"
+                                          and o.level == "sequence")
+        return (seq_level and o.beta == 0 and o.entropy_coef == 0 and self.ent_mask is None
+                and not self.needs_full_batch)
+
+    def token_coef(self, old, mask, t0: int) -> torch.Tensor:
+        """c_t (n,) fp32 of tokens ``[t0, t0 + n)`` for a :attr:`sequence_scaled` loss (up to a
+        factor per sequence): the mask times the token importance weight, when there is one."""
+        o = self.opts
+        if o.is_correction is None or o.is_correction.startswith("sequence"):
+            return mask
+        sums = empty_sums(mask.device)
+        tw, _ = self._is_weights(old, mask, None, 0, 0, slice(t0, t0 + mask.shape[0]), sums)
+        return mask * tw
+
     @staticmethod
     def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Partial sums of two chunks (sums, then min and max of the IS weights)."""
         return torch.cat([a[:S_WMIN] + b[:S_WMIN], torch.minimum(a[S_WMIN:S_WMIN + 1], b[S_WMIN:S_WMIN + 1]),
                           torch.maximum(a[S_WMAX:], b[S_WMAX:])])
 
-    def chunk_loss(self, logp, old, mask, seq, s0: int, s1: int, t0: int = 0, ent=None):
+    def chunk_loss(self, logp, old, mask, seq, s0: int, s1: int, t0: int = 0, ent=None,
+                   lengths=None):
         """Loss contribution and metric partial sums of sequences ``[s0, s1)``.
 
         logp (n,) fp32 (differentiable), old (n,) fp32 or None (= on-policy, Δ = 0),
         mask (n,) fp32, seq (n,) int64 global sequence ids; the tokens are every token of
         sequences s0..s1-1, tokens ``[t0, t0 + n)`` of the batch. ``ent`` (n,) fp32 token
-        entropies (differentiable; needed when :attr:`wants_entropy`). Returns ``(loss, sums)``,
-        ``sums`` a (N_SUMS,) fp32 tensor (see :meth:`combine`).
+        entropies (differentiable; needed when :attr:`wants_entropy`). ``lengths`` (s1 − s0,)
+        int64: the tokens of each sequence that are here, when only a piece of a sequence is
+        (only for a :attr:`piece_separable` loss). Returns ``(loss, sums)``, ``sums`` a
+        (N_SUMS,) fp32 tensor (see :meth:`combine`).
         """
         if old is None:
             old = logp.detach()
@@ -216,7 +249,7 @@ class LossPlan:
             loss, s = _clip_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         sums[:4] = s
         if self.ref is not None:
-            kl_loss, kl_sum = _kl_term(self, logp, old, mask, seq, s0, s1, sl)
+            kl_loss, kl_sum = _kl_term(self, logp, old, mask, seq, s0, s1, sl, lengths)
             sums[S_KL] = kl_sum
             if o.beta > 0:
                 loss = loss + o.beta * kl_loss
@@ -472,9 +505,10 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
-def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
+def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
     """TRL's k3 KL to the reference, aggregated as the loss aggregates its policy term.
-    Returns ``(kl loss without β, Σ of the per-token KL over valid tokens (detached))``."""
+    Returns ``(kl loss without β, Σ of the per-token KL over valid tokens (detached))``.
+    ``lengths``: the tokens of each sequence present (default: all of them)."""
     o = plan.opts
     ref = plan.ref[sl]
     x = (ref - logp) * mask
@@ -488,7 +522,7 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
         else:
             coef = torch.exp((logp - old) * mask)
         kl = kl * coef
-    lengths = plan.lengths[s0:s1]
+    lengths = plan.lengths[s0:s1] if lengths is None else lengths
     L = plan.seq_len[s0:s1]
     if o.loss in ("grpo", "sapo", "gspo") or (o.loss == "opo" and o.level == "sequence"):
         per_seq = segment_sum(kl, lengths)

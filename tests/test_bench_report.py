@@ -36,3 +36,27 @@ def test_gpu_targets_use_the_gpu_limits():
     assert t["x_liger_mem"] == ms["opo_triton"]["peak_bytes"] / ms["liger_grpo_chunked"]["peak_bytes"]
     table = report.targets_table(run)
     assert "<= 1.3" in table and "MISSED" in table
+
+
+def test_t_sweep_shapes_and_plot(tmp_path):
+    """The T sweep keeps N (B = N / T sequences, at least one) and plots x floor against T."""
+    from bench.cases import Shape, sweep_shapes
+    base = Shape(4, 256, 512, 32000)
+    shapes = sweep_shapes(base, "t", [256, 2048, 8192])
+    assert [(s.B, s.T, s.N) for s in shapes] == [(4, 256, 1024), (1, 2048, 2048), (1, 8192, 8192)]
+    cases = []
+    for s, t in zip(shapes, (1.0, 2.0, 8.0)):
+        case = {"group": "sweep-t", "label": s.label(), "inputs": "peaked", "B": s.B, "T": s.T,
+                "N": s.N, "H": s.H, "V": s.V, "dtype": s.dtype,
+                "methods": [{"name": "gemm_floor", "status": "ok", "time_s": t, "samples_s": [t],
+                             "peak_bytes": 4 * s.N * s.V},
+                            {"name": "opo_native", "status": "ok", "time_s": 1.05 * t,
+                             "samples_s": [1.05 * t], "peak_bytes": 4 * 512 * s.V}]}
+        report.derive_case(case)
+        cases.append(case)
+    r = cases[2]["methods"][1]
+    assert abs(r["x_floor"] - 1.05) < 1e-12 and r["x_logits_mem"] == 512 / 8192
+    run = {"meta": {"device_name": "cpu", "device": "cpu", "timing": "t", "command": "c"},
+           "cases": cases}
+    assert report.plot_t_sweep(run, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size
+    assert "1x8192 V=32000" in report.readme_table(run, "x.json", "sweep-t")
