@@ -34,6 +34,12 @@ def _cases(world):
         dict(name="opo-tiled-auto", loss="opo", backend="torch", auto_rows=True),
         dict(name="opo-group-softmax", loss="opo", backend="torch", escort="group_softmax"),
         dict(name="logprobs", backend="torch", logprobs=True),
+        # sequences longer than the chunk: per-token pieces, the deferred sequence scale, and
+        # the recomputed sub-chunks of a sequence loss with a KL and an entropy bonus
+        dict(name="grpo-long-torch", loss="grpo", backend="torch", chunk_size=3),
+        dict(name="opo-long-torch", loss="opo", backend="torch", chunk_size=3),
+        dict(name="gspo-long-torch", loss="gspo", backend="torch", chunk_size=3),
+        dict(name="opo-long-terms-torch", loss="opo", backend="torch", chunk_size=3, rl=True),
     ]
     if native_available():
         cases += [dict(name="opo-terms-native", loss="opo", backend="native", rl=True),
