@@ -272,6 +272,25 @@ def test_bad_opo_option_raises(tmp_path):
         _args(OPOConfig, tmp_path, loss_type="grpo", opo_alpha=0.7)  # an OPO option with a baseline
 
 
+@pytest.mark.parametrize("kw,field", [
+    (dict(loss_type="grpo", epsilon=1.0), "epsilon"), (dict(loss_type="dapo", epsilon=-0.1), "epsilon"),
+    (dict(loss_type="grpo", epsilon_high=-0.5), "epsilon_high"),
+    (dict(loss_type="cispo", epsilon_high=float("nan")), "epsilon_high"),
+    (dict(beta=-0.1), "beta"), (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(vllm_importance_sampling_mode="bogus"), "vllm_importance_sampling_mode"),
+    (dict(vllm_importance_sampling_clip_max=0.0), "vllm_importance_sampling_clip_max"),
+    (dict(vllm_importance_sampling_clip_min=4.0, vllm_importance_sampling_clip_max=2.0),
+     "vllm_importance_sampling_clip_min"),
+    (dict(entropy_coef=-0.01), "entropy_coef"), (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+    (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_temperature_neg"),
+    (dict(opo_backend="gpu"), "opo_backend"),
+])
+def test_config_checks_trl_fields_at_construction(tmp_path, kw, field):
+    """Every field opo reads is checked when the OPOConfig is built, and the error names TRL's field."""
+    with pytest.raises((ValueError, TypeError), match=rf"\b{field}\b"):
+        _args(OPOConfig, tmp_path, **kw)
+
+
 def test_peft_adapter_on_lm_head_raises(tmp_path):
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])

@@ -141,8 +141,69 @@ class OPOConfig(GRPOConfig):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"OPOConfig: bad OPO option (opo_<name>): {e}") from e
 
+    def loss_name(self) -> str:
+        """opo's loss for this config (GSPO is TRL's ``grpo`` at ``importance_sampling_level="sequence"``)."""
+        if self.loss_type == "grpo" and self.importance_sampling_level == "sequence":
+            return "gspo"
+        return self.loss_type
+
+    def loss_fields(self) -> dict:
+        """The TRL fields opo's loss reads, as ``{opo option: (TRL field, value)}`` (the escort options
+        are :meth:`opo_options`)."""
+        lt = self.loss_type
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        out = {}
+        if lt == "cispo":
+            out["clip_eps_high"] = ("epsilon_high", eps_high)
+        elif lt == "sapo":
+            out["sapo_temperature_pos"] = ("sapo_temperature_pos", self.sapo_temperature_pos)
+            out["sapo_temperature_neg"] = ("sapo_temperature_neg", self.sapo_temperature_neg)
+        elif lt != "opo":
+            out["clip_eps_low"] = ("epsilon", self.epsilon)
+            out["clip_eps_high"] = ("epsilon_high" if self.epsilon_high is not None else "epsilon", eps_high)
+        if self.beta != 0.0:
+            out["beta"] = ("beta", self.beta)
+            out["use_bias_correction_kl"] = ("use_bias_correction_kl", self.use_bias_correction_kl)
+        if self.top_entropy_quantile != 1.0:
+            out["top_entropy_quantile"] = ("top_entropy_quantile", self.top_entropy_quantile)
+        return out
+
     def _check_after(self):
-        pass
+        # every field opo reads, checked by opo's own rules and reported under TRL's name
+        from opo_kernels.checks import (LossOptions, check_backend_options, check_options,
+                                        check_vocab_options)
+        name = self.loss_name()
+        fields_ = dict(self.loss_fields())
+        fields_["entropy_coef"] = ("entropy_coef", self.entropy_coef)
+        fields_["top_entropy_quantile"] = ("top_entropy_quantile", self.top_entropy_quantile)
+        fields_["beta"] = ("beta", self.beta)
+        is_fields = {"is_correction": ("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode),
+                     "is_clip_max": ("vllm_importance_sampling_clip_max", self.vllm_importance_sampling_clip_max),
+                     "is_clip_min": ("vllm_importance_sampling_clip_min", self.vllm_importance_sampling_clip_min)}
+        if self.vllm_importance_sampling_correction:
+            fields_.update(is_fields)
+
+        def run(check, trl_fields):
+            try:
+                check()
+            except (ValueError, TypeError) as e:
+                named = ", ".join(f"{f}={v!r}" for f, v in trl_fields)
+                raise type(e)(f"OPOConfig: {named}: {e}") from e
+
+        for opt, (f, v) in fields_.items():
+            if opt == "use_bias_correction_kl":
+                run(lambda: check_options(LossOptions(loss=name, beta=1.0, use_bias_correction_kl=v)), [(f, v)])
+            elif opt.startswith("is_clip"):
+                run(lambda: check_options(LossOptions(loss=name, is_correction="token_truncate", **{opt: v})),
+                    [(f, v)])
+            else:
+                run(lambda: check_options(LossOptions(loss=name, **{opt: v})), [(f, v)])
+        # the combination (e.g. the IS bounds' order), named by every field involved
+        run(lambda: check_options(LossOptions(loss=name, **{o: v for o, (_, v) in fields_.items()})),
+            list(fields_.values()))
+        run(lambda: check_vocab_options(self.temperature, -100), [("temperature", self.temperature)])
+        run(lambda: check_backend_options(self.opo_backend, None, None, False),
+            [("opo_backend", self.opo_backend)])
 
 
 class OPOTrainer(GRPOTrainer):
@@ -171,10 +232,8 @@ class OPOTrainer(GRPOTrainer):
                 raise ValueError(f"OPOTrainer: the model's {attr}={val} is not supported by opo's fused loss")
         if self.aux_loss_enabled:
             raise NotImplementedError("OPOTrainer: the MoE router aux loss (output_router_logits) is not supported")
-        lt, level = args.loss_type, args.importance_sampling_level
-        self.opo_loss_name = {"opo": "opo", "dapo": "dapo", "bnpo": "bnpo", "dr_grpo": "dr_grpo",
-                              "cispo": "cispo", "sapo": "sapo",
-                              "grpo": "gspo" if level == "sequence" else "grpo"}[lt]
+        lt = args.loss_type
+        self.opo_loss_name = args.loss_name()
         self._escort_options = None
         if lt == "opo":
             # ω comes from the generation batch (omega=): the escort options go to escort_weights
@@ -185,19 +244,11 @@ class OPOTrainer(GRPOTrainer):
                 opts.update(self._escort_options)
                 self._escort_options = None
             self._opo_options = opts
-        elif lt == "cispo":
-            self._opo_options = {"clip_eps_high": self.epsilon_high}
-        elif lt == "sapo":
-            self._opo_options = {"sapo_temperature_pos": args.sapo_temperature_pos,
-                                 "sapo_temperature_neg": args.sapo_temperature_neg}
         else:
-            self._opo_options = {"clip_eps_low": self.epsilon_low, "clip_eps_high": self.epsilon_high}
-            if lt == "dr_grpo":
-                self._opo_options["max_completion_length"] = self.max_completion_length
-        if args.beta != 0.0:
-            self._opo_options.update(beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl)
-        if args.top_entropy_quantile < 1.0:
-            self._opo_options["top_entropy_quantile"] = args.top_entropy_quantile
+            self._opo_options = {}
+        self._opo_options.update({opt: v for opt, (_, v) in args.loss_fields().items()})
+        if lt == "dr_grpo":
+            self._opo_options["max_completion_length"] = self.max_completion_length
         from trl.models.utils import _ForwardRedirection
         self._opo_redirect = _ForwardRedirection()
 
