@@ -405,3 +405,32 @@ def test_bad_verl_inputs_named():
         fn(old, logp, adv, mask, "seq-mean-token-mean", _config(), w[:, :2])
     with pytest.raises(ValueError, match="omega"):
         opo_verl.register(omega="batch")
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "logprob_hook"])
+def test_verl_fsdp_engine_actor_on_cpu(tmp_path, hook):
+    """A real verl actor: verl's FSDP2 engine on the tiny Qwen3 (tests/verl_engine_actor.py, in its own
+    process with TRL hidden: see its docstring). compute_log_prob, then loss_mode=opo with ω from the
+    opo_escort estimator: micro-batches of 1, 2 and 8 sequences give the whole-batch loss (= opo's
+    policy_loss on the engine's own log-probs) and gradient; per-call ω is refused; one optimizer
+    update moves every parameter. With the hook, verl's fused log-prob path runs opo's linear_logprobs
+    on the FSDP2-sharded, untied head."""
+    import json
+    import os
+    import subprocess
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(ROOT / "tests" / "verl_engine_actor.py"), str(out)] + (["--logprob-hook"] if hook else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["forward"] == ("forward_with_opo_backend" if hook else "Qwen3ForCausalLM.forward")
+    assert res["logp_finite"]
+    # fp32 sums over the batch's 33 tokens and 8 sequences in another order: a few ulps of the loss
+    for mb in ("1", "2", "8"):
+        assert res["loss"][mb] == pytest.approx(res["opo_loss"], rel=1e-6, abs=1e-7), mb
+        # the same gradients summed per micro-batch in another order through a 4-layer fp32 backbone
+        assert res["grad_rel_diff"][mb] <= 1e-5, mb
+    assert res["per_call_refused"]
+    assert res["moved"] == res["n_params"] and math.isfinite(res["grad_norm"]) and res["grad_norm"] > 0
+    assert "actor/opo_chi2" in res["metrics"]
