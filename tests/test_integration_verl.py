@@ -434,3 +434,43 @@ def test_verl_fsdp_engine_actor_on_cpu(tmp_path, hook):
     assert res["per_call_refused"]
     assert res["moved"] == res["n_params"] and math.isfinite(res["grad_norm"]) and res["grad_norm"] > 0
     assert "actor/opo_chi2" in res["metrics"]
+
+
+def test_readme_verl_command_is_valid_verl_config(monkeypatch):
+    """The README's verl command: its overrides apply to verl's own trainer config (no unknown key), the
+    actor section converts to verl's FSDPActorConfig, and with its environment the module registers
+    the estimator and the loss it names; a micro-batch of the estimator's advantages then trains."""
+    import shlex
+    import numpy as np
+    from omegaconf import OmegaConf
+    text = (ROOT / "README.md").read_text().split("## Use with verl\n", 1)[1].split("\n## ", 1)[0]
+    cmd = re.findall(r"```bash\n(.*?)```", text, re.S)[0].replace("\\\n", " ")
+    words = shlex.split(cmd)
+    env = dict(w.split("=", 1) for w in words[:words.index("python")])
+    overrides = [w for w in words[words.index("verl.trainer.main_ppo") + 1:]]
+    assert words[words.index("python"):words.index("python") + 3] == ["python", "-m", "verl.trainer.main_ppo"]
+    cfg = OmegaConf.load(Path(core_algos.__file__).parents[1] / "config" / "_generated_ppo_trainer.yaml")
+    OmegaConf.set_struct(cfg, True)
+    for o in overrides:
+        key, value = o.split("=", 1)
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
+        OmegaConf.update(cfg, key, value, merge=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert env["VERL_USE_EXTERNAL_MODULES"] == cfg.actor_rollout_ref.model.external_lib
+    importlib.import_module(cfg.actor_rollout_ref.model.external_lib)
+    opo_verl._from_env()
+    est = core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator)
+    a = cfg.actor_rollout_ref.actor  # verl's own actor config class checks these values
+    actor = _config(loss_agg_mode=a.loss_agg_mode, policy_loss={"loss_mode": a.policy_loss.loss_mode})
+    fn = core_algos.get_policy_loss_fn(actor.policy_loss["loss_mode"])
+    logp, old, _, _, mask = _batch(seed=2)
+    rewards = torch.zeros(B, T)
+    rewards[torch.arange(B), mask.sum(-1) - 1] = torch.randn(B, generator=torch.Generator().manual_seed(0))
+    adv, _ = est(token_level_rewards=rewards, response_mask=mask.float(), index=np.arange(B) // G,
+                 config=cfg.algorithm)
+    actor.global_batch_info.update(dp_size=1, global_batch_size=B)
+    loss, _ = fn(old[:2], logp[:2], adv[:2], mask[:2], actor.loss_agg_mode, actor, None)  # one micro-batch
+    assert torch.isfinite(loss)
+    monkeypatch.undo()
+    opo_verl.register()
