@@ -292,7 +292,8 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
         needs_full = True
     if opts.top_entropy_quantile < 1.0:
         needs_full = True  # the entropy threshold is a quantile over the whole batch
-    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
+    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
+                       and opts.ratio_level == "token"
                        or (opts.loss == "opo" and opts.level == "token" and opts.escort == "paper"))
     dev = mask.device
     tok_denom = n_tokens.clamp_min(1) if ex.num_items is None else \
@@ -398,10 +399,12 @@ def _clip_terms(plan: LossPlan, ratio, adv_tok, mask):
         return term * mask, ratio.new_zeros(())
     lo, hi = o.clip()
     clipped = torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
-    term = torch.maximum(-adv_tok * ratio, -adv_tok * clipped)
+    # two-sided clip (TRL's delta): the unclipped branch's ratio is capped at clip_delta too
+    capped = ratio if o.clip_delta is None else torch.clamp(ratio, max=o.clip_delta)
+    term = torch.maximum(-adv_tok * capped, -adv_tok * clipped)
     if o.clip_ratio_c is not None:  # dual clip (verl): negative advantages bounded by −A·c
         term = torch.where(adv_tok < 0, torch.minimum(term, -adv_tok * o.clip_ratio_c), term)
-    r = ratio.detach()
+    r = capped.detach()  # as TRL counts them: a ratio capped by clip_delta is not clipped above
     is_clipped = (((r < 1.0 - lo) & (adv_tok < 0)) | ((r > 1.0 + hi) & (adv_tok > 0))).float() * mask
     return term * mask, is_clipped.sum()
 
@@ -409,12 +412,21 @@ def _clip_terms(plan: LossPlan, ratio, adv_tok, mask):
 def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     o = plan.opts
     d_tok = (logp - old) * mask
-    ratio = torch.exp(d_tok)
+    log_s = None
+    if o.ratio_level == "sequence":
+        # the sequence's length-averaged ratio in token form sg(s_i) · exp(logp − sg(logp)), as gspo:
+        # each token carries the sequence ratio's value and its own log-prob's gradient
+        L = plan.seq_len[s0:s1]
+        log_s = segment_sum(d_tok.detach(), plan.lengths[s0:s1]) / L.clamp_min(1)
+        lr = log_s[seq - s0] * mask + (logp - logp.detach()) * mask
+    else:
+        lr = d_tok
+    ratio = torch.exp(lr)
     adv_tok = plan.adv[seq]
     term, n_clip = _clip_terms(plan, ratio, adv_tok, mask)
     if o.loss == "cispo":
         # the policy term is −sg(min(r, ε)) · A · logp (TRL): its value uses logp itself
-        term = term - (-torch.clamp(ratio.detach(), max=o.clip()[1]) * adv_tok * (d_tok - logp * mask))
+        term = term - (-torch.clamp(ratio.detach(), max=o.clip()[1]) * adv_tok * (lr.detach() - logp.detach()) * mask)
     if tw is not None:
         term = term * tw
     if sw is not None:
@@ -422,10 +434,16 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     if o.loss in ("grpo", "sapo"):
         L = plan.seq_len[seq]
         loss = (term / L.clamp_min(1)).sum() / plan.seq_denom
+    elif o.loss == "luspo":  # each sequence's token sum, mean over sequences (TRL's LUSPO)
+        loss = term.sum() / plan.seq_denom
     elif o.loss in ("dapo", "bnpo", "cispo"):
         loss = term.sum() / plan.tok_denom
     else:  # dr_grpo
         loss = term.sum() / plan.dr_denom
+    if log_s is not None:  # metrics per sequence, as gspo's
+        ok = (plan.seq_len[s0:s1] > 0).float()
+        ls, v = log_s * ok, torch.expm1(log_s) * ok
+        return loss, torch.stack([ls.sum(), ls.abs().sum(), (v * v).sum(), n_clip])
     dd = d_tok.detach()
     v = (ratio.detach() - 1.0) * mask
     sums = torch.stack([dd.sum(), dd.abs().sum(), (v * v).sum(), n_clip])
@@ -463,7 +481,7 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
     x = (ref - logp) * mask
     kl = (torch.exp(x) - x - 1.0) * mask
     if o.use_bias_correction_kl:
-        if o.loss == "gspo":
+        if o.loss == "gspo" or o.ratio_level == "sequence":
             lengths = plan.lengths[s0:s1]
             L = plan.seq_len[s0:s1]
             log_s = segment_sum(((logp - old) * mask), lengths) / L.clamp_min(1)
@@ -480,6 +498,8 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
         loss = per_seq.sum() / plan.seq_denom
     elif o.loss == "dr_grpo":
         loss = kl.sum() / plan.dr_denom
+    elif o.loss == "luspo":
+        loss = kl.sum() / plan.seq_denom
     else:
         loss = kl.sum() / plan.tok_denom
     return loss, kl.detach().sum()

@@ -14,6 +14,7 @@ Run as a script (``python tests/verl_engine_actor.py OUT.json [--logprob-hook]``
 Writes the measured numbers to OUT.json; tests/test_integration_verl.py asserts on them.
 """
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -140,8 +141,16 @@ def main(out_path, hook):
 
     import opo_kernels
     from opo_kernels.integrations import verl as opo_verl
+    seen = set()
     if hook:
         opo_verl.enable_logprob_hook()
+        fwd = opo_verl.forward_with_opo_backend
+
+        @functools.wraps(fwd)
+        def recording(self, *a, **k):  # what the hook is handed: FSDP2's sharded head
+            seen.add(type(self.lm_head.weight).__name__)
+            return fwd(self, *a, **k)
+        opo_verl.forward_with_opo_backend = recording
     opo_verl.register(omega="estimator", alpha=0.4, mu=1.0)
     res = {"hook": hook}
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,6 +217,7 @@ def main(out_path, hook):
     res["moved"] = sum(not torch.equal(before[n], after[n]) for n in before)
     res["n_params"] = len(before)
     res["grad_norm"] = float(o["metrics"]["grad_norm"])
+    res["head_types"] = sorted(seen)
     res["metrics"] = sorted(k for k in o["metrics"] if k.startswith("actor/opo"))
     Path(out_path).write_text(json.dumps(res))
     dist.destroy_process_group()

@@ -61,7 +61,7 @@ _OPO_FIELDS = {"opo_alpha": "alpha", "opo_mu": "mu", "opo_tau": "tau", "opo_leve
                "opo_seq_reduce": "seq_reduce", "opo_ratio": "ratio", "opo_normalize": "normalize",
                "opo_norm_scope": "norm_scope", "opo_max_log_ratio": "max_log_ratio",
                "opo_ref_correction": "ref_correction", "opo_escort": "escort"}
-_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo")
+_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo")
 _NOT_IN_OPO = "is not in opo"
 
 
@@ -100,13 +100,12 @@ class OPOConfig(GRPOConfig):
 
     def _check_before(self):
         lt = self.loss_type
-        if lt in ("vespo", "luspo"):
+        if lt == "vespo":
             raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} {_NOT_IN_OPO}; supported: {_SUPPORTED}")
         if lt not in _SUPPORTED:
             raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
         unsupported = [
             ("use_adaptive_entropy", bool(self.use_adaptive_entropy), "the adaptive entropy controller"),
-            ("delta", self.delta is not None, "two-sided clipping"),
             ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None, "off-policy sequence masking"),
             ("top_entropy_quantile", lt in ("dapo", "cispo", "opo") and self.entropy_coef != 0.0
              and self.top_entropy_quantile < 1.0,
@@ -118,9 +117,9 @@ class OPOConfig(GRPOConfig):
                                           f"leave {name} at its default")
         if getattr(self, "use_liger_kernel", False):
             raise ValueError("OPOTrainer: use_liger_kernel=True conflicts with opo's fused loss; leave it False")
-        if self.importance_sampling_level == "sequence" and lt != "grpo":
-            raise NotImplementedError(f"OPOTrainer: importance_sampling_level='sequence' maps to opo's gspo only "
-                                      f"with loss_type='grpo' (got loss_type={lt!r})")
+        if self.delta is not None and lt not in ("grpo", "dapo", "bnpo", "dr_grpo", "luspo"):
+            raise ValueError(f"OPOConfig: delta={self.delta!r} (two-sided clip) applies to the clipped losses "
+                             f"grpo, dapo, bnpo, dr_grpo, luspo, got loss_type={lt!r}; leave it None")
         if lt == "opo" and self.importance_sampling_level != "token":
             raise ValueError("OPOTrainer: importance_sampling_level does not apply to loss_type='opo' "
                              "(use opo_level); leave it 'token'")
@@ -161,6 +160,10 @@ class OPOConfig(GRPOConfig):
         elif lt != "opo":
             out["clip_eps_low"] = ("epsilon", self.epsilon)
             out["clip_eps_high"] = ("epsilon_high" if self.epsilon_high is not None else "epsilon", eps_high)
+            if self.delta is not None:
+                out["clip_delta"] = ("delta", self.delta)
+        if lt not in ("opo",) and self.loss_name() != "gspo" and self.importance_sampling_level != "token":
+            out["ratio_level"] = ("importance_sampling_level", self.importance_sampling_level)
         if self.beta != 0.0:
             out["beta"] = ("beta", self.beta)
             out["use_bias_correction_kl"] = ("use_bias_correction_kl", self.use_bias_correction_kl)
@@ -382,11 +385,12 @@ class OPOTrainer(GRPOTrainer):
 
         ntok, nseq = m["num_tokens"], m["num_seqs"]
         self._metrics[mode]["entropy"].append(global_mean(m["entropy"], ntok))
-        if self.opo_loss_name in ("grpo", "dapo", "bnpo", "dr_grpo"):
+        if self.opo_loss_name in ("grpo", "dapo", "bnpo", "dr_grpo", "luspo"):
             self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_frac"], ntok))
         elif self.opo_loss_name == "cispo":
             self._metrics[mode]["cispo_clip_ratio"].append(global_mean(m["clip_frac"], ntok))
-        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo") else nseq
+        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo") and \
+            self.args.importance_sampling_level == "token" else nseq
         for k in ("delta_mean", "delta_abs_mean", "chi2"):
             self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], per))
         if "kl" in m:
