@@ -164,7 +164,6 @@ def test_end_to_end_tiny_model_trains(tmp_path):
 
 
 @pytest.mark.parametrize("kw,name", [
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=0.5), "top_entropy_quantile"),
     (dict(loss_type="vespo"), "vespo"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
@@ -238,6 +237,32 @@ def test_terms_match_grpo_trainer(tmp_path, batch, loss_type, extra, is_mode, ga
     _same_loss_and_grads(stock, ours, inputs, ga)
     if extra.get("beta"):
         assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], rel=1e-5)
+
+
+def _same_metric(stock, ours, key):
+    a, b = stock._metrics["train"][key], ours._metrics["train"][key]
+    assert a and len(a) == len(b), key
+    assert b[-1] == pytest.approx(a[-1], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["static", "adaptive"])
+def test_entropy_bonus_metrics_and_adaptive_controller(tmp_path, batch, loss_type, adaptive):
+    """TRL's entropy bonus with its metric names (policy_loss, entropy_coef), and use_adaptive_entropy:
+    over three optimizer steps the coefficient TRL's controller applies (0 until the measured entropy is
+    at or below entropy_target), the loss, every gradient and the metrics equal stock GRPOTrainer's."""
+    base = _model(seed=2)
+    kw = dict(loss_type=loss_type, entropy_coef=0.05)
+    if adaptive:  # the tiny model's entropy (~log 128 ≈ 4.85 nats) is below this target: the coefficient grows
+        kw.update(use_adaptive_entropy=True, entropy_target=6.0, entropy_coef_delta=0.02)
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
+    for _ in range(3 if adaptive else 1):
+        _same_loss_and_grads(stock, ours, batch, 1)
+        for key in ("policy_loss", "entropy_coef", "entropy"):
+            _same_metric(stock, ours, key)
+    if adaptive:
+        assert ours.entropy_coef == pytest.approx(stock.entropy_coef) and stock.entropy_coef > 0.05
 
 
 def test_opo_steps_per_generation_equals_one_call(tmp_path, batch):

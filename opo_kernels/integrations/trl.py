@@ -105,7 +105,8 @@ class OPOConfig(GRPOConfig):
         if lt not in _SUPPORTED:
             raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
         unsupported = [
-            ("use_adaptive_entropy", bool(self.use_adaptive_entropy), "the adaptive entropy controller"),
+            ("top_entropy_quantile", bool(self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0,
+             "with use_adaptive_entropy: TRL's controller measures the entropy of the masked tokens"),
             ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None, "off-policy sequence masking"),
             ("top_entropy_quantile", lt in ("dapo", "cispo", "opo") and self.entropy_coef != 0.0
              and self.top_entropy_quantile < 1.0,
@@ -344,7 +345,13 @@ class OPOTrainer(GRPOTrainer):
             extra["rollout_logps"] = torch.where(torch.isnan(samp), old, samp)
         if self.args.beta != 0.0:
             extra["ref_logps"] = inputs["ref_per_token_logps"]
-        ent_coef = self.args.entropy_coef
+        # TRL's entropy bonus: the coefficient of the end of the last optimizer step (the adaptive
+        # controller's, applied only while the measured entropy is at or below entropy_target)
+        bonus = self.args.entropy_coef != 0.0 or self.args.use_adaptive_entropy
+        ent_coef = self.entropy_coef
+        if self.args.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
+            ent_coef = 0.0
+        applied = ent_coef
         scale = 1.0 / ga
         # the generation batch's share that this micro-batch normalizes by (TRL's normalizer for
         # num_items_in_batch; the same rescaling for opo's sequence count)
@@ -376,7 +383,35 @@ class OPOTrainer(GRPOTrainer):
                                      advantages, old, mask.bool(), process_group, **extra)
         loss = loss * scale
         self._log_opo_metrics(mode, m)
+        if bonus:
+            self._entropy_bonus_step(mode, loss, m, applied, ga, scale)
         return loss
+
+    def _entropy_bonus_step(self, mode, loss, m, applied, ga, scale):
+        """TRL's metrics of the entropy bonus (policy_loss: the loss without the bonus, in TRL's
+        normalization; entropy_coef) and its adaptive controller's step. The bonus is the mean entropy
+        of this micro-batch's valid tokens / ga (top_entropy_quantile = 1, checked at construction)."""
+        ent_sum, ntok = (m["entropy"] * m["num_tokens"]).detach(), m["num_tokens"].detach()
+        h = ent_sum / ntok.clamp(min=1.0)
+        if self.args.top_entropy_quantile == 1.0:  # else the bonus's tokens are the masked ones: not logged
+            policy = (loss.detach() + applied * h / ga) / scale
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+        if self.args.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([ent_sum, ntok.float()])
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else \
+                self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _log_opo_metrics(self, mode, m):
         def global_mean(value, count):
