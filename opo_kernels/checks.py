@@ -59,6 +59,9 @@ class LossOptions:
     # importance_sampling_level="sequence"); and the two-sided clip's cap on the ratio (TRL's delta)
     ratio_level: str = "token"
     clip_delta: float | None = None
+    # off-policy sequence masking (DeepSeek-V3.2, TRL's off_policy_mask_threshold): a sequence with a
+    # negative advantage whose mean log(π_rollout / π_θ) exceeds this takes no part in the policy term
+    off_policy_mask_threshold: float | None = None
 
     def clip(self) -> tuple[float, float]:
         lo, hi = CLIP_DEFAULTS[self.loss]
@@ -77,7 +80,7 @@ _PAPER = {"alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize", "no
           "ref_correction", "max_log_ratio", "escort"}
 _GROUP_SOFTMAX = {"alpha", "mu", "tau", "max_log_ratio", "escort", "beta_r", "adaptive_tau"}
 _CLIPPED = {"clip_eps_low", "clip_eps_high", "clip_ratio_c", "clip_delta", "ratio_level"}
-_TERMS = {"beta", "is_correction", "entropy_coef", "top_entropy_quantile"}
+_TERMS = {"beta", "is_correction", "entropy_coef", "top_entropy_quantile", "off_policy_mask_threshold"}
 
 
 def _used_options(o: LossOptions) -> set:
@@ -196,6 +199,8 @@ def check_options(o: LossOptions) -> None:
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         check_positive(name, getattr(o, name))
     check_choice("ratio_level", o.ratio_level, ("token", "sequence"))
+    if o.off_policy_mask_threshold is not None:
+        _number("off_policy_mask_threshold", o.off_policy_mask_threshold)
     if o.clip_delta is not None:
         _number("clip_delta", o.clip_delta)
         if not o.clip_delta > 1.0:

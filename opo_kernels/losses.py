@@ -201,6 +201,9 @@ class LossPlan:
         sl = slice(t0, t0 + n)
         sums = empty_sums(logp.device)
         tw, sw = self._is_weights(old, mask, seq, s0, s1, sl, sums)
+        if o.off_policy_mask_threshold is not None:
+            keep = self._off_policy_keep(logp, old, mask, s0, s1, sl)
+            sw = keep if sw is None else sw * keep
         if self.ent_mask is not None:
             em = self.ent_mask[sl]
             tw = em if tw is None else tw * em
@@ -223,6 +226,15 @@ class LossPlan:
             eff = mask if self.ent_mask is None else mask * self.ent_mask[sl]
             loss = loss - o.entropy_coef * (ent * eff).sum() / self.ent_denom
         return loss, sums
+
+    def _off_policy_keep(self, logp, old, mask, s0, s1, sl):
+        """(s1 − s0,) 1.0 for the sequences that keep their policy term: advantage >= 0, or mean
+        log(π_rollout / π_θ) over their valid tokens <= the threshold (π_rollout: the rollout
+        log-probs when given, else the anchor)."""
+        src = old if self.rollout is None else self.rollout[sl]
+        kl = segment_sum((src - logp.detach()) * mask, self.lengths[s0:s1])
+        avg = kl / self.seq_len[s0:s1].clamp_min(1)
+        return ((self.adv[s0:s1] >= 0) | (avg <= self.opts.off_policy_mask_threshold)).float()
 
     def _is_weights(self, old, mask, seq, s0, s1, sl, sums):
         """Detached rollout-mismatch weights: (token weights (n,) or None, sequence weights

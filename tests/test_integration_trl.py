@@ -83,7 +83,11 @@ CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "bnpo"), ("dr_
          ("bnpo", {"importance_sampling_level": "sequence"}, "bnpo"),
          ("dr_grpo", {"importance_sampling_level": "sequence"}, "dr_grpo"),
          ("cispo", {"importance_sampling_level": "sequence", "epsilon_high": 1.01}, "cispo"),
-         ("sapo", {"importance_sampling_level": "sequence"}, "sapo")]
+         ("sapo", {"importance_sampling_level": "sequence"}, "sapo"),
+         # off-policy sequence masking (against the anchor here; with vLLM's log-probs below)
+         ("grpo", {"off_policy_mask_threshold": 0.02}, "grpo"), ("dapo", {"off_policy_mask_threshold": 0.02}, "dapo"),
+         ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2,
+                   "off_policy_mask_threshold": 0.02}, "gspo")]
 
 
 def _same_loss_and_grads(stock, ours, inputs, ga):
@@ -166,7 +170,6 @@ def test_end_to_end_tiny_model_trains(tmp_path):
 @pytest.mark.parametrize("kw,name", [
     (dict(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=0.5), "top_entropy_quantile"),
     (dict(loss_type="vespo"), "vespo"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
 ])
 def test_unsupported_options_raise_at_config(tmp_path, kw, name):
     with pytest.raises((NotImplementedError, ValueError), match=re.escape(name)):
@@ -203,6 +206,8 @@ TERM_CASES = [
     ("grpo", dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2, beta=0.04),
      ("sequence_truncate", 1.5, None)),
     ("dr_grpo", dict(beta=0.04, entropy_coef=0.01), ("token_truncate", 1.2, 0.9)),
+    ("grpo", dict(off_policy_mask_threshold=0.02), ("token_truncate", 2.0, None)),
+    ("cispo", dict(off_policy_mask_threshold=0.02), ("sequence_mask", 3.0, 0.2)),
 ]
 
 
@@ -227,7 +232,8 @@ def test_terms_match_grpo_trainer(tmp_path, batch, loss_type, extra, is_mode, ga
     inputs["ref_per_token_logps"] = old + 0.2 * torch.randn(old.shape, generator=g)
     if is_mode is not None:
         samp = old + 0.3 * torch.randn(old.shape, generator=g)
-        samp[0, 0] = float("nan")  # a token vLLM could not score
+        if not extra.get("off_policy_mask_threshold"):  # (off-policy masking: a NaN counts as the anchor's)
+            samp[0, 0] = float("nan")  # a token vLLM could not score
         inputs["sampling_per_token_logps"] = samp
         inputs["importance_sampling_ratio"] = _trl_is_ratio(*is_mode, old, samp, inputs["completion_mask"])
         for tr in (stock, ours):  # the correction as use_vllm would switch it on (vLLM is not installed here)

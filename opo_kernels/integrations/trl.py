@@ -107,7 +107,6 @@ class OPOConfig(GRPOConfig):
         unsupported = [
             ("top_entropy_quantile", bool(self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0,
              "with use_adaptive_entropy: TRL's controller measures the entropy of the masked tokens"),
-            ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None, "off-policy sequence masking"),
             ("top_entropy_quantile", lt in ("dapo", "cispo", "opo") and self.entropy_coef != 0.0
              and self.top_entropy_quantile < 1.0,
              f"with entropy_coef and loss_type={lt!r}: TRL's entropy mean over a micro-batch's masked tokens"),
@@ -170,6 +169,8 @@ class OPOConfig(GRPOConfig):
             out["use_bias_correction_kl"] = ("use_bias_correction_kl", self.use_bias_correction_kl)
         if self.top_entropy_quantile != 1.0:
             out["top_entropy_quantile"] = ("top_entropy_quantile", self.top_entropy_quantile)
+        if self.off_policy_mask_threshold is not None:
+            out["off_policy_mask_threshold"] = ("off_policy_mask_threshold", self.off_policy_mask_threshold)
         return out
 
     def _check_after(self):
@@ -343,6 +344,11 @@ class OPOTrainer(GRPOTrainer):
             samp = inputs["sampling_per_token_logps"]
             # a token vLLM could not score (NaN) counts as no mismatch, as in TRL
             extra["rollout_logps"] = torch.where(torch.isnan(samp), old, samp)
+        elif self.args.off_policy_mask_threshold is not None and inputs.get("sampling_per_token_logps") is not None:
+            # off-policy masking measures against the rollout engine's log-probs when there are any (TRL);
+            # a token vLLM could not score counts as the anchor's (TRL: as no evidence)
+            samp = inputs["sampling_per_token_logps"]
+            extra["rollout_logps"] = samp if old is None else torch.where(torch.isnan(samp), old, samp)
         if self.args.beta != 0.0:
             extra["ref_logps"] = inputs["ref_per_token_logps"]
         # TRL's entropy bonus: the coefficient of the end of the last optimizer step (the adaptive
