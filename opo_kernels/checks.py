@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
+LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ESCORTS = ("paper", "group_softmax")
 BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
@@ -62,6 +62,11 @@ class LossOptions:
     # off-policy sequence masking (DeepSeek-V3.2, TRL's off_policy_mask_threshold): a sequence with a
     # negative advantage whose mean log(π_rollout / π_θ) exceeds this takes no part in the policy term
     off_policy_mask_threshold: float | None = None
+    # VESPO's gamma weighting φ(w) = e^λ · w^k · e^(−λw) of the sequence ratio w, by advantage sign
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def clip(self) -> tuple[float, float]:
         lo, hi = CLIP_DEFAULTS[self.loss]
@@ -100,6 +105,9 @@ def _used_options(o: LossOptions) -> set:
         return {"clip_eps_high", "ratio_level"} | _LAYOUT_OPTIONS | terms
     if o.loss == "sapo":
         return {"sapo_temperature_pos", "sapo_temperature_neg", "ratio_level"} | _LAYOUT_OPTIONS | terms
+    if o.loss == "vespo":  # its own sequence weights: no clip, no rollout IS weights (they enter φ in TRL)
+        return ({"vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"} | _LAYOUT_OPTIONS
+                | (terms - {"is_correction", "is_clip_max", "is_clip_min"}))
     if o.loss == "gspo":  # the sequence ratio is what gspo is
         return (_CLIPPED - {"ratio_level"}) | _LAYOUT_OPTIONS | terms
     return _CLIPPED | _LAYOUT_OPTIONS | terms
@@ -201,6 +209,12 @@ def check_options(o: LossOptions) -> None:
     check_choice("ratio_level", o.ratio_level, ("token", "sequence"))
     if o.off_policy_mask_threshold is not None:
         _number("off_policy_mask_threshold", o.off_policy_mask_threshold)
+    for name in ("vespo_k_pos", "vespo_k_neg"):
+        _number(name, getattr(o, name))
+        if getattr(o, name) < 0:
+            raise ValueError(f"{name} (VESPO's exponent k) must be >= 0, got {getattr(o, name)!r}")
+    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+        check_positive(name, getattr(o, name))
     if o.clip_delta is not None:
         _number("clip_delta", o.clip_delta)
         if not o.clip_delta > 1.0:

@@ -214,6 +214,8 @@ class LossPlan:
                 loss, s = _opo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         elif o.loss == "gspo":
             loss, s = _gspo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+        elif o.loss == "vespo":
+            loss, s = _vespo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         else:
             loss, s = _clip_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         sums[:4] = s
@@ -485,6 +487,33 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
+def _vespo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
+    """VESPO (TRL's): −sg(φ(w_i)) · A_i · logp per token, summed over the batch's tokens / the token
+    normalizer; w_i = exp(Σ_t clamp(Δ_t, ±20)) the sequence ratio (log clamped to [log 1e-8, 20]),
+    φ(w) = e^(λ + k log w − λw) with (k, λ) by the advantage's sign. The metric slot of the clip
+    fraction holds Σ φ over the sequences (``vespo_phi_mean``)."""
+    o = plan.opts
+    lengths = plan.lengths[s0:s1]
+    d_tok = ((logp - old) * mask).detach()
+    log_w = torch.clamp(segment_sum(torch.clamp(d_tok, -20.0, 20.0) * mask, lengths), math.log(1e-8), 20.0)
+    a = plan.adv[s0:s1]
+    pos = a >= 0
+    k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg)
+    lam = torch.where(pos, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    term = -phi[seq - s0] * plan.adv[seq] * logp * mask
+    if tw is not None:
+        term = term * tw
+    if sw is not None:
+        term = term * sw[seq - s0]
+    loss = term.sum() / plan.tok_denom
+    ok = (plan.seq_len[s0:s1] > 0).float()
+    ls = log_w * ok
+    v = torch.expm1(log_w) * ok
+    sums = torch.stack([ls.sum(), ls.abs().sum(), (v * v).sum(), (phi * ok).sum()])
+    return loss, sums
+
+
 def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
     """TRL's k3 KL to the reference, aggregated as the loss aggregates its policy term.
     Returns ``(kl loss without β, Σ of the per-token KL over valid tokens (detached))``."""
@@ -584,7 +613,9 @@ def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor
         "num_tokens": plan.n_tokens,
         "num_seqs": plan.n_seqs,
     }
-    if plan.opts.loss != "opo":
+    if plan.opts.loss == "vespo":
+        out["vespo_phi_mean"] = sums[S_CLIP] / plan.n_seqs.clamp_min(1)
+    elif plan.opts.loss != "opo":
         out["clip_frac"] = sums[S_CLIP] / ntok
     if plan.ref is not None:
         out["kl"] = sums[S_KL] / ntok

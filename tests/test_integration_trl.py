@@ -85,6 +85,7 @@ CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "bnpo"), ("dr_
          ("cispo", {"importance_sampling_level": "sequence", "epsilon_high": 1.01}, "cispo"),
          ("sapo", {"importance_sampling_level": "sequence"}, "sapo"),
          # off-policy sequence masking (against the anchor here; with vLLM's log-probs below)
+         ("vespo", {}, "vespo"), ("vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}, "vespo"),
          ("grpo", {"off_policy_mask_threshold": 0.02}, "grpo"), ("dapo", {"off_policy_mask_threshold": 0.02}, "dapo"),
          ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2,
                    "off_policy_mask_threshold": 0.02}, "gspo")]
@@ -115,7 +116,7 @@ def _same_loss_and_grads(stock, ours, inputs, ga):
 def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss, ga):
     base = _model(seed=1)
     kw = dict(loss_type=loss_type, gradient_accumulation_steps=ga, **extra)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         kw["steps_per_generation"] = ga
     stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
     ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
@@ -125,7 +126,8 @@ def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss
     # TRL's metric names are logged by OPOTrainer too
     assert ours._metrics["train"]["entropy"] and stock._metrics["train"]["entropy"]
     assert ours._metrics["train"]["entropy"][-1] == pytest.approx(stock._metrics["train"]["entropy"][-1], rel=1e-5)
-    key = {"cispo": "cispo_clip_ratio", "gspo": None, "sapo": None}.get(opo_loss, "clip_ratio/region_mean")
+    key = {"cispo": "cispo_clip_ratio", "gspo": None, "sapo": None,
+           "vespo": "vespo/phi_seq_mean"}.get(opo_loss, "clip_ratio/region_mean")
     if key and extra.get("importance_sampling_level") != "sequence":
         assert ours._metrics["train"][key][-1] == pytest.approx(
             stock._metrics["train"][key][-1], rel=1e-5, abs=1e-7)
@@ -169,7 +171,7 @@ def test_end_to_end_tiny_model_trains(tmp_path):
 
 @pytest.mark.parametrize("kw,name", [
     (dict(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(loss_type="vespo"), "vespo"),
+    (dict(loss_type="vespo", use_vllm=True), "vespo"),
 ])
 def test_unsupported_options_raise_at_config(tmp_path, kw, name):
     with pytest.raises((NotImplementedError, ValueError), match=re.escape(name)):

@@ -61,7 +61,7 @@ _OPO_FIELDS = {"opo_alpha": "alpha", "opo_mu": "mu", "opo_tau": "tau", "opo_leve
                "opo_seq_reduce": "seq_reduce", "opo_ratio": "ratio", "opo_normalize": "normalize",
                "opo_norm_scope": "norm_scope", "opo_max_log_ratio": "max_log_ratio",
                "opo_ref_correction": "ref_correction", "opo_escort": "escort"}
-_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo")
+_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 _NOT_IN_OPO = "is not in opo"
 
 
@@ -100,8 +100,14 @@ class OPOConfig(GRPOConfig):
 
     def _check_before(self):
         lt = self.loss_type
-        if lt == "vespo":
-            raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} {_NOT_IN_OPO}; supported: {_SUPPORTED}")
+        if lt == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("OPOConfig: loss_type='vespo' forms its sequence weights itself; leave "
+                             f"importance_sampling_level='token' (got {self.importance_sampling_level!r})")
+        if lt == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
+            raise NotImplementedError("OPOTrainer: loss_type='vespo' with vLLM importance sampling "
+                                      "(use_vllm, vllm_importance_sampling_correction) is not in opo: TRL folds the "
+                                      "IS log-ratios of every position, padding included, into VESPO's weights; "
+                                      "set vllm_importance_sampling_correction=False")
         if lt not in _SUPPORTED:
             raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
         unsupported = [
@@ -157,12 +163,15 @@ class OPOConfig(GRPOConfig):
         elif lt == "sapo":
             out["sapo_temperature_pos"] = ("sapo_temperature_pos", self.sapo_temperature_pos)
             out["sapo_temperature_neg"] = ("sapo_temperature_neg", self.sapo_temperature_neg)
+        elif lt == "vespo":
+            for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+                out[f] = (f, getattr(self, f))
         elif lt != "opo":
             out["clip_eps_low"] = ("epsilon", self.epsilon)
             out["clip_eps_high"] = ("epsilon_high" if self.epsilon_high is not None else "epsilon", eps_high)
             if self.delta is not None:
                 out["clip_delta"] = ("delta", self.delta)
-        if lt not in ("opo",) and self.loss_name() != "gspo" and self.importance_sampling_level != "token":
+        if lt not in ("opo", "vespo") and self.loss_name() != "gspo" and self.importance_sampling_level != "token":
             out["ratio_level"] = ("importance_sampling_level", self.importance_sampling_level)
         if self.beta != 0.0:
             out["beta"] = ("beta", self.beta)
@@ -185,7 +194,7 @@ class OPOConfig(GRPOConfig):
         is_fields = {"is_correction": ("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode),
                      "is_clip_max": ("vllm_importance_sampling_clip_max", self.vllm_importance_sampling_clip_max),
                      "is_clip_min": ("vllm_importance_sampling_clip_min", self.vllm_importance_sampling_clip_min)}
-        if self.vllm_importance_sampling_correction:
+        if self.vllm_importance_sampling_correction and name != "vespo":  # (vespo: refused with use_vllm)
             fields_.update(is_fields)
 
         def run(check, trl_fields):
@@ -362,7 +371,7 @@ class OPOTrainer(GRPOTrainer):
         # the generation batch's share that this micro-batch normalizes by (TRL's normalizer for
         # num_items_in_batch; the same rescaling for opo's sequence count)
         share = (ga / self.args.steps_per_generation if mode == "train" else 1.0) / self.accelerator.num_processes
-        if self.opo_loss_name in ("dapo", "cispo"):
+        if self.opo_loss_name in ("dapo", "cispo", "vespo"):
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) * share
             extra["num_items_in_batch"] = normalizer
             scale = 1.0
@@ -430,6 +439,8 @@ class OPOTrainer(GRPOTrainer):
             self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_frac"], ntok))
         elif self.opo_loss_name == "cispo":
             self._metrics[mode]["cispo_clip_ratio"].append(global_mean(m["clip_frac"], ntok))
+        elif self.opo_loss_name == "vespo":
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(m["vespo_phi_mean"], nseq))
         per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo") and \
             self.args.importance_sampling_level == "token" else nseq
         for k in ("delta_mean", "delta_abs_mean", "chi2"):
