@@ -273,6 +273,28 @@ def test_entropy_bonus_metrics_and_adaptive_controller(tmp_path, batch, loss_typ
         assert ours.entropy_coef == pytest.approx(stock.entropy_coef) and stock.entropy_coef > 0.05
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_moe_router_aux_loss_matches_grpo_trainer(tmp_path, batch, loss_type):
+    """A Mixture-of-Experts model (a tiny Qwen3-MoE with router logits on): OPOTrainer adds the router
+    load-balancing loss as TRL does (router_aux_loss_coef · aux / accumulation steps): loss, every
+    gradient (the routers' included) and the aux_loss metric equal stock GRPOTrainer's."""
+    from transformers import Qwen3MoeConfig
+    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                         router_aux_loss_coef=0.05, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    kw = dict(loss_type=loss_type)
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
+    assert stock.aux_loss_enabled and ours.aux_loss_enabled
+    for ga in (1, 2):
+        g = _same_loss_and_grads(stock, ours, batch, ga)
+        assert any("gate" in n and g[n].abs().sum() > 0 for n in g)  # the routers are trained
+        _same_metric(stock, ours, "aux_loss")
+
+
 def test_opo_steps_per_generation_equals_one_call(tmp_path, batch):
     """loss_type='opo' with the generation batch split into micro-batches: ω and the normalizer come from
     the generation batch, so the accumulated gradient equals the one on the whole batch. (Not with

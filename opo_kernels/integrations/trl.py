@@ -244,8 +244,17 @@ class OPOTrainer(GRPOTrainer):
             val = getattr(tc, attr, None)
             if val is not None and not (attr != "final_logit_softcapping" and val == 1.0):
                 raise ValueError(f"OPOTrainer: the model's {attr}={val} is not supported by opo's fused loss")
+        self._aux_loss_fn = None
         if self.aux_loss_enabled:
-            raise NotImplementedError("OPOTrainer: the MoE router aux loss (output_router_logits) is not supported")
+            # the MoE load-balancing loss as the model's own forward forms it from the router logits
+            import sys
+            fn = getattr(sys.modules.get(type(lm).__module__), "load_balancing_loss_func", None)
+            if fn is None or not hasattr(lm, "num_experts") or not hasattr(lm, "num_experts_per_tok"):
+                raise NotImplementedError(
+                    f"OPOTrainer: the MoE router aux loss of {type(lm).__name__} (router_aux_loss_coef="
+                    f"{self.router_aux_loss_coef}) is not in opo: its module has no load_balancing_loss_func or "
+                    "the model no num_experts / num_experts_per_tok; set router_aux_loss_coef=0")
+            self._aux_loss_fn = fn
         lt = args.loss_type
         self.opo_loss_name = args.loss_name()
         self._escort_options = None
@@ -297,10 +306,15 @@ class OPOTrainer(GRPOTrainer):
 
     def _opo_loss(self, lm, input_ids, attention_mask, targets, advantages, old, mask, process_group, **extra):
         C = targets.size(1)
+        aux = None
         with self.accelerator.autocast():
-            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).last_hidden_state
-        hidden = hidden[:, :-1][:, -C:]
+            if self._aux_loss_fn is not None:
+                out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    output_router_logits=True)
+                aux = self._aux_loss_fn(out.router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
+            else:
+                out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1][:, -C:]
         head = lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
         try:
@@ -323,9 +337,10 @@ class OPOTrainer(GRPOTrainer):
             bias = bias.float() if bias is not None else None
             autocast = torch.autocast(hidden.device.type, enabled=False)
         with ctx, autocast:
-            return fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
-                                     bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
-                                     process_group=process_group, **self._opo_options, **extra)
+            loss, m = fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
+                                        bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
+                                        process_group=process_group, **self._opo_options, **extra)
+        return loss, m, aux
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -394,12 +409,15 @@ class OPOTrainer(GRPOTrainer):
         if ent_coef:
             extra["entropy_coef"] = ent_coef
         lm = self._causal_lm(self.accelerator.unwrap_model(model))
-        loss, m = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask, completion_ids,
-                                     advantages, old, mask.bool(), process_group, **extra)
+        loss, m, aux = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask,
+                                          completion_ids, advantages, old, mask.bool(), process_group, **extra)
         loss = loss * scale
         self._log_opo_metrics(mode, m)
         if bonus:
             self._entropy_bonus_step(mode, loss, m, applied, ga, scale)
+        if aux is not None:  # TRL: coef · aux / the accumulation steps, after the policy terms
+            loss = loss + self.router_aux_loss_coef * aux / ga
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
         return loss
 
     def _entropy_bonus_step(self, mode, loss, m, applied, ga, scale):
