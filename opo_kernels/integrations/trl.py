@@ -16,28 +16,43 @@ Loss types (``OPOConfig.loss_type``):
   batch's sequence (token, for ``opo_level="token"``) count, so ``steps_per_generation > 1`` and
   gradient accumulation give the update of one call on the whole batch.
 - TRL's own, through opo's fused losses, equal to stock ``GRPOTrainer`` (tested): ``"grpo"``,
-  ``"dapo"``, ``"bnpo"``, ``"dr_grpo"``, ``"cispo"``, ``"sapo"``, and GSPO as ``loss_type="grpo",
-  importance_sampling_level="sequence"``; ``epsilon`` / ``epsilon_high`` are passed as
-  ``clip_eps_low`` / ``clip_eps_high`` (``cispo``: ``epsilon_high`` is the ratio cap);
+  ``"dapo"``, ``"bnpo"``, ``"dr_grpo"``, ``"cispo"``, ``"sapo"``, ``"luspo"``, ``"vespo"``, and GSPO as
+  ``loss_type="grpo", importance_sampling_level="sequence"``; ``importance_sampling_level="sequence"``
+  with the other clipped losses (opo's ``ratio_level="sequence"``); ``epsilon`` / ``epsilon_high`` are
+  passed as ``clip_eps_low`` / ``clip_eps_high`` (``cispo``: ``epsilon_high`` is the ratio cap),
+  ``delta`` as ``clip_delta``, ``vespo_*`` as opo's options of the same names;
   ``num_iterations > 1`` and gradient accumulation are honoured (TRL's normalizers,
-  ``num_items_in_batch`` for ``dapo`` / ``cispo``).
+  ``num_items_in_batch`` for ``dapo`` / ``cispo`` / ``vespo``).
 
-TRL's terms, inside opo's pass (opo issue 9): ``beta`` (k3 KL to the reference model, with
+TRL's terms, inside opo's pass: ``beta`` (k3 KL to the reference model, with
 ``use_bias_correction_kl``), vLLM's importance-sampling correction (``use_vllm`` with
 ``vllm_importance_sampling_correction``: opo's ``is_correction`` = ``vllm_importance_sampling_mode``,
 ``is_clip_max`` / ``is_clip_min`` = ``vllm_importance_sampling_clip_max`` / ``_min``; the rollout
 log-probs are TRL's ``sampling_per_token_logps``, a NaN one (unscored by vLLM) counting as no
-mismatch, as in TRL), ``entropy_coef`` and ``top_entropy_quantile``.
+mismatch, as in TRL), ``off_policy_mask_threshold`` (against ``sampling_per_token_logps`` when there
+are any, else the anchor; an unscored token counts as the anchor's, where TRL counts it as no
+evidence), ``entropy_coef``, ``use_adaptive_entropy`` (TRL's controller, state and checkpoint
+included) and ``top_entropy_quantile``; the MoE router load-balancing loss (``router_aux_loss_coef``,
+the model module's ``load_balancing_loss_func`` on the backbone's router logits). TRL's metric names
+are logged (``entropy``, ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
+``kl``, ``policy_loss`` and ``entropy_coef`` with an entropy bonus, ``aux_loss``), plus opo's own
+(``opo/...``).
 
-Raised at construction (``NotImplementedError`` naming the option; not in opo):
-``use_adaptive_entropy``, ``delta`` (two-sided clip), ``off_policy_mask_threshold``, loss types
-``vespo`` / ``luspo``, ``importance_sampling_level="sequence"`` with a token-sum loss,
-``opo_norm_scope="group"`` / ``opo_escort="group_softmax"`` (TRL shuffles the generation batch,
-so a micro-batch holds no whole groups), ``entropy_coef`` with ``top_entropy_quantile < 1`` for
-``dapo`` / ``cispo`` (TRL's entropy mean over the masked tokens of a micro-batch against a
-generation-batch normalizer), ``use_liger_kernel``; and (``ValueError``) a PEFT adapter on the LM
-head, a model with logit soft-capping or scaling, MoE router aux loss, an OPO option given with
-another loss type.
+``OPOConfig`` checks every field opo reads when it is built (``epsilon``, ``epsilon_high``, ``delta``,
+``beta``, ``temperature``, the vLLM IS mode and bounds, ``entropy_coef``, ``top_entropy_quantile``,
+``off_policy_mask_threshold``, the SAPO and VESPO parameters, ``opo_backend`` and the ``opo_*``
+options) by opo's rules, the error naming TRL's field.
+
+Raised at construction (naming the field and what to do instead): ``opo_norm_scope="group"`` /
+``opo_escort="group_softmax"`` (TRL shuffles the generation batch, so a micro-batch holds no whole
+groups), ``entropy_coef`` with ``top_entropy_quantile < 1`` for ``dapo`` / ``cispo`` / ``opo`` (TRL's
+entropy mean over a micro-batch's masked tokens against a generation-batch normalizer),
+``use_adaptive_entropy`` with ``top_entropy_quantile < 1``, ``vespo`` with vLLM importance sampling
+(TRL folds the IS log-ratios of padded positions into its weights) or with
+``importance_sampling_level="sequence"``, ``use_liger_kernel``; a PEFT adapter on the LM head, a model
+with logit soft-capping or scaling (``final_logit_softcapping``, ``logit_scale``, ...: opo's vocabulary
+pass reads the plain logits), an MoE model whose module has no ``load_balancing_loss_func``, an OPO
+option given with another loss type.
 """
 from __future__ import annotations
 
