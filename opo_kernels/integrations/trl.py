@@ -258,7 +258,9 @@ class OPOTrainer(GRPOTrainer):
                      "logits_scaling"):
             val = getattr(tc, attr, None)
             if val is not None and not (attr != "final_logit_softcapping" and val == 1.0):
-                raise ValueError(f"OPOTrainer: the model's {attr}={val} is not supported by opo's fused loss")
+                raise ValueError(f"OPOTrainer: the model's {attr}={val} transforms the logits, and opo's fused loss "
+                                 "reads the plain logits hidden @ lm_head.weight; train this model with stock "
+                                 "GRPOTrainer (opo does not apply the transform yet)")
         self._aux_loss_fn = None
         if self.aux_loss_enabled:
             # the MoE load-balancing loss as the model's own forward forms it from the router logits
