@@ -425,6 +425,7 @@ def test_verl_fsdp_engine_actor_on_cpu(tmp_path, hook):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["forward"] == ("forward_with_opo_backend" if hook else "Qwen3ForCausalLM.forward")
+    assert res["head_types"] == (["DTensor"] if hook else [])  # the hook is handed FSDP2's sharded head
     assert res["logp_finite"]
     # fp32 sums over the batch's 33 tokens and 8 sequences in another order: a few ulps of the loss
     for mb in ("1", "2", "8"):
