@@ -14,13 +14,13 @@ from dataclasses import dataclass, fields
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo", "bnpo", "cispo", "sapo")
+LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ESCORTS = ("paper", "group_softmax")
 BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
 # (eps_low, eps_high) of the clipped baselines.
 CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2),
-                 "bnpo": (0.2, 0.2), "cispo": (0.2, 5.0)}
+                 "bnpo": (0.2, 0.2), "cispo": (0.2, 5.0), "luspo": (0.2, 0.2)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class LossOptions:
     clip_ratio_c: float | None = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    # the clipped losses' ratio: per token, or the sequence's length-averaged one (TRL's
+    # importance_sampling_level="sequence"); and the two-sided clip's cap on the ratio (TRL's delta)
+    ratio_level: str = "token"
+    clip_delta: float | None = None
+    # off-policy sequence masking (DeepSeek-V3.2, TRL's off_policy_mask_threshold): a sequence with a
+    # negative advantage whose mean log(π_rollout / π_θ) exceeds this takes no part in the policy term
+    off_policy_mask_threshold: float | None = None
+    # VESPO's gamma weighting φ(w) = e^λ · w^k · e^(−λw) of the sequence ratio w, by advantage sign
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def clip(self) -> tuple[float, float]:
         lo, hi = CLIP_DEFAULTS[self.loss]
@@ -72,8 +84,8 @@ _LAYOUT_OPTIONS = {"loss", "group_size", "max_completion_length"}
 _PAPER = {"alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize", "norm_scope",
           "ref_correction", "max_log_ratio", "escort"}
 _GROUP_SOFTMAX = {"alpha", "mu", "tau", "max_log_ratio", "escort", "beta_r", "adaptive_tau"}
-_CLIPPED = {"clip_eps_low", "clip_eps_high", "clip_ratio_c"}
-_TERMS = {"beta", "is_correction", "entropy_coef", "top_entropy_quantile"}
+_CLIPPED = {"clip_eps_low", "clip_eps_high", "clip_ratio_c", "clip_delta", "ratio_level"}
+_TERMS = {"beta", "is_correction", "entropy_coef", "top_entropy_quantile", "off_policy_mask_threshold"}
 
 
 def _used_options(o: LossOptions) -> set:
@@ -90,9 +102,14 @@ def _used_options(o: LossOptions) -> set:
             used = used - {"seq_reduce"}  # token level reduces no sequence (ℓ does, with ref_correction)
         return used | _LAYOUT_OPTIONS | terms
     if o.loss == "cispo":
-        return {"clip_eps_high"} | _LAYOUT_OPTIONS | terms
+        return {"clip_eps_high", "ratio_level"} | _LAYOUT_OPTIONS | terms
     if o.loss == "sapo":
-        return {"sapo_temperature_pos", "sapo_temperature_neg"} | _LAYOUT_OPTIONS | terms
+        return {"sapo_temperature_pos", "sapo_temperature_neg", "ratio_level"} | _LAYOUT_OPTIONS | terms
+    if o.loss == "vespo":  # its own sequence weights: no clip, no rollout IS weights (they enter φ in TRL)
+        return ({"vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"} | _LAYOUT_OPTIONS
+                | (terms - {"is_correction", "is_clip_max", "is_clip_min"}))
+    if o.loss == "gspo":  # the sequence ratio is what gspo is
+        return (_CLIPPED - {"ratio_level"}) | _LAYOUT_OPTIONS | terms
     return _CLIPPED | _LAYOUT_OPTIONS | terms
 
 
@@ -189,6 +206,19 @@ def check_options(o: LossOptions) -> None:
             raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {o.clip_ratio_c!r}")
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         check_positive(name, getattr(o, name))
+    check_choice("ratio_level", o.ratio_level, ("token", "sequence"))
+    if o.off_policy_mask_threshold is not None:
+        _number("off_policy_mask_threshold", o.off_policy_mask_threshold)
+    for name in ("vespo_k_pos", "vespo_k_neg"):
+        _number(name, getattr(o, name))
+        if getattr(o, name) < 0:
+            raise ValueError(f"{name} (VESPO's exponent k) must be >= 0, got {getattr(o, name)!r}")
+    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+        check_positive(name, getattr(o, name))
+    if o.clip_delta is not None:
+        _number("clip_delta", o.clip_delta)
+        if not o.clip_delta > 1.0:
+            raise ValueError(f"clip_delta (the two-sided clip's cap on the ratio) must be > 1, got {o.clip_delta!r}")
     positive_int("group_size", o.group_size)
     positive_int("max_completion_length", o.max_completion_length)
     used = _used_options(o)

@@ -186,7 +186,8 @@ class LossPlan:
         sequence (``chunk_loss`` with ``lengths``) is its share of the sequence's loss."""
         o = self.opts
         return (self.token_separable and self.ent_mask is None
-                and not (o.is_correction or "").startswith("sequence"))
+                and not (o.is_correction or "").startswith("sequence")
+                and o.off_policy_mask_threshold is None)  # that mask reads the whole sequence
 
     @property
     def sequence_scaled(self) -> bool:
@@ -235,6 +236,9 @@ class LossPlan:
         sl = slice(t0, t0 + n)
         sums = empty_sums(logp.device)
         tw, sw = self._is_weights(old, mask, seq, s0, s1, sl, sums)
+        if o.off_policy_mask_threshold is not None:
+            keep = self._off_policy_keep(logp, old, mask, s0, s1, sl)
+            sw = keep if sw is None else sw * keep
         if self.ent_mask is not None:
             em = self.ent_mask[sl]
             tw = em if tw is None else tw * em
@@ -245,6 +249,8 @@ class LossPlan:
                 loss, s = _opo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         elif o.loss == "gspo":
             loss, s = _gspo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+        elif o.loss == "vespo":
+            loss, s = _vespo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         else:
             loss, s = _clip_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
         sums[:4] = s
@@ -257,6 +263,15 @@ class LossPlan:
             eff = mask if self.ent_mask is None else mask * self.ent_mask[sl]
             loss = loss - o.entropy_coef * (ent * eff).sum() / self.ent_denom
         return loss, sums
+
+    def _off_policy_keep(self, logp, old, mask, s0, s1, sl):
+        """(s1 − s0,) 1.0 for the sequences that keep their policy term: advantage >= 0, or mean
+        log(π_rollout / π_θ) over their valid tokens <= the threshold (π_rollout: the rollout
+        log-probs when given, else the anchor)."""
+        src = old if self.rollout is None else self.rollout[sl]
+        kl = segment_sum((src - logp.detach()) * mask, self.lengths[s0:s1])
+        avg = kl / self.seq_len[s0:s1].clamp_min(1)
+        return ((self.adv[s0:s1] >= 0) | (avg <= self.opts.off_policy_mask_threshold)).float()
 
     def _is_weights(self, old, mask, seq, s0, s1, sl, sums):
         """Detached rollout-mismatch weights: (token weights (n,) or None, sequence weights
@@ -326,7 +341,8 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
         needs_full = True
     if opts.top_entropy_quantile < 1.0:
         needs_full = True  # the entropy threshold is a quantile over the whole batch
-    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
+    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
+                       and opts.ratio_level == "token"
                        or (opts.loss == "opo" and opts.level == "token" and opts.escort == "paper"))
     dev = mask.device
     tok_denom = n_tokens.clamp_min(1) if ex.num_items is None else \
@@ -436,27 +452,34 @@ def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
                            -4.0 / t * adv_tok)
         return term * mask, lr.new_zeros(())
     lo, hi = o.clip()
-    # max(−A·r, −A·clip(r)) (then dual clip min(·, −A·c) for A < 0): the constant branches
-    clip_hi = (r > 1.0 + hi) & (adv_tok > 0)
-    clip_lo = (r < 1.0 - lo) & (adv_tok < 0)
-    const = torch.where(clip_hi, -adv_tok * (1.0 + hi), -adv_tok * (1.0 - lo))
-    fixed = clip_hi | clip_lo | (adv_tok == 0)
+    # max(−A·ρ, −A·clip(r)) with ρ = min(r, clip_delta) (TRL's two-sided clip), then for A < 0
+    # the dual clip min(·, −A·c). The branch taken is r itself ("live") or a constant.
+    rc = r if o.clip_delta is None else torch.clamp(r, max=o.clip_delta)
+    cl = torch.clamp(r, 1.0 - lo, 1.0 + hi)
+    rho = torch.where(adv_tok > 0, torch.minimum(rc, cl), torch.maximum(rc, cl))
     if o.clip_ratio_c is not None:  # dual clip (verl): negative advantages bounded by −A·c
-        dual = (adv_tok < 0) & (r > o.clip_ratio_c)
-        const = torch.where(dual, -adv_tok * o.clip_ratio_c, const)
-        fixed = fixed | dual
-    const = torch.where(adv_tok == 0, 0.0, const)
-    live = ~fixed
+        rho = torch.where(adv_tok < 0, torch.clamp(rho, max=o.clip_ratio_c), rho)
+    live = (rho == r) & (adv_tok != 0)
     rl = torch.exp(torch.where(live, lr, 0.0))
-    term = torch.where(live, -adv_tok * rl, const)
-    is_clipped = (clip_hi | clip_lo).float() * mask
+    term = torch.where(live, -adv_tok * rl, torch.where(adv_tok == 0, 0.0, -adv_tok * rho))
+    # as TRL counts them: a ratio capped by clip_delta is not clipped above
+    is_clipped = (((rc < 1.0 - lo) & (adv_tok < 0)) | ((rc > 1.0 + hi) & (adv_tok > 0))).float() * mask
     return term * mask, is_clipped.sum()
 
 
 def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     o = plan.opts
     d_tok = (logp - old) * mask
-    r = torch.exp(d_tok.detach())
+    log_s = None
+    if o.ratio_level == "sequence":
+        # the sequence's length-averaged ratio in token form sg(s_i) · exp(logp − sg(logp)), as gspo:
+        # each token carries the sequence ratio's value and its own log-prob's gradient
+        L = plan.seq_len[s0:s1]
+        log_s = segment_sum(d_tok.detach(), plan.lengths[s0:s1]) / L.clamp_min(1)
+        lr = log_s[seq - s0] * mask + (logp - logp.detach()) * mask
+    else:
+        lr = d_tok
+    r = torch.exp(lr.detach())
     adv_tok = plan.adv[seq]
     if o.loss == "cispo":
         # −sg(min(r, ε_high)) · A · logp (TRL): r = ∞ past fp32's exp range weighs ε_high
@@ -464,7 +487,7 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
         term = -torch.clamp(r, max=hi) * adv_tok * logp * mask
         n_clip = (((r > hi) & (adv_tok > 0)).float() * mask).sum()
     else:
-        term, n_clip = _clip_terms(plan, d_tok, adv_tok, mask)
+        term, n_clip = _clip_terms(plan, lr, adv_tok, mask)
     if tw is not None:
         term = term * tw
     if sw is not None:
@@ -472,10 +495,16 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     if o.loss in ("grpo", "sapo"):
         L = plan.seq_len[seq]
         loss = (term / L.clamp_min(1)).sum() / plan.seq_denom
+    elif o.loss == "luspo":  # each sequence's token sum, mean over sequences (TRL's LUSPO)
+        loss = term.sum() / plan.seq_denom
     elif o.loss in ("dapo", "bnpo", "cispo"):
         loss = term.sum() / plan.tok_denom
     else:  # dr_grpo
         loss = term.sum() / plan.dr_denom
+    if log_s is not None:  # metrics per sequence, as gspo's
+        ok = (plan.seq_len[s0:s1] > 0).float()
+        ls, v = log_s * ok, torch.expm1(log_s) * ok
+        return loss, torch.stack([ls.sum(), ls.abs().sum(), (v * v).sum(), n_clip])
     dd = d_tok.detach()
     v = (r - 1.0) * mask
     sums = torch.stack([dd.sum(), dd.abs().sum(), (v * v).sum(), n_clip])
@@ -505,6 +534,33 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
+def _vespo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
+    """VESPO (TRL's): −sg(φ(w_i)) · A_i · logp per token, summed over the batch's tokens / the token
+    normalizer; w_i = exp(Σ_t clamp(Δ_t, ±20)) the sequence ratio (log clamped to [log 1e-8, 20]),
+    φ(w) = e^(λ + k log w − λw) with (k, λ) by the advantage's sign. The metric slot of the clip
+    fraction holds Σ φ over the sequences (``vespo_phi_mean``)."""
+    o = plan.opts
+    lengths = plan.lengths[s0:s1]
+    d_tok = ((logp - old) * mask).detach()
+    log_w = torch.clamp(segment_sum(torch.clamp(d_tok, -20.0, 20.0) * mask, lengths), math.log(1e-8), 20.0)
+    a = plan.adv[s0:s1]
+    pos = a >= 0
+    k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg)
+    lam = torch.where(pos, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    term = -phi[seq - s0] * plan.adv[seq] * logp * mask
+    if tw is not None:
+        term = term * tw
+    if sw is not None:
+        term = term * sw[seq - s0]
+    loss = term.sum() / plan.tok_denom
+    ok = (plan.seq_len[s0:s1] > 0).float()
+    ls = log_w * ok
+    v = torch.expm1(log_w) * ok
+    sums = torch.stack([ls.sum(), ls.abs().sum(), (v * v).sum(), (phi * ok).sum()])
+    return loss, sums
+
+
 def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
     """TRL's k3 KL to the reference, aggregated as the loss aggregates its policy term.
     Returns ``(kl loss without β, Σ of the per-token KL over valid tokens (detached))``.
@@ -514,7 +570,7 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
     x = (ref - logp) * mask
     kl = (torch.exp(x) - x - 1.0) * mask
     if o.use_bias_correction_kl:
-        if o.loss == "gspo":
+        if o.loss == "gspo" or o.ratio_level == "sequence":
             lengths = plan.lengths[s0:s1]
             L = plan.seq_len[s0:s1]
             log_s = segment_sum(((logp - old) * mask), lengths) / L.clamp_min(1)
@@ -531,6 +587,8 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
         loss = per_seq.sum() / plan.seq_denom
     elif o.loss == "dr_grpo":
         loss = kl.sum() / plan.dr_denom
+    elif o.loss == "luspo":
+        loss = kl.sum() / plan.seq_denom
     else:
         loss = kl.sum() / plan.tok_denom
     return loss, kl.detach().sum()
@@ -603,7 +661,9 @@ def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor
         "num_tokens": plan.n_tokens,
         "num_seqs": plan.n_seqs,
     }
-    if plan.opts.loss != "opo":
+    if plan.opts.loss == "vespo":
+        out["vespo_phi_mean"] = sums[S_CLIP] / plan.n_seqs.clamp_min(1)
+    elif plan.opts.loss != "opo":
         out["clip_frac"] = sums[S_CLIP] / ntok
     if plan.ref is not None:
         out["kl"] = sums[S_KL] / ntok

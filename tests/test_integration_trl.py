@@ -75,7 +75,20 @@ def batch(tmp_path_factory):
 
 CASES = [("grpo", {}, "grpo"), ("dapo", {}, "dapo"), ("bnpo", {}, "bnpo"), ("dr_grpo", {}, "dr_grpo"),
          ("cispo", {"epsilon_high": 1.2}, "cispo"), ("sapo", {}, "sapo"),
-         ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2}, "gspo")]
+         ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2}, "gspo"),
+         # two-sided clip; LUSPO; the sequence-level ratio with every loss type
+         ("grpo", {"delta": 1.05}, "grpo"), ("dapo", {"delta": 1.05}, "dapo"),
+         ("luspo", {"importance_sampling_level": "sequence"}, "luspo"), ("luspo", {}, "luspo"),
+         ("dapo", {"importance_sampling_level": "sequence"}, "dapo"),
+         ("bnpo", {"importance_sampling_level": "sequence"}, "bnpo"),
+         ("dr_grpo", {"importance_sampling_level": "sequence"}, "dr_grpo"),
+         ("cispo", {"importance_sampling_level": "sequence", "epsilon_high": 1.01}, "cispo"),
+         ("sapo", {"importance_sampling_level": "sequence"}, "sapo"),
+         # off-policy sequence masking (against the anchor here; with vLLM's log-probs below)
+         ("vespo", {}, "vespo"), ("vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}, "vespo"),
+         ("grpo", {"off_policy_mask_threshold": 0.02}, "grpo"), ("dapo", {"off_policy_mask_threshold": 0.02}, "dapo"),
+         ("grpo", {"importance_sampling_level": "sequence", "epsilon": 3e-2, "epsilon_high": 4e-2,
+                   "off_policy_mask_threshold": 0.02}, "gspo")]
 
 
 def _same_loss_and_grads(stock, ours, inputs, ga):
@@ -97,12 +110,13 @@ def _same_loss_and_grads(stock, ours, inputs, ga):
     return g1
 
 
-@pytest.mark.parametrize("loss_type,extra,opo_loss", CASES, ids=[c[0] + "/" + c[2] for c in CASES])
+@pytest.mark.parametrize("loss_type,extra,opo_loss", CASES,
+                         ids=[c[0] + "/" + c[2] + "".join(f"-{k}={v}" for k, v in c[1].items()) for c in CASES])
 @pytest.mark.parametrize("ga", [1, 2])
 def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss, ga):
     base = _model(seed=1)
     kw = dict(loss_type=loss_type, gradient_accumulation_steps=ga, **extra)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         kw["steps_per_generation"] = ga
     stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
     ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
@@ -112,8 +126,9 @@ def test_oracle_matches_grpo_trainer(tmp_path, batch, loss_type, extra, opo_loss
     # TRL's metric names are logged by OPOTrainer too
     assert ours._metrics["train"]["entropy"] and stock._metrics["train"]["entropy"]
     assert ours._metrics["train"]["entropy"][-1] == pytest.approx(stock._metrics["train"]["entropy"][-1], rel=1e-5)
-    key = {"cispo": "cispo_clip_ratio", "gspo": None, "sapo": None}.get(opo_loss, "clip_ratio/region_mean")
-    if key:
+    key = {"cispo": "cispo_clip_ratio", "gspo": None, "sapo": None,
+           "vespo": "vespo/phi_seq_mean"}.get(opo_loss, "clip_ratio/region_mean")
+    if key and extra.get("importance_sampling_level") != "sequence":
         assert ours._metrics["train"][key][-1] == pytest.approx(
             stock._metrics["train"][key][-1], rel=1e-5, abs=1e-7)
 
@@ -155,11 +170,8 @@ def test_end_to_end_tiny_model_trains(tmp_path):
 
 
 @pytest.mark.parametrize("kw,name", [
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(loss_type="vespo"), "vespo"), (dict(loss_type="luspo"), "luspo"),
-    (dict(delta=2.0), "delta"), (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(loss_type="dapo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(loss_type="vespo", use_vllm=True), "vespo"),
 ])
 def test_unsupported_options_raise_at_config(tmp_path, kw, name):
     with pytest.raises((NotImplementedError, ValueError), match=re.escape(name)):
@@ -196,6 +208,8 @@ TERM_CASES = [
     ("grpo", dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2, beta=0.04),
      ("sequence_truncate", 1.5, None)),
     ("dr_grpo", dict(beta=0.04, entropy_coef=0.01), ("token_truncate", 1.2, 0.9)),
+    ("grpo", dict(off_policy_mask_threshold=0.02), ("token_truncate", 2.0, None)),
+    ("cispo", dict(off_policy_mask_threshold=0.02), ("sequence_mask", 3.0, 0.2)),
 ]
 
 
@@ -220,7 +234,8 @@ def test_terms_match_grpo_trainer(tmp_path, batch, loss_type, extra, is_mode, ga
     inputs["ref_per_token_logps"] = old + 0.2 * torch.randn(old.shape, generator=g)
     if is_mode is not None:
         samp = old + 0.3 * torch.randn(old.shape, generator=g)
-        samp[0, 0] = float("nan")  # a token vLLM could not score
+        if not extra.get("off_policy_mask_threshold"):  # (off-policy masking: a NaN counts as the anchor's)
+            samp[0, 0] = float("nan")  # a token vLLM could not score
         inputs["sampling_per_token_logps"] = samp
         inputs["importance_sampling_ratio"] = _trl_is_ratio(*is_mode, old, samp, inputs["completion_mask"])
         for tr in (stock, ours):  # the correction as use_vllm would switch it on (vLLM is not installed here)
@@ -230,6 +245,54 @@ def test_terms_match_grpo_trainer(tmp_path, batch, loss_type, extra, is_mode, ga
     _same_loss_and_grads(stock, ours, inputs, ga)
     if extra.get("beta"):
         assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], rel=1e-5)
+
+
+def _same_metric(stock, ours, key):
+    a, b = stock._metrics["train"][key], ours._metrics["train"][key]
+    assert a and len(a) == len(b), key
+    assert b[-1] == pytest.approx(a[-1], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["static", "adaptive"])
+def test_entropy_bonus_metrics_and_adaptive_controller(tmp_path, batch, loss_type, adaptive):
+    """TRL's entropy bonus with its metric names (policy_loss, entropy_coef), and use_adaptive_entropy:
+    over three optimizer steps the coefficient TRL's controller applies (0 until the measured entropy is
+    at or below entropy_target), the loss, every gradient and the metrics equal stock GRPOTrainer's."""
+    base = _model(seed=2)
+    kw = dict(loss_type=loss_type, entropy_coef=0.05)
+    if adaptive:  # the tiny model's entropy (~log 128 ≈ 4.85 nats) is below this target: the coefficient grows
+        kw.update(use_adaptive_entropy=True, entropy_target=6.0, entropy_coef_delta=0.02)
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
+    for _ in range(3 if adaptive else 1):
+        _same_loss_and_grads(stock, ours, batch, 1)
+        for key in ("policy_loss", "entropy_coef", "entropy"):
+            _same_metric(stock, ours, key)
+    if adaptive:
+        assert ours.entropy_coef == pytest.approx(stock.entropy_coef) and stock.entropy_coef > 0.05
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_moe_router_aux_loss_matches_grpo_trainer(tmp_path, batch, loss_type):
+    """A Mixture-of-Experts model (a tiny Qwen3-MoE with router logits on): OPOTrainer adds the router
+    load-balancing loss as TRL does (router_aux_loss_coef · aux / accumulation steps): loss, every
+    gradient (the routers' included) and the aux_loss metric equal stock GRPOTrainer's."""
+    from transformers import Qwen3MoeConfig
+    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                         router_aux_loss_coef=0.05, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    kw = dict(loss_type=loss_type)
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
+    assert stock.aux_loss_enabled and ours.aux_loss_enabled
+    for ga in (1, 2):
+        g = _same_loss_and_grads(stock, ours, batch, ga)
+        assert any("gate" in n and g[n].abs().sum() > 0 for n in g)  # the routers are trained
+        _same_metric(stock, ours, "aux_loss")
 
 
 def test_opo_steps_per_generation_equals_one_call(tmp_path, batch):
@@ -270,6 +333,25 @@ def test_bad_opo_option_raises(tmp_path):
         _args(OPOConfig, tmp_path, opo_alpha=1.5)
     with pytest.raises(ValueError, match="opo_alpha"):
         _args(OPOConfig, tmp_path, loss_type="grpo", opo_alpha=0.7)  # an OPO option with a baseline
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(loss_type="grpo", epsilon=1.0), "epsilon"), (dict(loss_type="dapo", epsilon=-0.1), "epsilon"),
+    (dict(loss_type="grpo", epsilon_high=-0.5), "epsilon_high"),
+    (dict(loss_type="cispo", epsilon_high=float("nan")), "epsilon_high"),
+    (dict(beta=-0.1), "beta"), (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(vllm_importance_sampling_mode="bogus"), "vllm_importance_sampling_mode"),
+    (dict(vllm_importance_sampling_clip_max=0.0), "vllm_importance_sampling_clip_max"),
+    (dict(vllm_importance_sampling_clip_min=4.0, vllm_importance_sampling_clip_max=2.0),
+     "vllm_importance_sampling_clip_min"),
+    (dict(entropy_coef=-0.01), "entropy_coef"), (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+    (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_temperature_neg"),
+    (dict(opo_backend="gpu"), "opo_backend"),
+])
+def test_config_checks_trl_fields_at_construction(tmp_path, kw, field):
+    """Every field opo reads is checked when the OPOConfig is built, and the error names TRL's field."""
+    with pytest.raises((ValueError, TypeError), match=rf"\b{field}\b"):
+        _args(OPOConfig, tmp_path, **kw)
 
 
 def test_peft_adapter_on_lm_head_raises(tmp_path):

@@ -109,15 +109,17 @@ def test_registered_opo_float64_formula_and_rollout_is_weights():
 def test_global_batch_info_scaling_matches_agg_loss():
     """With verl's global batch info (dp ranks and micro-batches), the returned loss is this call's share
     of the global mean, exactly as verl's agg_loss scales its own losses."""
-    opo_verl.register()
+    opo_verl.register(omega="estimator")
     fn = core_algos.get_policy_loss_fn("opo")
-    logp, old, adv, adv_seq, mask = _batch(seed=5)
+    logp, old, _, adv_seq, mask = _batch(seed=5)
+    omega = escort_weights(adv_seq)  # as adv_estimator=opo_escort hands them: ω per token
+    adv = torch.where(mask, omega[:, None], 0.0)
     for mode, opts, info in [("seq-mean-token-mean", dict(), dict(dp_size=2, global_batch_size=32)),
                              ("token-mean", dict(level="token"), dict(dp_size=4, batch_num_tokens=300))]:
         cfg = _config()
         cfg.global_batch_info.update(info)
         l1, g1, _ = _grad(lambda x: fn(old, x, adv, mask, mode, cfg, None), logp)
-        l2, g2, _ = _grad(lambda x: opo_loss(x, old, adv_seq, mask, **opts), logp)
+        l2, g2, _ = _grad(lambda x: opo_loss(x, old, adv_seq, mask, omega=omega, **opts), logp)
         local = B if mode != "token-mean" else int(mask.sum())
         denom = info.get("global_batch_size", info.get("batch_num_tokens"))
         scale = local / denom * info["dp_size"]
@@ -128,6 +130,13 @@ def test_global_batch_info_scaling_matches_agg_loss():
         assert scale == pytest.approx(float(ref_scale), rel=1e-6)
         _close(l1, l2 * scale)
         _close(g1, g2 * scale)
+    # ω from each call's advantages would be normalized over this part of the batch only: refused
+    opo_verl.register()
+    cfg = _config()
+    cfg.global_batch_info.update(dp_size=1, global_batch_size=2 * B)
+    with pytest.raises(ValueError, match="opo_escort"):
+        fn(old, logp, adv, mask, "seq-mean-token-mean", cfg, None)
+    opo_verl.register()
 
 
 def test_group_softmax_registered():
@@ -289,3 +298,181 @@ def test_dual_clip_matches_verl_vanilla(agg, opo_loss):
     gg, = torch.autograd.grad(got, logp)
     _close(got.double(), want.double(), rtol=1e-6, atol=1e-9)
     _close(gg.double(), gw.double(), rtol=1e-5, atol=1e-9)
+
+
+def test_opo_escort_estimator_whole_batch_omega_any_micro_batch():
+    """adv_estimator=opo_escort emits ω over the whole training batch (GRPO's outcome advantages, then
+    the escort weights, in float64 here); with omega='estimator' the loss summed over micro-batches of
+    1, 2 and 8 sequences, each scaled by verl's global_batch_info, equals the whole-batch loss and
+    gradient."""
+    import numpy as np
+    opo_verl.register(omega="estimator", alpha=0.3, mu=0.8)
+    est = core_algos.get_adv_estimator_fn(opo_verl.ADV_ESTIMATOR)
+    logp, old, _, _, mask = _batch(seed=21)
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(B, generator=g)
+    rewards = torch.zeros(B, T)
+    rewards[torch.arange(B), mask.sum(-1) - 1] = scores  # outcome reward on the last valid token
+    index = np.array([i // G for i in range(B)])
+    adv, _ = est(token_level_rewards=rewards, response_mask=mask.float(), index=index,
+                 config={"norm_adv_by_std_in_grpo": True})
+    # float64 reference: GRPO's group z-score (verl: unbiased std, eps 1e-6), then ω over the batch
+    s = scores.double().view(-1, G)
+    a = ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)).reshape(-1)
+    x = (1 - 0.3) * a
+    w = torch.exp(x - x.max())
+    omega = (w - w.mean()) / w.std(unbiased=False)
+    _close(adv[mask], omega[:, None].expand(B, T)[mask], rtol=1e-5, atol=1e-6)
+    assert torch.all(adv[~mask] == 0)
+
+    fn = core_algos.get_policy_loss_fn("opo")
+    whole = _grad(lambda x: _paper_reference(x, old, a, mask, torch.ones(B, dtype=torch.float64), 0.3, 0.8),
+                  logp.double())
+    for mb in (1, 2, 8):
+        x = logp.clone().requires_grad_(True)
+        total = 0.0
+        for i in range(0, B, mb):
+            cfg = _config(ppo_micro_batch_size_per_gpu=mb)
+            cfg.global_batch_info.update(dp_size=1, global_batch_size=B)
+            sl = slice(i, i + mb)
+            loss, _ = fn(old[sl], x[sl], adv[sl], mask[sl], "seq-mean-token-mean", cfg, None)
+            loss.backward()
+            total += float(loss.detach())
+        assert total == pytest.approx(float(whole[0]), rel=1e-5, abs=1e-7), mb
+        _close(x.grad, whole[1])
+    opo_verl.register()
+    with pytest.raises(ValueError, match="omega='estimator'"):
+        est(token_level_rewards=rewards, response_mask=mask.float(), index=index, config=None)
+
+
+def test_register_accepts_every_option_its_losses_read():
+    opo_verl.register(alpha=0.5, mu=0.9, tau=1.2, beta_r=0.2, adaptive_tau=False, ratio="exact",
+                      normalize="center", max_log_ratio=5.0)
+    fn = core_algos.get_policy_loss_fn("opo_group_softmax")
+    logp, old, adv, adv_seq, mask = _batch(seed=9)
+    l1, g1, _ = _grad(lambda x: fn(old, x, adv, mask, "seq-mean-token-mean", _config(), None), logp)
+    l2, g2, _ = _grad(lambda x: policy_loss(x, old, adv_seq, mask, loss="opo", escort="group_softmax",
+                                            group_size=G, alpha=0.5, mu=0.9, tau=1.2, beta_r=0.2,
+                                            adaptive_tau=False, max_log_ratio=5.0), logp)
+    _close(l1, l2)
+    _close(g1, g2)
+    fn = core_algos.get_policy_loss_fn("opo")
+    l1, g1, _ = _grad(lambda x: fn(old, x, adv, mask, "seq-mean-token-mean", _config(), None), logp)
+    l2, g2, _ = _grad(lambda x: opo_loss(x, old, adv_seq, mask, alpha=0.5, mu=0.9, tau=1.2, ratio="exact",
+                                         normalize="center", max_log_ratio=5.0), logp)
+    _close(l1, l2)
+    _close(g1, g2)
+    opo_verl.register()
+
+
+def test_group_softmax_vocab_size_from_model_config():
+    """Not registered, V comes from the actor's model config (verl sets actor_config.model_config)."""
+    from types import SimpleNamespace
+    opo_verl.register()
+    fn = core_algos.get_policy_loss_fn("opo_group_softmax")
+    logp, old, adv, adv_seq, mask = _batch(seed=7)
+    cfg = _config()
+    with pytest.raises(ValueError, match="vocab_size"):
+        fn(old, logp, adv, mask, "seq-mean-token-mean", cfg, None)
+    cfg.model_config = SimpleNamespace(hf_config=SimpleNamespace(vocab_size=1000))
+    l1, g1, _ = _grad(lambda x: fn(old, x, adv, mask, "seq-mean-token-mean", cfg, None), logp)
+    l2, g2, _ = _grad(lambda x: policy_loss(x, old, adv_seq, mask, loss="opo", escort="group_softmax",
+                                            group_size=G, vocab_size=1000), logp)
+    _close(l1, l2)
+    _close(g1, g2)
+
+
+def test_bad_verl_inputs_named():
+    opo_verl.register()
+    fn = core_algos.get_policy_loss_fn("opo")
+    logp, old, adv, adv_seq, mask = _batch()
+    m2 = mask.float()
+    m2[0, 0] = 0.5
+    with pytest.raises(ValueError, match="response_mask must be binary"):
+        fn(old, logp, adv, m2, "seq-mean-token-mean", _config(), None)
+    w = torch.ones(B, T)
+    w[1, 0] = -0.5
+    with pytest.raises(ValueError, match="rollout_is_weights.*-0.5"):
+        fn(old, logp, adv, mask, "seq-mean-token-mean", _config(), w)
+    cfg = _config()
+    cfg.global_batch_info.update(dp_size=1, global_batch_size=0)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        fn(old, logp, adv, mask, "seq-mean-token-mean", cfg, None)
+    with pytest.raises(ValueError, match="old_log_prob must be"):
+        fn(old[:, :-1], logp, adv, mask, "seq-mean-token-mean", _config(), None)
+    with pytest.raises(ValueError, match="response_mask must be"):
+        fn(old, logp, adv, mask[:-1], "seq-mean-token-mean", _config(), None)
+    with pytest.raises(ValueError, match="rollout_is_weights must be"):
+        fn(old, logp, adv, mask, "seq-mean-token-mean", _config(), w[:, :2])
+    with pytest.raises(ValueError, match="omega"):
+        opo_verl.register(omega="batch")
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "logprob_hook"])
+def test_verl_fsdp_engine_actor_on_cpu(tmp_path, hook):
+    """A real verl actor: verl's FSDP2 engine on the tiny Qwen3 (tests/verl_engine_actor.py, in its own
+    process with TRL hidden: see its docstring). compute_log_prob, then loss_mode=opo with ω from the
+    opo_escort estimator: micro-batches of 1, 2 and 8 sequences give the whole-batch loss (= opo's
+    policy_loss on the engine's own log-probs) and gradient; per-call ω is refused; one optimizer
+    update moves every parameter. With the hook, verl's fused log-prob path runs opo's linear_logprobs
+    on the FSDP2-sharded, untied head."""
+    import json
+    import os
+    import subprocess
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(ROOT / "tests" / "verl_engine_actor.py"), str(out)] + (["--logprob-hook"] if hook else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["forward"] == ("forward_with_opo_backend" if hook else "Qwen3ForCausalLM.forward")
+    assert res["head_types"] == (["DTensor"] if hook else [])  # the hook is handed FSDP2's sharded head
+    assert res["logp_finite"]
+    # fp32 sums over the batch's 33 tokens and 8 sequences in another order: a few ulps of the loss
+    for mb in ("1", "2", "8"):
+        assert res["loss"][mb] == pytest.approx(res["opo_loss"], rel=1e-6, abs=1e-7), mb
+        # the same gradients summed per micro-batch in another order through a 4-layer fp32 backbone
+        assert res["grad_rel_diff"][mb] <= 1e-5, mb
+    assert res["per_call_refused"]
+    assert res["moved"] == res["n_params"] and math.isfinite(res["grad_norm"]) and res["grad_norm"] > 0
+    assert "actor/opo_chi2" in res["metrics"]
+
+
+def test_readme_verl_command_is_valid_verl_config(monkeypatch):
+    """The README's verl command: its overrides apply to verl's own trainer config (no unknown key), the
+    actor section converts to verl's FSDPActorConfig, and with its environment the module registers
+    the estimator and the loss it names; a micro-batch of the estimator's advantages then trains."""
+    import shlex
+    import numpy as np
+    from omegaconf import OmegaConf
+    text = (ROOT / "README.md").read_text().split("## Use with verl\n", 1)[1].split("\n## ", 1)[0]
+    cmd = re.findall(r"```bash\n(.*?)```", text, re.S)[0].replace("\\\n", " ")
+    words = shlex.split(cmd)
+    env = dict(w.split("=", 1) for w in words[:words.index("python")])
+    overrides = [w for w in words[words.index("verl.trainer.main_ppo") + 1:]]
+    assert words[words.index("python"):words.index("python") + 3] == ["python", "-m", "verl.trainer.main_ppo"]
+    cfg = OmegaConf.load(Path(core_algos.__file__).parents[1] / "config" / "_generated_ppo_trainer.yaml")
+    OmegaConf.set_struct(cfg, True)
+    for o in overrides:
+        key, value = o.split("=", 1)
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
+        OmegaConf.update(cfg, key, value, merge=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert env["VERL_USE_EXTERNAL_MODULES"] == cfg.actor_rollout_ref.model.external_lib
+    importlib.import_module(cfg.actor_rollout_ref.model.external_lib)
+    opo_verl._from_env()
+    est = core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator)
+    a = cfg.actor_rollout_ref.actor  # verl's own actor config class checks these values
+    actor = _config(loss_agg_mode=a.loss_agg_mode, policy_loss={"loss_mode": a.policy_loss.loss_mode})
+    fn = core_algos.get_policy_loss_fn(actor.policy_loss["loss_mode"])
+    logp, old, _, _, mask = _batch(seed=2)
+    rewards = torch.zeros(B, T)
+    rewards[torch.arange(B), mask.sum(-1) - 1] = torch.randn(B, generator=torch.Generator().manual_seed(0))
+    adv, _ = est(token_level_rewards=rewards, response_mask=mask.float(), index=np.arange(B) // G,
+                 config=cfg.algorithm)
+    actor.global_batch_info.update(dp_size=1, global_batch_size=B)
+    loss, _ = fn(old[:2], logp[:2], adv[:2], mask[:2], actor.loss_agg_mode, actor, None)  # one micro-batch
+    assert torch.isfinite(loss)
+    monkeypatch.undo()
+    opo_verl.register()

@@ -16,28 +16,43 @@ Loss types (``OPOConfig.loss_type``):
   batch's sequence (token, for ``opo_level="token"``) count, so ``steps_per_generation > 1`` and
   gradient accumulation give the update of one call on the whole batch.
 - TRL's own, through opo's fused losses, equal to stock ``GRPOTrainer`` (tested): ``"grpo"``,
-  ``"dapo"``, ``"bnpo"``, ``"dr_grpo"``, ``"cispo"``, ``"sapo"``, and GSPO as ``loss_type="grpo",
-  importance_sampling_level="sequence"``; ``epsilon`` / ``epsilon_high`` are passed as
-  ``clip_eps_low`` / ``clip_eps_high`` (``cispo``: ``epsilon_high`` is the ratio cap);
+  ``"dapo"``, ``"bnpo"``, ``"dr_grpo"``, ``"cispo"``, ``"sapo"``, ``"luspo"``, ``"vespo"``, and GSPO as
+  ``loss_type="grpo", importance_sampling_level="sequence"``; ``importance_sampling_level="sequence"``
+  with the other clipped losses (opo's ``ratio_level="sequence"``); ``epsilon`` / ``epsilon_high`` are
+  passed as ``clip_eps_low`` / ``clip_eps_high`` (``cispo``: ``epsilon_high`` is the ratio cap),
+  ``delta`` as ``clip_delta``, ``vespo_*`` as opo's options of the same names;
   ``num_iterations > 1`` and gradient accumulation are honoured (TRL's normalizers,
-  ``num_items_in_batch`` for ``dapo`` / ``cispo``).
+  ``num_items_in_batch`` for ``dapo`` / ``cispo`` / ``vespo``).
 
-TRL's terms, inside opo's pass (opo issue 9): ``beta`` (k3 KL to the reference model, with
+TRL's terms, inside opo's pass: ``beta`` (k3 KL to the reference model, with
 ``use_bias_correction_kl``), vLLM's importance-sampling correction (``use_vllm`` with
 ``vllm_importance_sampling_correction``: opo's ``is_correction`` = ``vllm_importance_sampling_mode``,
 ``is_clip_max`` / ``is_clip_min`` = ``vllm_importance_sampling_clip_max`` / ``_min``; the rollout
 log-probs are TRL's ``sampling_per_token_logps``, a NaN one (unscored by vLLM) counting as no
-mismatch, as in TRL), ``entropy_coef`` and ``top_entropy_quantile``.
+mismatch, as in TRL), ``off_policy_mask_threshold`` (against ``sampling_per_token_logps`` when there
+are any, else the anchor; an unscored token counts as the anchor's, where TRL counts it as no
+evidence), ``entropy_coef``, ``use_adaptive_entropy`` (TRL's controller, state and checkpoint
+included) and ``top_entropy_quantile``; the MoE router load-balancing loss (``router_aux_loss_coef``,
+the model module's ``load_balancing_loss_func`` on the backbone's router logits). TRL's metric names
+are logged (``entropy``, ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
+``kl``, ``policy_loss`` and ``entropy_coef`` with an entropy bonus, ``aux_loss``), plus opo's own
+(``opo/...``).
 
-Raised at construction (``NotImplementedError`` naming the option; not in opo):
-``use_adaptive_entropy``, ``delta`` (two-sided clip), ``off_policy_mask_threshold``, loss types
-``vespo`` / ``luspo``, ``importance_sampling_level="sequence"`` with a token-sum loss,
-``opo_norm_scope="group"`` / ``opo_escort="group_softmax"`` (TRL shuffles the generation batch,
-so a micro-batch holds no whole groups), ``entropy_coef`` with ``top_entropy_quantile < 1`` for
-``dapo`` / ``cispo`` (TRL's entropy mean over the masked tokens of a micro-batch against a
-generation-batch normalizer), ``use_liger_kernel``; and (``ValueError``) a PEFT adapter on the LM
-head, a model with logit soft-capping or scaling, MoE router aux loss, an OPO option given with
-another loss type.
+``OPOConfig`` checks every field opo reads when it is built (``epsilon``, ``epsilon_high``, ``delta``,
+``beta``, ``temperature``, the vLLM IS mode and bounds, ``entropy_coef``, ``top_entropy_quantile``,
+``off_policy_mask_threshold``, the SAPO and VESPO parameters, ``opo_backend`` and the ``opo_*``
+options) by opo's rules, the error naming TRL's field.
+
+Raised at construction (naming the field and what to do instead): ``opo_norm_scope="group"`` /
+``opo_escort="group_softmax"`` (TRL shuffles the generation batch, so a micro-batch holds no whole
+groups), ``entropy_coef`` with ``top_entropy_quantile < 1`` for ``dapo`` / ``cispo`` / ``opo`` (TRL's
+entropy mean over a micro-batch's masked tokens against a generation-batch normalizer),
+``use_adaptive_entropy`` with ``top_entropy_quantile < 1``, ``vespo`` with vLLM importance sampling
+(TRL folds the IS log-ratios of padded positions into its weights) or with
+``importance_sampling_level="sequence"``, ``use_liger_kernel``; a PEFT adapter on the LM head, a model
+with logit soft-capping or scaling (``final_logit_softcapping``, ``logit_scale``, ...: opo's vocabulary
+pass reads the plain logits), an MoE model whose module has no ``load_balancing_loss_func``, an OPO
+option given with another loss type.
 """
 from __future__ import annotations
 
@@ -62,7 +77,7 @@ _OPO_FIELDS = {"opo_alpha": "alpha", "opo_mu": "mu", "opo_tau": "tau", "opo_leve
                "opo_seq_reduce": "seq_reduce", "opo_ratio": "ratio", "opo_normalize": "normalize",
                "opo_norm_scope": "norm_scope", "opo_max_log_ratio": "max_log_ratio",
                "opo_ref_correction": "ref_correction", "opo_escort": "escort"}
-_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo")
+_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 _NOT_IN_OPO = "is not in opo"
 
 
@@ -101,14 +116,19 @@ class OPOConfig(GRPOConfig):
 
     def _check_before(self):
         lt = self.loss_type
-        if lt in ("vespo", "luspo"):
-            raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} {_NOT_IN_OPO}; supported: {_SUPPORTED}")
+        if lt == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("OPOConfig: loss_type='vespo' forms its sequence weights itself; leave "
+                             f"importance_sampling_level='token' (got {self.importance_sampling_level!r})")
+        if lt == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
+            raise NotImplementedError("OPOTrainer: loss_type='vespo' with vLLM importance sampling "
+                                      "(use_vllm, vllm_importance_sampling_correction) is not in opo: TRL folds the "
+                                      "IS log-ratios of every position, padding included, into VESPO's weights; "
+                                      "set vllm_importance_sampling_correction=False")
         if lt not in _SUPPORTED:
             raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
         unsupported = [
-            ("use_adaptive_entropy", bool(self.use_adaptive_entropy), "the adaptive entropy controller"),
-            ("delta", self.delta is not None, "two-sided clipping"),
-            ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None, "off-policy sequence masking"),
+            ("top_entropy_quantile", bool(self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0,
+             "with use_adaptive_entropy: TRL's controller measures the entropy of the masked tokens"),
             ("top_entropy_quantile", lt in ("dapo", "cispo", "opo") and self.entropy_coef != 0.0
              and self.top_entropy_quantile < 1.0,
              f"with entropy_coef and loss_type={lt!r}: TRL's entropy mean over a micro-batch's masked tokens"),
@@ -119,9 +139,9 @@ class OPOConfig(GRPOConfig):
                                           f"leave {name} at its default")
         if getattr(self, "use_liger_kernel", False):
             raise ValueError("OPOTrainer: use_liger_kernel=True conflicts with opo's fused loss; leave it False")
-        if self.importance_sampling_level == "sequence" and lt != "grpo":
-            raise NotImplementedError(f"OPOTrainer: importance_sampling_level='sequence' maps to opo's gspo only "
-                                      f"with loss_type='grpo' (got loss_type={lt!r})")
+        if self.delta is not None and lt not in ("grpo", "dapo", "bnpo", "dr_grpo", "luspo"):
+            raise ValueError(f"OPOConfig: delta={self.delta!r} (two-sided clip) applies to the clipped losses "
+                             f"grpo, dapo, bnpo, dr_grpo, luspo, got loss_type={lt!r}; leave it None")
         if lt == "opo" and self.importance_sampling_level != "token":
             raise ValueError("OPOTrainer: importance_sampling_level does not apply to loss_type='opo' "
                              "(use opo_level); leave it 'token'")
@@ -142,8 +162,78 @@ class OPOConfig(GRPOConfig):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"OPOConfig: bad OPO option (opo_<name>): {e}") from e
 
+    def loss_name(self) -> str:
+        """opo's loss for this config (GSPO is TRL's ``grpo`` at ``importance_sampling_level="sequence"``)."""
+        if self.loss_type == "grpo" and self.importance_sampling_level == "sequence":
+            return "gspo"
+        return self.loss_type
+
+    def loss_fields(self) -> dict:
+        """The TRL fields opo's loss reads, as ``{opo option: (TRL field, value)}`` (the escort options
+        are :meth:`opo_options`)."""
+        lt = self.loss_type
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        out = {}
+        if lt == "cispo":
+            out["clip_eps_high"] = ("epsilon_high", eps_high)
+        elif lt == "sapo":
+            out["sapo_temperature_pos"] = ("sapo_temperature_pos", self.sapo_temperature_pos)
+            out["sapo_temperature_neg"] = ("sapo_temperature_neg", self.sapo_temperature_neg)
+        elif lt == "vespo":
+            for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+                out[f] = (f, getattr(self, f))
+        elif lt != "opo":
+            out["clip_eps_low"] = ("epsilon", self.epsilon)
+            out["clip_eps_high"] = ("epsilon_high" if self.epsilon_high is not None else "epsilon", eps_high)
+            if self.delta is not None:
+                out["clip_delta"] = ("delta", self.delta)
+        if lt not in ("opo", "vespo") and self.loss_name() != "gspo" and self.importance_sampling_level != "token":
+            out["ratio_level"] = ("importance_sampling_level", self.importance_sampling_level)
+        if self.beta != 0.0:
+            out["beta"] = ("beta", self.beta)
+            out["use_bias_correction_kl"] = ("use_bias_correction_kl", self.use_bias_correction_kl)
+        if self.top_entropy_quantile != 1.0:
+            out["top_entropy_quantile"] = ("top_entropy_quantile", self.top_entropy_quantile)
+        if self.off_policy_mask_threshold is not None:
+            out["off_policy_mask_threshold"] = ("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        return out
+
     def _check_after(self):
-        pass
+        # every field opo reads, checked by opo's own rules and reported under TRL's name
+        from opo_kernels.checks import (LossOptions, check_backend_options, check_options,
+                                        check_vocab_options)
+        name = self.loss_name()
+        fields_ = dict(self.loss_fields())
+        fields_["entropy_coef"] = ("entropy_coef", self.entropy_coef)
+        fields_["top_entropy_quantile"] = ("top_entropy_quantile", self.top_entropy_quantile)
+        fields_["beta"] = ("beta", self.beta)
+        is_fields = {"is_correction": ("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode),
+                     "is_clip_max": ("vllm_importance_sampling_clip_max", self.vllm_importance_sampling_clip_max),
+                     "is_clip_min": ("vllm_importance_sampling_clip_min", self.vllm_importance_sampling_clip_min)}
+        if self.vllm_importance_sampling_correction and name != "vespo":  # (vespo: refused with use_vllm)
+            fields_.update(is_fields)
+
+        def run(check, trl_fields):
+            try:
+                check()
+            except (ValueError, TypeError) as e:
+                named = ", ".join(f"{f}={v!r}" for f, v in trl_fields)
+                raise type(e)(f"OPOConfig: {named}: {e}") from e
+
+        for opt, (f, v) in fields_.items():
+            if opt == "use_bias_correction_kl":
+                run(lambda: check_options(LossOptions(loss=name, beta=1.0, use_bias_correction_kl=v)), [(f, v)])
+            elif opt.startswith("is_clip"):
+                run(lambda: check_options(LossOptions(loss=name, is_correction="token_truncate", **{opt: v})),
+                    [(f, v)])
+            else:
+                run(lambda: check_options(LossOptions(loss=name, **{opt: v})), [(f, v)])
+        # the combination (e.g. the IS bounds' order), named by every field involved
+        run(lambda: check_options(LossOptions(loss=name, **{o: v for o, (_, v) in fields_.items()})),
+            list(fields_.values()))
+        run(lambda: check_vocab_options(self.temperature, -100), [("temperature", self.temperature)])
+        run(lambda: check_backend_options(self.opo_backend, None, None, False),
+            [("opo_backend", self.opo_backend)])
 
 
 class OPOTrainer(GRPOTrainer):
@@ -169,13 +259,22 @@ class OPOTrainer(GRPOTrainer):
                      "logits_scaling"):
             val = getattr(tc, attr, None)
             if val is not None and not (attr != "final_logit_softcapping" and val == 1.0):
-                raise ValueError(f"OPOTrainer: the model's {attr}={val} is not supported by opo's fused loss")
+                raise ValueError(f"OPOTrainer: the model's {attr}={val} transforms the logits, and opo's fused loss "
+                                 "reads the plain logits hidden @ lm_head.weight; train this model with stock "
+                                 "GRPOTrainer (opo does not apply the transform yet)")
+        self._aux_loss_fn = None
         if self.aux_loss_enabled:
-            raise NotImplementedError("OPOTrainer: the MoE router aux loss (output_router_logits) is not supported")
-        lt, level = args.loss_type, args.importance_sampling_level
-        self.opo_loss_name = {"opo": "opo", "dapo": "dapo", "bnpo": "bnpo", "dr_grpo": "dr_grpo",
-                              "cispo": "cispo", "sapo": "sapo",
-                              "grpo": "gspo" if level == "sequence" else "grpo"}[lt]
+            # the MoE load-balancing loss as the model's own forward forms it from the router logits
+            import sys
+            fn = getattr(sys.modules.get(type(lm).__module__), "load_balancing_loss_func", None)
+            if fn is None or not hasattr(lm, "num_experts") or not hasattr(lm, "num_experts_per_tok"):
+                raise NotImplementedError(
+                    f"OPOTrainer: the MoE router aux loss of {type(lm).__name__} (router_aux_loss_coef="
+                    f"{self.router_aux_loss_coef}) is not in opo: its module has no load_balancing_loss_func or "
+                    "the model no num_experts / num_experts_per_tok; set router_aux_loss_coef=0")
+            self._aux_loss_fn = fn
+        lt = args.loss_type
+        self.opo_loss_name = args.loss_name()
         self._escort_options = None
         if lt == "opo":
             # ω comes from the generation batch (omega=): the escort options go to escort_weights
@@ -186,19 +285,11 @@ class OPOTrainer(GRPOTrainer):
                 opts.update(self._escort_options)
                 self._escort_options = None
             self._opo_options = opts
-        elif lt == "cispo":
-            self._opo_options = {"clip_eps_high": self.epsilon_high}
-        elif lt == "sapo":
-            self._opo_options = {"sapo_temperature_pos": args.sapo_temperature_pos,
-                                 "sapo_temperature_neg": args.sapo_temperature_neg}
         else:
-            self._opo_options = {"clip_eps_low": self.epsilon_low, "clip_eps_high": self.epsilon_high}
-            if lt == "dr_grpo":
-                self._opo_options["max_completion_length"] = self.max_completion_length
-        if args.beta != 0.0:
-            self._opo_options.update(beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl)
-        if args.top_entropy_quantile < 1.0:
-            self._opo_options["top_entropy_quantile"] = args.top_entropy_quantile
+            self._opo_options = {}
+        self._opo_options.update({opt: v for opt, (_, v) in args.loss_fields().items()})
+        if lt == "dr_grpo":
+            self._opo_options["max_completion_length"] = self.max_completion_length
         from trl.models.utils import _ForwardRedirection
         self._opo_redirect = _ForwardRedirection()
 
@@ -233,10 +324,15 @@ class OPOTrainer(GRPOTrainer):
 
     def _opo_loss(self, lm, input_ids, attention_mask, targets, advantages, old, mask, process_group, **extra):
         C = targets.size(1)
+        aux = None
         with self.accelerator.autocast():
-            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).last_hidden_state
-        hidden = hidden[:, :-1][:, -C:]
+            if self._aux_loss_fn is not None:
+                out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    output_router_logits=True)
+                aux = self._aux_loss_fn(out.router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
+            else:
+                out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1][:, -C:]
         head = lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
         try:
@@ -259,9 +355,10 @@ class OPOTrainer(GRPOTrainer):
             bias = bias.float() if bias is not None else None
             autocast = torch.autocast(hidden.device.type, enabled=False)
         with ctx, autocast:
-            return fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
-                                     bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
-                                     process_group=process_group, **self._opo_options, **extra)
+            loss, m = fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
+                                        bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
+                                        process_group=process_group, **self._opo_options, **extra)
+        return loss, m, aux
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -289,14 +386,25 @@ class OPOTrainer(GRPOTrainer):
             samp = inputs["sampling_per_token_logps"]
             # a token vLLM could not score (NaN) counts as no mismatch, as in TRL
             extra["rollout_logps"] = torch.where(torch.isnan(samp), old, samp)
+        elif self.args.off_policy_mask_threshold is not None and inputs.get("sampling_per_token_logps") is not None:
+            # off-policy masking measures against the rollout engine's log-probs when there are any (TRL);
+            # a token vLLM could not score counts as the anchor's (TRL: as no evidence)
+            samp = inputs["sampling_per_token_logps"]
+            extra["rollout_logps"] = samp if old is None else torch.where(torch.isnan(samp), old, samp)
         if self.args.beta != 0.0:
             extra["ref_logps"] = inputs["ref_per_token_logps"]
-        ent_coef = self.args.entropy_coef
+        # TRL's entropy bonus: the coefficient of the end of the last optimizer step (the adaptive
+        # controller's, applied only while the measured entropy is at or below entropy_target)
+        bonus = self.args.entropy_coef != 0.0 or self.args.use_adaptive_entropy
+        ent_coef = self.entropy_coef
+        if self.args.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
+            ent_coef = 0.0
+        applied = ent_coef
         scale = 1.0 / ga
         # the generation batch's share that this micro-batch normalizes by (TRL's normalizer for
         # num_items_in_batch; the same rescaling for opo's sequence count)
         share = (ga / self.args.steps_per_generation if mode == "train" else 1.0) / self.accelerator.num_processes
-        if self.opo_loss_name in ("dapo", "cispo"):
+        if self.opo_loss_name in ("dapo", "cispo", "vespo"):
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) * share
             extra["num_items_in_batch"] = normalizer
             scale = 1.0
@@ -325,11 +433,42 @@ class OPOTrainer(GRPOTrainer):
             if not read:
                 extra.pop(key, None)
         lm = self._causal_lm(self.accelerator.unwrap_model(model))
-        loss, m = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask, completion_ids,
-                                     advantages, old, mask.bool(), process_group, **extra)
+        loss, m, aux = self._opo_redirect(model, lm, self._opo_loss, lm, input_ids, attention_mask,
+                                          completion_ids, advantages, old, mask.bool(), process_group, **extra)
         loss = loss * scale
         self._log_opo_metrics(mode, m)
+        if bonus:
+            self._entropy_bonus_step(mode, loss, m, applied, ga, scale)
+        if aux is not None:  # TRL: coef · aux / the accumulation steps, after the policy terms
+            loss = loss + self.router_aux_loss_coef * aux / ga
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
         return loss
+
+    def _entropy_bonus_step(self, mode, loss, m, applied, ga, scale):
+        """TRL's metrics of the entropy bonus (policy_loss: the loss without the bonus, in TRL's
+        normalization; entropy_coef) and its adaptive controller's step. The bonus is the mean entropy
+        of this micro-batch's valid tokens / ga (top_entropy_quantile = 1, checked at construction)."""
+        ent_sum, ntok = (m["entropy"] * m["num_tokens"]).detach(), m["num_tokens"].detach()
+        h = ent_sum / ntok.clamp(min=1.0)
+        if self.args.top_entropy_quantile == 1.0:  # else the bonus's tokens are the masked ones: not logged
+            policy = (loss.detach() + applied * h / ga) / scale
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+        if self.args.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([ent_sum, ntok.float()])
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else \
+                self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _log_opo_metrics(self, mode, m):
         def global_mean(value, count):
@@ -338,11 +477,14 @@ class OPOTrainer(GRPOTrainer):
 
         ntok, nseq = m["num_tokens"], m["num_seqs"]
         self._metrics[mode]["entropy"].append(global_mean(m["entropy"], ntok))
-        if self.opo_loss_name in ("grpo", "dapo", "bnpo", "dr_grpo"):
+        if self.opo_loss_name in ("grpo", "dapo", "bnpo", "dr_grpo", "luspo"):
             self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_frac"], ntok))
         elif self.opo_loss_name == "cispo":
             self._metrics[mode]["cispo_clip_ratio"].append(global_mean(m["clip_frac"], ntok))
-        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo") else nseq
+        elif self.opo_loss_name == "vespo":
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(m["vespo_phi_mean"], nseq))
+        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo") and \
+            self.args.importance_sampling_level == "token" else nseq
         for k in ("delta_mean", "delta_abs_mean", "chi2"):
             self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], per))
         if "kl" in m:

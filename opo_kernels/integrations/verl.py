@@ -1,17 +1,31 @@
 """opo's OPO loss in verl (>= 0.9.1): ``"opo"`` and ``"opo_group_softmax"`` in verl's policy-loss registry.
 
-Turn it on in a verl run with two overrides (the module registers itself when imported, in every
-worker process)::
+Turn it on in a verl run with these overrides (the module registers itself when imported, in every
+process that imports it: the workers through ``external_lib``, the driver — which runs the advantage
+estimator — through ``VERL_USE_EXTERNAL_MODULES``)::
 
+    VERL_USE_EXTERNAL_MODULES=opo_kernels.integrations.verl OPO_VERL_OPTIONS='{"omega": "estimator"}'
+    algorithm.adv_estimator=opo_escort                           # ω over the whole training batch
     actor_rollout_ref.model.external_lib=opo_kernels.integrations.verl
     actor_rollout_ref.actor.policy_loss.loss_mode=opo            # or opo_group_softmax
     actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean    # paper mode (see below)
 
-(``VERL_USE_EXTERNAL_MODULES=opo_kernels.integrations.verl`` in the environment does the same.)
-OPO's options (``alpha``, ``mu``, ``tau``, ``ratio``, ``normalize``, ``norm_scope``,
-``max_log_ratio``, ``ref_correction``, ``beta_r``, ``adaptive_tau``, and ``vocab_size`` for the
-group-softmax mode's adaptive τ) come from ``register(**options)`` or, at import, from the JSON
-object in the environment variable ``OPO_VERL_OPTIONS`` (e.g. ``'{"alpha": 0.4, "mu": 1.0}'``).
+OPO's options (``alpha``, ``mu``, ``tau``, ``ratio``, ``normalize``, ``norm_scope``, ``max_log_ratio``,
+``ref_correction`` for ``"opo"``; ``alpha``, ``mu``, ``tau``, ``max_log_ratio``, ``beta_r``,
+``adaptive_tau`` for ``"opo_group_softmax"``; ``vocab_size`` for its adaptive τ, by default the actor
+model's; ``omega``) come from ``register(**options)`` or, at import, from the JSON object in the
+environment variable ``OPO_VERL_OPTIONS`` (e.g. ``'{"omega": "estimator", "alpha": 0.4, "mu": 1.0}'``).
+
+The escort weights ω (``omega``):
+
+- ``"estimator"`` (recommended): the advantage estimator ``opo_escort`` (registered with verl)
+  computes GRPO's outcome advantages (``algorithm.norm_adv_by_std_in_grpo`` honoured) and turns them
+  into ω over the whole training batch, in the driver; ``"opo"`` reads verl's advantages as ω. The
+  update is then the same whatever ``ppo_micro_batch_size_per_gpu``, ``use_dynamic_bsz`` or the
+  number of ranks.
+- ``"call"`` (the default): ω from the advantages of each call. Right only when one call holds the
+  whole mini-batch; when verl's ``global_batch_info`` shows other micro-batches or ranks, a
+  ``ValueError`` says so (``norm_scope="group"`` with whole groups per call is allowed).
 
 ``loss_agg_mode`` → opo's aggregation:
 
@@ -23,11 +37,12 @@ object in the environment variable ``OPO_VERL_OPTIONS`` (e.g. ``'{"alpha": 0.4, 
 
 verl's ``global_batch_info`` (``dp_size``, ``global_batch_size``, ``batch_num_tokens``) scales the
 returned loss to this call's share of the global mean, exactly as verl's ``agg_loss`` scales its own
-losses. The escort weights ω are normalized over the sequences of each call (one micro-batch on
-one rank), not over the whole mini-batch: a fixed ω across micro-batches needs the ``omega=``
-argument of issue 9. ``"opo_group_softmax"`` takes ``group_size = actor.rollout_n``; each call
-must hold whole prompt groups (``ppo_micro_batch_size_per_gpu`` a multiple of ``rollout_n``, no
-``use_dynamic_bsz``).
+losses. ``"opo_group_softmax"`` takes ``group_size = actor.rollout_n``; each call must hold whole
+prompt groups (``ppo_micro_batch_size_per_gpu`` a multiple of ``rollout_n``, no ``use_dynamic_bsz``).
+
+Bad input (a ``response_mask`` that is not 0/1, negative or non-finite ``rollout_is_weights``, a
+``global_batch_size`` or ``batch_num_tokens`` of 0, tensors whose shapes differ) raises a
+``ValueError`` naming the argument and the value seen.
 
 Advantages: verl hands them per token (B, T); OPO needs one per sequence, so they must be constant
 over each sequence's valid tokens (GRPO-style outcome advantages) — token-varying advantages (GAE)
@@ -47,7 +62,8 @@ by ``verl.models.transformers.dense_common.forward_with_torch_backend`` /
 ``entropy``). :func:`enable_logprob_hook` (or ``OPO_VERL_LOGPROBS=1`` in the environment when this
 module is imported) replaces that function so that dense text models get
 :func:`forward_with_opo_backend` instead: the same outputs from opo's deterministic, batch-invariant
-``linear_logprobs(hidden, lm_head.weight, targets, temperature=T, return_entropy=True)``.
+``linear_logprobs(hidden, lm_head.weight, targets, temperature=T, return_entropy=True)`` (a
+sharded FSDP2 head, a DTensor, is gathered first, its gradient going back to the shards).
 Vision-language models keep verl's own forward. The entropy it returns is differentiable: its
 gradient ∂H/∂z = −p ⊙ (log p + H) is formed in opo's vocabulary pass, so verl's ``entropy_coeff``
 works through the hook.
@@ -65,9 +81,10 @@ from . import require
 _verl = require("verl", "0.9.1", "verl")
 from verl.trainer.ppo import core_algos  # noqa: E402
 
-from opo_kernels import linear_logprobs, policy_loss  # noqa: E402
+from opo_kernels import escort_weights, linear_logprobs, policy_loss  # noqa: E402
 
-__all__ = ["register", "enable_logprob_hook", "disable_logprob_hook", "forward_with_opo_backend", "compute_policy_loss_opo", "compute_policy_loss_opo_group_softmax", "OPTIONS"]
+__all__ = ["register", "enable_logprob_hook", "disable_logprob_hook", "forward_with_opo_backend", "compute_policy_loss_opo", "compute_policy_loss_opo_group_softmax",
+           "compute_opo_escort_advantage", "OPTIONS", "OMEGA_MODES", "ADV_ESTIMATOR"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,30 +99,99 @@ _RESERVED = {"level": "loss_agg_mode", "seq_reduce": "loss_agg_mode", "escort": 
 
 #: the OPO options every registered loss uses (set by :func:`register`)
 OPTIONS: dict = {}
-_VOCAB_SIZE: list = [None]
-_warned: set = set()
+# the options each registered loss reads (the rest of opo's options are verl's business: its own
+# KL and entropy terms, its rollout correction)
+_PAPER_OPTIONS = ("alpha", "mu", "tau", "ratio", "normalize", "norm_scope", "max_log_ratio", "ref_correction")
+_GROUP_SOFTMAX_OPTIONS = ("alpha", "mu", "tau", "max_log_ratio", "beta_r", "adaptive_tau")
+_ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")
+#: where ``"opo"`` takes its escort weights ω: ``"estimator"`` (verl's advantages are ω, formed over
+#: the whole training batch by the advantage estimator :data:`ADV_ESTIMATOR`) or ``"call"`` (ω from the
+#: advantages of each call, correct only when a call holds the whole batch)
+OMEGA_MODES = ("estimator", "call")
+#: the advantage estimator that emits ω (``algorithm.adv_estimator=opo_escort``)
+ADV_ESTIMATOR = "opo_escort"
+_STATE: dict = {"vocab_size": None, "omega": "call"}
 
 
-def register(*, vocab_size: int | None = None, **options) -> None:
-    """Register ``"opo"`` and ``"opo_group_softmax"`` in verl's policy-loss registry with these OPO
-    options (checked here: a bad name or value raises ``ValueError``/``TypeError`` naming it)."""
+def register(*, vocab_size: int | None = None, omega: str = "call", **options) -> None:
+    """Register ``"opo"`` and ``"opo_group_softmax"`` in verl's policy-loss registry, and the advantage
+    estimator ``"opo_escort"``, with these OPO options (checked here: a bad name or value raises
+    ``ValueError``/``TypeError`` naming it).
+
+    options: the paper weighting's (``alpha``, ``mu``, ``tau``, ``ratio``, ``normalize``, ``norm_scope``,
+    ``max_log_ratio``, ``ref_correction``) and the group-softmax weighting's (``alpha``, ``mu``, ``tau``,
+    ``max_log_ratio``, ``beta_r``, ``adaptive_tau``); each loss reads its own. vocab_size: V for the
+    group-softmax adaptive τ (default: the actor model's config). omega: one of :data:`OMEGA_MODES`.
+    """
+    from opo_kernels.checks import check_choice
     for k in options:
         if k in _RESERVED:
             raise ValueError(f"option {k!r} is set by {_RESERVED[k]} in verl, not by register()")
-    # validate once, on a tiny batch, for both weightings
+    unknown = sorted(set(options) - set(_PAPER_OPTIONS) - set(_GROUP_SOFTMAX_OPTIONS))
+    if unknown:
+        raise TypeError(f"register() got unknown option(s) {unknown}; the options of opo's verl losses are "
+                        f"{sorted(set(_PAPER_OPTIONS) | set(_GROUP_SOFTMAX_OPTIONS))}")
+    check_choice("omega", omega, OMEGA_MODES)
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 2):
+        raise ValueError(f"vocab_size must be an int >= 2 or None, got {vocab_size!r}")
+    # validate once, on a tiny batch, for each weighting with the options it reads
     z = torch.zeros(2, 1)
-    policy_loss(z, z, torch.zeros(2), loss="opo", **options)
-    gs_opts = {k: v for k, v in options.items() if k not in ("ratio", "normalize", "norm_scope",
-                                                             "ref_correction", "max_log_ratio")}
+    paper = {k: v for k, v in options.items() if k in _PAPER_OPTIONS}
+    gs = {k: v for k, v in options.items() if k in _GROUP_SOFTMAX_OPTIONS}
+    policy_loss(z, z, torch.zeros(2), loss="opo", **paper)
     policy_loss(z, z, torch.zeros(2), loss="opo", escort="group_softmax", group_size=2,
-                vocab_size=vocab_size or 2, **gs_opts)
-    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 2):
-        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+                vocab_size=vocab_size or 2, **gs)
+    if omega == "estimator":
+        bad = {k: v for k, v in paper.items() if k in ("norm_scope", "ref_correction") and
+               v != {"norm_scope": "batch", "ref_correction": False}[k]}
+        if bad:
+            raise ValueError(f"omega='estimator' forms ω over the whole batch from the advantages alone: "
+                             f"{bad} need it per call; use omega='call' with whole prompt groups per call")
     OPTIONS.clear()
     OPTIONS.update(options)
-    _VOCAB_SIZE[0] = vocab_size
+    _STATE.update(vocab_size=vocab_size, omega=omega)
     core_algos.register_policy_loss("opo")(compute_policy_loss_opo)
     core_algos.register_policy_loss("opo_group_softmax")(compute_policy_loss_opo_group_softmax)
+    # set directly: a re-imported module brings a new function object, which register_adv_est refuses
+    core_algos.ADV_ESTIMATOR_REGISTRY[ADV_ESTIMATOR] = compute_opo_escort_advantage
+
+
+def compute_opo_escort_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                                 index=None, config=None, **kwargs):
+    """verl advantage estimator ``"opo_escort"``: GRPO's outcome advantages (verl's
+    ``compute_grpo_outcome_advantage``, ``algorithm.norm_adv_by_std_in_grpo`` honoured), turned into
+    the escort weights ω over the whole training batch (``escort_weights`` with the registered
+    ``alpha``, ``tau``, ``normalize``). token_level_rewards, response_mask: (B, T); index: (B,) prompt
+    ids. Returns ``(ω, ω)`` broadcast over each sequence's valid tokens, (B, T) fp32: the
+    ``advantages`` that ``loss_mode=opo`` reads as ω with ``omega="estimator"``."""
+    if _STATE["omega"] != "estimator":
+        raise ValueError(f"algorithm.adv_estimator={ADV_ESTIMATOR!r} emits the escort weights ω; the 'opo' "
+                         "loss reads them only with omega='estimator' (register(omega='estimator') or "
+                         'OPO_VERL_OPTIONS=\'{"omega": "estimator"}\'), got omega=' + repr(_STATE["omega"]))
+    if index is None:
+        raise ValueError(f"algorithm.adv_estimator={ADV_ESTIMATOR!r} needs the prompt ids (verl's 'uid')")
+    _check_mask(response_mask, token_level_rewards.shape)
+    norm = True if config is None else bool(config.get("norm_adv_by_std_in_grpo", True))
+    adv, _ = core_algos.compute_grpo_outcome_advantage(token_level_rewards, response_mask, index,
+                                                       norm_adv_by_std_in_grpo=norm)
+    mask = response_mask.bool()
+    valid = mask.any(-1)
+    a_seq = torch.where(mask, adv.float(), 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+    eo = {k: v for k, v in OPTIONS.items() if k in _ESCORT_OPTIONS and k not in ("norm_scope", "ref_correction")}
+    omega = escort_weights(a_seq, valid=valid, **eo)
+    out = torch.where(mask, omega[:, None], 0.0)
+    return out, out
+
+
+def _check_mask(response_mask, shape) -> None:
+    if not isinstance(response_mask, torch.Tensor):
+        raise TypeError(f"response_mask must be a tensor, got {type(response_mask).__name__}")
+    if tuple(response_mask.shape) != tuple(shape) or response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be (B, T) = {tuple(shape)}, got {tuple(response_mask.shape)}")
+    if response_mask.dtype != torch.bool and bool(((response_mask != 0) & (response_mask != 1)).any()):
+        bad = response_mask[(response_mask != 0) & (response_mask != 1)].flatten()[0].item()
+        raise ValueError(f"response_mask must be binary (0/1 or bool), got a value {bad!r}")
 
 
 def _sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,19 +207,69 @@ def _sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.
     return seq
 
 
-def _scale(config, loss_agg_mode: str, mask: torch.Tensor) -> float:
+def _scale(config, loss_agg_mode: str, mask: torch.Tensor) -> tuple[float, bool]:
+    """This call's share of verl's global mean (as verl's ``agg_loss``), and whether the call holds
+    less than the whole batch (another rank or micro-batch holds the rest)."""
     info = {} if config is None else (config.get("global_batch_info", None) or {})
-    dp = int(info.get("dp_size", 1) or 1)
-    if loss_agg_mode == "token-mean":
-        denom, local = info.get("batch_num_tokens"), mask.sum()
-    else:
-        denom, local = info.get("global_batch_size"), (mask.sum(-1) > 0).sum()
+    dp = info.get("dp_size", 1) or 1
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"global_batch_info['dp_size'] must be a positive int, got {dp!r}")
+    key = "batch_num_tokens" if loss_agg_mode == "token-mean" else "global_batch_size"
+    denom = info.get(key)
+    local = mask.sum() if loss_agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()
     if denom is None:
         if dp > 1:
-            raise ValueError(f"global_batch_info: dp_size={dp} needs the global batch size / token "
-                             f"count for loss_agg_mode={loss_agg_mode!r} (as verl's agg_loss)")
-        return 1.0
-    return float(local) / float(denom) * dp
+            raise ValueError(f"global_batch_info: dp_size={dp} needs {key!r} for loss_agg_mode="
+                             f"{loss_agg_mode!r} (as verl's agg_loss)")
+        return 1.0, False
+    denom = float(denom)
+    if not denom > 0 or denom < float(local):
+        raise ValueError(f"global_batch_info[{key!r}] must be > 0 and at least this call's count "
+                         f"{int(local)}, got {info.get(key)!r}")
+    return float(local) / denom * dp, dp > 1 or denom > float(local)
+
+
+def _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights) -> torch.Tensor:
+    """verl's (B, T) tensors: shapes, a binary mask, finite values where valid, weights >= 0. Returns
+    the bool mask."""
+    for name, t in (("old_log_prob", old_log_prob), ("log_prob", log_prob), ("advantages", advantages)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    shape = tuple(log_prob.shape)
+    if len(shape) != 2:
+        raise ValueError(f"log_prob must be (B, T), got {shape}")
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be (B, T) = {shape} like log_prob, got {tuple(t.shape)}")
+    _check_mask(response_mask, shape)
+    mask = response_mask.bool()
+    if rollout_is_weights is not None:
+        w = rollout_is_weights
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(f"rollout_is_weights must be a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+        if tuple(w.shape) != shape:
+            raise ValueError(f"rollout_is_weights must be (B, T) = {shape}, got {tuple(w.shape)}")
+        wv = w.detach()[mask]
+        if not bool(torch.isfinite(wv).all()) or bool((wv < 0).any()):
+            bad = wv[~torch.isfinite(wv) | (wv < 0)][0].item()
+            raise ValueError(f"rollout_is_weights must be finite and >= 0 at valid tokens, got {bad!r}")
+    return mask
+
+
+def _vocab_size(config):
+    """The registered vocab_size, else the actor model's (verl sets ``actor_config.model_config``)."""
+    if _STATE["vocab_size"] is not None:
+        return _STATE["vocab_size"]
+    mc = None if config is None else getattr(config, "model_config", None)
+    hf = getattr(mc, "hf_config", None)
+    if hf is not None and hasattr(hf, "get_text_config"):
+        hf = hf.get_text_config()
+    v = getattr(hf, "vocab_size", None)
+    if v is None:
+        raise ValueError("opo_group_softmax's adaptive τ needs the vocabulary size: register(vocab_size=V) "
+                         "(or OPO_VERL_OPTIONS='{\"vocab_size\": V}'), or an actor config whose model_config "
+                         "has hf_config.vocab_size (verl's workers set it)")
+    return int(v)
 
 
 def _compute(escort, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -141,19 +277,30 @@ def _compute(escort, old_log_prob, log_prob, advantages, response_mask, loss_agg
     if loss_agg_mode not in _AGG:
         raise ValueError(f"loss_agg_mode={loss_agg_mode!r} has no OPO counterpart; use one of "
                          f"{sorted(_AGG)} ('seq-mean-token-mean' is the paper's loss)")
-    mask = response_mask.bool()
+    mask = _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
     adv_seq = _sequence_advantages(advantages, mask)
-    opts = dict(OPTIONS, **_AGG[loss_agg_mode])
+    scale, partial = _scale(config, loss_agg_mode, mask)
     extra = {}
     if escort == "group_softmax":
         if loss_agg_mode == "token-mean":
             raise ValueError("loss_agg_mode='token-mean': the group-softmax weighting is sequence level; "
                              "use 'seq-mean-token-mean'")
-        opts.pop("level")
-        opts.pop("seq_reduce")
+        opts = {k: v for k, v in OPTIONS.items() if k in _GROUP_SOFTMAX_OPTIONS}
         group = config.get("rollout_n", None) if config is not None else None
         opts.update(escort="group_softmax", group_size=int(group) if group else None)
-        extra["vocab_size"] = _VOCAB_SIZE[0]
+        if opts.get("adaptive_tau", True):
+            extra["vocab_size"] = _vocab_size(config)
+    else:
+        opts = dict({k: v for k, v in OPTIONS.items() if k in _PAPER_OPTIONS}, **_AGG[loss_agg_mode])
+        if _STATE["omega"] == "estimator":
+            # verl's advantages are ω over the whole training batch (adv_estimator=opo_escort)
+            extra["omega"] = adv_seq
+            opts = {k: v for k, v in opts.items() if k not in _ESCORT_OPTIONS}
+        elif partial and opts.get("norm_scope", "batch") == "batch":
+            raise ValueError("the escort weights ω would be normalized over this micro-batch only (verl's "
+                             "global_batch_info shows more sequences on other micro-batches or ranks): use "
+                             f"algorithm.adv_estimator={ADV_ESTIMATOR} with omega='estimator' (ω over the whole "
+                             "training batch), or one micro-batch per mini-batch on one rank")
     logp = log_prob
     metrics = {}
     if rollout_is_weights is not None:
@@ -162,12 +309,6 @@ def _compute(escort, old_log_prob, log_prob, advantages, response_mask, loss_agg
         logp = log_prob.detach() + w * (log_prob - log_prob.detach())
         metrics["actor/opo_is_weight_mean"] = float(w.sum() / mask.sum().clamp(min=1))
     loss, m = policy_loss(logp, old_log_prob.detach(), adv_seq, mask, loss="opo", **opts, **extra)
-    scale = _scale(config, loss_agg_mode, mask)
-    if scale != 1.0 and escort != "group_softmax" and "omega" not in _warned:
-        _warned.add("omega")
-        logger.warning("opo in verl: the escort weights are normalized over each micro-batch (%d "
-                       "sequences), not over the whole mini-batch (issue 9's omega= fixes this)",
-                       int(mask.shape[0]))
     with torch.no_grad():
         kl = torch.where(mask, old_log_prob.float() - log_prob.float(), 0.0).sum() / mask.sum().clamp(min=1)
     metrics.update({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": float(kl), "actor/pg_clipfrac_lower": 0.0})
@@ -226,9 +367,19 @@ def forward_with_opo_backend(self, input_ids=None, attention_mask=None, position
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("forward_with_opo_backend needs labels, shift_labels or input_ids")
-    head = self.lm_head
-    log_probs, entropy = linear_logprobs(hidden_states, head.weight.to(hidden_states.dtype), rolled,
-                                         bias=head.bias, temperature=float(temperature), return_entropy=True)
+    weight, bias = self.lm_head.weight, self.lm_head.bias
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    # a sharded head (FSDP2 with an untied lm_head): gather it, differentiably (the gradient is
+    # reduce-scattered back to the shards)
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    if isinstance(bias, DTensor):
+        bias = bias.full_tensor()
+    log_probs, entropy = linear_logprobs(hidden_states, weight.to(hidden_states.dtype), rolled,
+                                         bias=bias, temperature=float(temperature), return_entropy=True)
     return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
