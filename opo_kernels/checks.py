@@ -44,7 +44,7 @@ class LossOptions:
     max_completion_length: int | None = None
     beta_r: float = 0.15
     adaptive_tau: bool = True
-    # issue 9: terms every loss but escort="group_softmax" reads (docs/contract.md, "RL terms")
+    # RL terms: every loss but escort="group_softmax" reads (docs/contract.md, "RL terms")
     beta: float = 0.0
     use_bias_correction_kl: bool = False
     is_correction: str | None = None
@@ -629,7 +629,7 @@ def counts_read(o: LossOptions) -> tuple[bool, bool]:
 
 def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=None, ref_logps=None,
                     rollout_logps=None, num_items_in_batch=None, num_seqs_in_batch=None):
-    """The per-call inputs of issue 9 (docs/contract.md, "RL terms"): shapes, dtypes, devices,
+    """The per-call inputs of the RL terms (docs/contract.md, "RL terms"): shapes, dtypes, devices,
     finite values at valid positions (``mask_valid`` (N,) bool), and what goes with what.
     Returns ``(num_items, num_seqs)`` as floats or None."""
     for name, t in (("ref_logps", ref_logps), ("rollout_logps", rollout_logps)):

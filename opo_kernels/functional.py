@@ -52,7 +52,7 @@ def _masked_old(old_logps, m):
 
 def _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
             num_seqs_in_batch) -> Extras:
-    """The issue-9 inputs, validated and masked (masked positions: 0, whatever they held)."""
+    """The RL-term inputs (contract: "RL terms"), validated and masked (masked positions: 0, whatever they held)."""
     checks.check_completion_length(opts, m, lay.lengths_t)
     ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=omega, ref_logps=ref_logps,
                                     rollout_logps=rollout_logps, num_items_in_batch=num_items_in_batch,

@@ -142,7 +142,7 @@ def empty_sums(device) -> torch.Tensor:
 
 @dataclass
 class Extras:
-    """The per-call tensors and counts of issue 9 (all optional), already masked and fp32.
+    """The per-call tensors and counts of the RL terms (all optional), already masked and fp32.
 
     omega (B,): fixed escort weights. ref (N,): reference log-probs. rollout (N,): the rollout
     engine's log-probs. num_items (): global valid-token count; num_seqs (): global sequence count.

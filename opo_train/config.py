@@ -123,7 +123,7 @@ class Config:
     overlong_buffer: int = -1      # DAPO soft overlong penalty window; -1 = max_new_tokens // 4
     overlong_penalty: float = 1.0  # DAPO: reward penalty at the end of the overlong window
     overlong_filter: bool = False  # DAPO: mask truncated responses out of the loss
-    # Off-policy terms of the loss (issue 9; names and rules of opo_kernels' loss options):
+    # Off-policy terms of the loss (names and rules of opo_kernels' loss options):
     is_correction: typing.Optional[str] = None  # rollout/anchor mismatch IS: None | token_truncate
     #                                             | token_mask | sequence_truncate | sequence_mask
     is_clip_max: typing.Optional[float] = 3.0   # IS weight bounds (truncate: clamp; mask: drop)

@@ -4,7 +4,7 @@ One outer iteration (a "step"):
 
 1. rollout       the engine gets the current weights, samples G completions per prompt
 2. rewards       reward functions score them (contained: a failing function gives None)
-3. advantages    group z-scores (``opo_kernels.group_advantages``, SPEC §4); DAPO filters groups
+3. advantages    group z-scores (``opo_kernels.group_advantages``); DAPO filters groups
 4. anchor        log-probs of every mini-batch under the current policy, no grad: π_ref = π_θ;
                  their mismatch with the engine's log-probs; the reference model's (beta > 0)
 5. update        for each mini-batch: loss through the fused kernel against the frozen anchor,

@@ -124,7 +124,7 @@ def policy_loss(logp, old, advantages, mask, lengths, *, loss="opo", alpha=0.4, 
     advantages: (B,). mask: (N,) 0/1. lengths: list of B ints. entropy: (N,) or None.
     Returns ``(loss, metrics)``: a 0-d float64 tensor and a dict of Python floats (the keys of the
     API's metrics dict; omega_* only for paper-mode OPO, clip_frac only for the baselines).
-    The issue-9 terms (contract: RL terms) are added by :func:`_rl_terms`.
+    The RL terms (contract: RL terms) are added by :func:`_rl_terms`.
     """
     rl = dict(omega=omega, ref_logps=ref_logps, rollout_logps=rollout_logps,
               num_items_in_batch=num_items_in_batch, num_seqs_in_batch=num_seqs_in_batch, beta=beta,
@@ -317,7 +317,7 @@ def _group_softmax(logp, old, A, okm, sp, L, valid, *, alpha, mu, tau, group_siz
 
 
 # ------------------------------------------------------------------------------------------------
-# The RL terms of issue 9 (contract: RL terms)
+# The RL terms (contract: RL terms)
 # ------------------------------------------------------------------------------------------------
 
 def _rl_weights(rl, logp, old, okm, sp, L, valid, entropy, metrics):

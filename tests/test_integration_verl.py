@@ -164,7 +164,7 @@ def _verl_pair(name, **cfg_kw):
 ])
 def test_baselines_match_verl(opo_name, verl_name, mode, clip, extra):
     """opo's baselines against verl's own losses, loss and gradient, fp32 <= 1e-5 relative.
-    verl's dual clip is made inactive (clip_ratio_c=1e9): opo has no dual clip (issue 9)."""
+    verl's dual clip is made inactive (clip_ratio_c=1e9): the comparison covers the plain clip."""
     lo, hi = clip
     fn, cfg = _verl_pair(verl_name, clip_ratio=lo, clip_ratio_low=lo, clip_ratio_high=hi)
     spread = 0.3 if opo_name != "gspo" else 0.002
@@ -179,7 +179,7 @@ def test_baselines_match_verl(opo_name, verl_name, mode, clip, extra):
 
 def test_dual_clip_is_not_in_opo():
     """With verl's default clip_ratio_c=3 and a ratio beyond 3 on a negative advantage, verl's dual clip
-    bounds the loss and opo's grpo does not: the documented gap (issue 9 adds clip_ratio_c)."""
+    bounds the loss and opo's grpo does not: a gap closed by clip_ratio_c."""
     fn, cfg = _verl_pair("vanilla", clip_ratio_c=3.0)
     logp, old, adv, adv_seq, mask = _batch(seed=13)
     logp = logp.clone()

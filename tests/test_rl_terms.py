@@ -1,4 +1,4 @@
-"""The RL terms of issue 9 (docs/contract.md, "RL terms") against the float64 reference of
+"""The RL terms (docs/contract.md, "RL terms") against the float64 reference of
 ``tests/reference.py``, on every backend (triton / fused under the interpreter at small shapes):
 rollout-mismatch importance sampling, KL to a reference, the entropy bonus and its gradient,
 top-entropy masking, the loss types bnpo / cispo / sapo, dual clip; fixed ω and global

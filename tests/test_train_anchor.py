@@ -60,7 +60,7 @@ def test_delta_zero_on_first_minibatch_then_nonzero(info):
 
 
 def ref_opo_loss_f64(hidden, weight, seqs, old, alpha=0.4, mu=1.0):
-    """SPEC §2 paper mode, sequence level, mean-reduced, log ratio, z-scored ω, float64."""
+    """Paper mode (contract: "The OPO loss"), sequence level, mean-reduced, log ratio, z-scored ω, float64."""
     terms, xs = [], []
     for i, s in enumerate(seqs):
         n = len(s.ids)

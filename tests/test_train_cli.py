@@ -1,5 +1,5 @@
-"""The command line: bad configurations fail with one line naming the key, exit code 2
-(issue 11, item 6). In-process through ``opo_train.__main__.main`` (what ``opo-train`` runs),
+"""The command line: bad configurations fail with one line naming the key, exit code 2.
+In-process through ``opo_train.__main__.main`` (what ``opo-train`` runs),
 plus one real subprocess."""
 import os
 import subprocess
@@ -48,7 +48,7 @@ def test_unusable_kernel_backend_from_the_real_command(tmp_path):
 
 
 def test_console_shows_every_step_and_validation_without_third_party_noise(tmp_path):
-    """Issue 11 item 8: the toy config's console prints a line per step and per validation, and
+    """The toy config's console prints a line per step and per validation, and
     nothing else (no warnings or progress bars of other libraries)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONWARNINGS"] = "default"  # show every warning that is not silenced on purpose

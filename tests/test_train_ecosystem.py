@@ -1,4 +1,4 @@
-"""The ecosystem's language (issue 11): HF datasets, conversational prompts through a chat
+"""The ecosystem's language: HF datasets, conversational prompts through a chat
 template, TRL-style reward functions, LoRA through peft, report_to, sample tables."""
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Off-policy pieces of the trainer (issue 9, "The trainer uses them"): the rollout engines'
+"""Off-policy pieces of the trainer: the rollout engines'
 log-probs of the sampled tokens, the rollout/anchor mismatch, the config keys of the new loss
 terms, the frozen reference model. Each against an independent float64 computation."""
 import json

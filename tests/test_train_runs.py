@@ -1,5 +1,5 @@
 """A real run loses nothing and tells the truth: output_dir ownership, resume bounds, fresh
-validation weights, corrupt-checkpoint fallback (issue 11, items 1-3 and 7). In-process runs of
+validation weights, corrupt-checkpoint fallback. In-process runs of
 the tiny model, a second or two each."""
 import json
 from pathlib import Path

@@ -1,5 +1,5 @@
 """The vLLM engine's use of vLLM's API, against a stand-in ``vllm`` module (vLLM cannot run
-here). Checks what issue 11 item 12 asks: in one process the engine core stays in-process (so
+here). Checks that in one process the engine core stays in-process (so
 the model is reachable for weight pushes), weights wake before the KV cache with the new weights
 loaded in between, tensor_parallel_size is passed on and refused without torchrun."""
 import types
