@@ -362,3 +362,14 @@ def test_bad_input(device):
         fused_linear_backward(h, w, b, t, lse, None, lse, lse)
     with pytest.raises(ValueError, match="filter_eps"):
         fused_linear_backward(h, w, b, t, lse, None, lse, None, filter_eps=-1.0)
+
+
+def test_gpu_tile_tables_per_triton_version():
+    t36, t39 = fused_linear._GPU_TABLES[(3, 6)], fused_linear._GPU_TABLES[(3, 9)]
+    assert fused_linear.gpu_tables("3.6.0") is t36
+    assert fused_linear.gpu_tables("3.8.1") is t36
+    assert fused_linear.gpu_tables("3.9.0") is t39
+    assert fused_linear.gpu_tables("3.11.0+git1234") is t39
+    assert fused_linear.gpu_tables("3.5.1") is t36  # older than every table: the first
+    for table in (t36, t39):
+        assert set(table) == {"fwd", "fwd_fp32", "dz", "dz_fp32", "det", "det_fp32"}
