@@ -105,7 +105,7 @@ def variants(fwd=None, dz=None, det=None):
                         {"HAS_ENTROPY_GRAD": ent, "BLOCK_V": block}, vopts, gate))
     out.append(("fused_merge", "fp32", fl._fwd_merge_kernel,
                 _signature(fl._fwd_merge_kernel, {"t_ptr": "i64"}),
-                {"BLOCK": fl._MERGE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))
+                {"BLOCK": fl._MERGE_BLOCK}, {"num_warps": 4, "num_stages": 1}, True))
     return out
 
 
