@@ -193,8 +193,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-v", help="comma list of V for the V sweep")
     p.add_argument("--sweep-t", help="comma list of T for the T sweep (run at each V of "
                                      "--sweep-v when given)")
-    p.add_argument("--inputs", choices=("peaked", "flat", "both", "none"), default="both",
-                   help="inputs for the headline shape (none: sweeps only); sweeps use peaked")
+    p.add_argument("--inputs", choices=("peaked", "zipf", "flat", "both", "all", "none"),
+                   default="both", help="inputs for the headline shape (both: peaked and flat; "
+                   "all: also zipf; none: sweeps only); sweeps use peaked")
     p.add_argument("--methods", help=f"comma list out of {','.join(METHOD_NAMES)} "
                                      "(default: all; the floor always runs)")
     p.add_argument("--warmup", type=int, default=None, help="extra warm-up runs (CPU)")
@@ -264,7 +265,8 @@ def main(argv=None) -> dict:
     log(f"{name}; {meta['command']}")
 
     cases = []
-    kinds = {"both": ("peaked", "flat"), "none": ()}.get(args.inputs, (args.inputs,))
+    kinds = {"both": ("peaked", "flat"), "all": ("peaked", "zipf", "flat"),
+             "none": ()}.get(args.inputs, (args.inputs,))
     for kind in kinds:
         cases.append(run_case(base, kind, args.device, methods, repeats, args.seed,
                               "headline", log))

@@ -21,6 +21,7 @@ ALPHA, MU, TAU = 0.4, 1.0, 1.0
 PEAKED_ENTROPY = 1.5   # nats: inside SPEC §7's 0.5-3 band for a trained LM's softmax
 FLAT_SCALE = 0.3       # logit std for "flat" inputs: entropy = log V - ~0.045 nats
 OLD_NOISE = 0.05       # std of old_logps - logp (so Delta != 0 and the mu term acts)
+INPUT_KINDS = ("peaked", "zipf", "flat")
 
 
 class Unavailable(RuntimeError):
@@ -138,9 +139,11 @@ def calibrate_scale(h_sample: torch.Tensor, w: torch.Tensor, target: float) -> f
 
 def make_inputs(shape: Shape, kind: str, device: str, seed: int = 0) -> Inputs:
     """Build one case's tensors. ``kind``: "peaked" (mean entropy ~PEAKED_ENTROPY nats, like a
-    trained LM) or "flat" (entropy near log V, the worst case for gradient filtering)."""
-    if kind not in ("peaked", "flat"):
-        raise ValueError(f"kind must be 'peaked' or 'flat', got {kind!r}")
+    trained LM), "zipf" (the same entropy, with a Zipf-like prior shared by every row: token v's
+    logit gets -log rank(v), so the same tokens are rare for all rows, as in an LM's vocabulary)
+    or "flat" (entropy near log V, the worst case for gradient filtering)."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
     # Drawn on the device itself (a GPU headline weight is 0.6 G numbers).
     g = torch.Generator(device=device).manual_seed(seed)
     B, T, H, V = shape.B, shape.T, shape.H, shape.V
@@ -148,7 +151,12 @@ def make_inputs(shape: Shape, kind: str, device: str, seed: int = 0) -> Inputs:
     # Unit-variance logits before scaling: h ~ N(0,1), w ~ N(0, 1/H).
     h = torch.randn(B * T, H, generator=g, device=device)
     w = torch.randn(V, H, generator=g, device=device) / math.sqrt(H)
-    if kind == "peaked":
+    if kind == "zipf":
+        # A constant hidden feature carries the shared prior (std ~1, like the row-specific part).
+        prior = -torch.log(torch.randperm(V, generator=g, device=device).float() + 1.0)
+        h[:, 0] = 1.0
+        w[:, 0] = prior - prior.mean()
+    if kind in ("peaked", "zipf"):
         sample = h[torch.randperm(B * T, generator=g, device=device)[: min(256, B * T)]]
         scale = calibrate_scale(sample, w, PEAKED_ENTROPY)
     else:
@@ -371,9 +379,46 @@ def _cce(x: Inputs):
         raise Unavailable("cut-cross-entropy not installed (wheel in shared/wheels): "
                           f"{e}") from e
 
+    # Its Triton kernels on CUDA; elsewhere its own torch.compile implementation.
+    impl = "cce" if x.hidden.is_cuda else "torch_compile"
+
     def step():
-        nll = linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none")
+        nll = linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none", impl=impl)
         loss = opo_seq_loss(-nll.float(), x.old_logps, x.advantages)
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def _trl_chunked(x: Inputs):
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError as e:
+        raise Unavailable(f"TRL's chunked_logprob (trl >= 1.16) not importable: {e}") from e
+    B, T, H = x.hidden.shape
+
+    def step():
+        # TRL's fused LM head as its trainer calls it (vocabulary chunk 32768, no extra
+        # outputs), then the same OPO loss on its log-probs.
+        logp = ChunkedLogProbFunction.apply(x.hidden.reshape(-1, H), x.weight, None,
+                                            x.targets.reshape(-1), 1.0, chunk, None, 1.0, ())[0]
+        loss = opo_seq_loss(logp.view(B, T), x.old_logps, x.advantages)
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def _torch_linear_ce(x: Inputs):
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise Unavailable(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+    B, T, H = x.hidden.shape
+    opts = torch.nn.LinearCrossEntropyOptions()  # its "auto" chunking and accumulation
+
+    def step():
+        nll = F.linear_cross_entropy(x.hidden.reshape(-1, H), x.weight, x.targets.reshape(-1),
+                                     reduction="none", options=opts)
+        loss = opo_seq_loss(-nll.float().view(B, T), x.old_logps, x.advantages)
         loss.backward()
         return loss.detach()
     return step
@@ -404,8 +449,13 @@ METHODS: list[Method] = [
            warmup=2),
     Method("liger_triton_grpo", "Liger triton_grpo_loss on materialized logits", _liger_triton,
            devices=("cuda",), warmup=2, why_not=GPU_ONLY),
-    Method("cce_opo", "cut-cross-entropy linear_cross_entropy(reduction='none') log-probs + OPO",
-           _cce, devices=("cuda",), warmup=2, why_not=GPU_ONLY + " (Triton kernels)"),
+    Method("cce_opo", "cut-cross-entropy linear_cross_entropy(reduction='none') log-probs + OPO "
+           "(impl 'cce' on CUDA, 'torch_compile' on CPU)", _cce, warmup=2),
+    Method("trl_chunked_opo", "TRL ChunkedLogProbFunction (its fused LM head) log-probs + OPO",
+           _trl_chunked, warmup=2),
+    Method("torch_linear_ce_opo",
+           "torch F.linear_cross_entropy(reduction='none', chunked options) log-probs + OPO",
+           _torch_linear_ce, warmup=2),
 ]
 METHOD_NAMES = [m.name for m in METHODS]
 

@@ -195,19 +195,18 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
         chunk_size: tokens per logits chunk (chunked backends; default from V).
         filter_eps, deterministic, accum_fp32: ``backend="fused"`` only. ``filter_eps``: gradient
-            filtering threshold (None: bf16/fp16 default, 0: exact); ``deterministic``: an
-            atomics-free, bitwise reproducible backward; ``accum_fp32=False``: the weight and
-            hidden gradients accumulate in their own dtype instead of fp32 buffers, so the
-            backward holds no V × H fp32 buffer (1.1 MiB instead of 2.5 GiB above inputs and
-            gradients at N = 8192, H = 4096, V = 151936 bf16, but 4.9x the GEMM floor
-            against 1.4x on an H200: bench/results/2026-11-27-h200-notes.md).
+            filtering threshold (None or 0: exact, the default; ε > 0 bounds the gradient mass
+            each token loses by ε times its gradient scale); the backward is atomics-free and
+            bitwise reproducible whatever ``deterministic`` says; ``accum_fp32=False``: dweight
+            accumulates in its own dtype, so the backward holds no V × H fp32 buffer (see
+            :mod:`opo_kernels.fused_linear`).
         vocab_parallel: the head split along the vocabulary over a process group (tensor
             parallelism): ``weight`` (and ``bias``) are this rank's rows and
             ``vocab_parallel=VocabParallel(group, start, stop)`` names the group and the rows
             (start/stop None: the shards tile [0, V) in rank order). A DTensor weight sharded
             ``Shard(0)`` over a mesh dimension needs no argument. Every rank of the group passes
             the same hidden states and global targets; the log-prob statistics are combined with
-            two small all-reduces per call (5 floats per token), the hidden-state gradient is
+            two small all-reduces per chunk of logits (5 floats per token), the hidden-state gradient is
             summed over the group, the weight gradient stays local (docs/contract.md,
             "Vocabulary-parallel head").
 

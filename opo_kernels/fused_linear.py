@@ -20,39 +20,36 @@ Forward (``fused_linear_forward``), two kernels, no atomics:
   other rows of its tile are, so a row's results are bitwise identical alone or in any batch, and
   a rerun (the anchor pass) reproduces them exactly (on-policy delta = 0).
 
-Backward (``fused_linear_backward``): each tile recomputes its logits with exactly the forward's
-code (bitwise the same ``s``), forms
-``dz = (g * (onehot - p) - g_ent * p * (s - lse + entropy)) / temperature`` in fp32, and
-accumulates ``dhidden += dz @ W_tile``, ``dweight_tile += dz^T @ h_tile``, ``dbias += sum dz``
-(dz is rounded to the input dtype for the two tensor-core dots; accumulation in fp32).
+Backward (``fused_linear_backward``): no atomics, every sum in a fixed order, so the gradients
+are bitwise reproducible. The logits are recomputed with exactly the forward's tile code (bitwise
+the same ``s``) and give
+``dz = (g * (onehot - p) - g_ent * p * (s - lse + entropy)) / temperature`` in fp32.
 
-* ``deterministic=False`` (default, with ``accum_fp32=True``): one kernel over
-  (token tiles x vocab tiles), fp32 ``tl.atomic_add`` into fp32 buffers of the gradients.
-* ``deterministic=True`` or ``accum_fp32=False``: two kernels without atomics, one per token tile
-  walking the vocabulary (dhidden rows owned by the program), one per vocab tile walking the tokens
-  (dweight rows and dbias owned by the program); each read-modify-writes its own rows in vocab /
-  token order, so the result is bitwise reproducible. With ``accum_fp32=False`` the
-  read-modify-write goes straight into the gradient tensors in their dtype (no fp32 copy of
-  dweight: saves V*H*4 bytes, costs one rounding to the dtype per live tile).
+* Exact (the default, ``filter_eps`` None or 0): waves of ``_wave_rows`` token rows (the dz
+  buffer of a wave stays within ``WAVE_BYTES``, 256 MiB, at any N). Per wave one kernel writes the
+  wave's dz (rows x V) in the input dtype, plus its fp32 column sums for dbias, and dense GEMMs do
+  the rest: ``dhidden[rows] = dz @ W``, ``dweight += dz^T @ hidden[rows]`` (into an fp32 V x H
+  buffer for bf16/fp16 weights, or in the weight's dtype with ``accum_fp32=False``: one rounding
+  per wave). Cost: one recomputed logits GEMM plus the two gradient GEMMs.
+* Filtered (``filter_eps > 0``): a kernel per token tile walking the vocabulary (owns its dhidden
+  rows) and a kernel per vocab tile walking the tokens (owns its dweight rows and dbias), both
+  recomputing the logits tile and skipping the two dots of a tile whose dz is entirely dropped.
+  ``skipped_tile_fraction`` reports how many (token tile, vocab tile) pairs are skipped.
 
 Gradient filtering (``filter_eps``): an element is dropped when
-``|dz[r, v]| <= filter_eps * (|g[r]| + |g_ent[r]|) / temperature``, i.e. when its contribution is
-below ``filter_eps`` relative to the row's gradient scale; a tile whose elements are all dropped
-skips both gradient dots (and, for a peaked softmax, that is almost every tile). Because the test
-is element-wise, which elements are dropped does not depend on the tiling or on the other rows of
-the batch, and the result is exactly the gradient of the thresholded ``dz``; the error against the
-exact gradient is bounded by the dropped elements:
-``|dhidden_f - dhidden|[r, k] <= sum_{v dropped} |dz[r, v]| |W[v, k]|``,
+``|dz[r, v]| <= filter_eps * (|g[r]| + |g_ent[r]|) / (temperature * V)``. At most V elements fall
+below that, so the mass a row loses is bounded by its gradient scale, whatever the shape of its
+softmax (a flat softmax over a large vocabulary keeps its ``-g p`` term):
+``sum_{v dropped} |dz[r, v]| <= filter_eps * (|g[r]| + |g_ent[r]|) / temperature``.
+The test is element-wise, so which elements are dropped does not depend on the tiling or on the
+other rows of the batch, and the result is exactly the gradient of the thresholded ``dz``; its
+error against the exact gradient is bounded by the dropped elements:
+``|dhidden_f - dhidden|[r, k] <= sum_{v dropped} |dz[r, v]| |W[v, k]|
+<= filter_eps * (|g[r]| + |g_ent[r]|) / temperature * max_v |W[v, k]|``,
 ``|dweight_f - dweight|[v, k] <= sum_{r dropped} |dz[r, v]| |h[r, k]|``,
 ``|dbias_f - dbias|[v] <= sum_{r dropped} |dz[r, v]|``.
-``filter_eps=None`` means ``finfo(dtype).eps / 32`` (bf16: 2^-12 = ``DEFAULT_FILTER_EPS``, fp16:
-2^-15), a single element below 1/32 of a bf16 ulp of a gradient entry at the row's scale (the same
-threshold as cut-cross-entropy's "auto"); fp32 inputs default to exact. ``filter_eps=0.0`` is exact
-(no filtering). Note the bound is per element: a flat softmax over a large vocabulary (p ~ 1/V
-everywhere, below the threshold) loses its whole ``-g p`` term, whose sum ``-g E_p[W]`` is small
-only when the dropped rows of W are incoherent; use exact mode for such inputs.
-``accum_fp32=False`` rounds the running dhidden to the dtype once per live vocab tile, so it is
-meant for filtered mode, where few tiles per row are live.
+With ``accum_fp32=False`` the filtered kernels round the running dhidden / dweight to the dtype
+once per live tile.
 
 Offsets are int64 everywhere (N*V, N*H and V*H may pass 2^31). V, N, H need not be multiples of
 the tiles. Targets are in [0, V) (masked positions are taken out before a backend sees them); a
@@ -63,7 +60,8 @@ On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (set before import) 
 and two work-arounds for the interpreter's ``tl.dot`` (``INTERP``): the logits tile is an explicit
 product-sum (OpenBLAS's sgemm rounds a row differently depending on its position in the tile,
 which would hide batch invariance) and the gradient dots upcast bf16/fp16 operands to fp32 (the
-interpreter mis-multiplies bf16; the fp32 products of bf16 values are exact, as in the GPU's MMA).
+interpreter mis-multiplies bf16; the fp32 products of bf16 values are exact, as in the GPU's MMA);
+fp32 -> bf16 conversions round to nearest as on the GPU (``_round``: the interpreter truncates).
 Batch invariance of the GPU path itself is checked by ``bench/gpu_check_fused.py``. Only Triton
 language features of Triton <= 3.6 are used.
 """
@@ -75,28 +73,45 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks
+from . import checks, chunked
 
-__all__ = ["fused_linear_forward", "fused_linear_backward", "DEFAULT_FILTER_EPS", "num_splits"]
+__all__ = ["fused_linear_forward", "fused_linear_backward", "num_splits", "skipped_tile_fraction"]
 
-DEFAULT_FILTER_EPS = 2.0 ** -12
+# Tile configurations. They may depend on the device type, dtype and Triton version, never on N
+# (batch invariance). ptxas allocates registers differently under each Triton, so each table holds
+# configurations that compile for sm_80 and sm_90 without register spills under its version
+# (`python -m bench.compile_check`, run in CI under Triton 3.6 and the newest). A table serves its
+# version and newer ones up to the next table; versions older than the first use the first.
+# Triton 3.6 values: measured on an H200 (bench/results/2026-11-27-h200*): at N = 8192,
+# H = 4096, V = 151936 bf16 the forward takes 23.5 ms with BLOCK_K = 64 against 34.9 ms with 32.
+# "fwd": forward partials; "dz": the exact backward's dz waves; "det": the filtered backward's
+# two kernels (one program per token tile for dhidden: small token tiles give enough programs).
+# gpu_check_fused.py overwrites the GPU_*_CONFIG dicts to sweep.
+def _cfg(n, v, k, warps, stages):
+    return {"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
 
-# Tile configurations. They may depend on the device type and dtype, never on N (batch invariance).
-# GPU values: measured on an H200 with Triton 3.6 (bench/results/2026-11-27-h200*), among the
-# configurations that compile for sm_80 and sm_90 under Triton 3.6 without register spills
-# (`python -m bench.compile_check`). At N = 8192, H = 4096, V = 151936 bf16 the forward takes
-# 23.5 ms with BLOCK_K = 64 against 34.9 ms with 32; larger tiles (128 x 256, 64 x 128 x 64 with 4
-# warps for the backward) measured up to 1.5x faster still but spill, and are not shipped.
-# gpu_check_fused.py overwrites these dicts to sweep.
-GPU_FWD_CONFIG = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-GPU_FWD_CONFIG_FP32 = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 32, "num_warps": 8,
-                       "num_stages": 3}
-GPU_BWD_CONFIG = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
-GPU_BWD_CONFIG_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
-# The atomic-free backward has one program per token tile for dhidden: smaller token tiles give
-# the GPU enough programs at moderate N.
-GPU_DET_CONFIG = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
-GPU_DET_CONFIG_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+
+_GPU_TABLES = {
+    (3, 6): {"fwd": _cfg(128, 128, 64, 8, 3), "fwd_fp32": _cfg(64, 64, 32, 8, 3),
+             "dz": _cfg(128, 64, 64, 8, 3), "dz_fp32": _cfg(64, 64, 32, 8, 2),
+             "det": _cfg(64, 128, 32, 8, 3), "det_fp32": _cfg(64, 32, 32, 4, 2)},
+    (3, 9): {"fwd": _cfg(128, 64, 32, 8, 3), "fwd_fp32": _cfg(64, 64, 32, 8, 3),
+             "dz": _cfg(128, 64, 64, 8, 3), "dz_fp32": _cfg(64, 64, 32, 8, 2),
+             "det": _cfg(64, 128, 32, 8, 3), "det_fp32": _cfg(64, 64, 32, 8, 1)},
+}
+
+
+def gpu_tables(version: str | None = None) -> dict:
+    """The tile table for Triton ``version`` (default: the installed one)."""
+    major_minor = tuple(int(x) for x in (version or triton.__version__).split(".")[:2])
+    keys = sorted(_GPU_TABLES)
+    return _GPU_TABLES[max([k for k in keys if k <= major_minor], default=keys[0])]
+
+
+_TABLE = gpu_tables()
+GPU_FWD_CONFIG, GPU_FWD_CONFIG_FP32 = dict(_TABLE["fwd"]), dict(_TABLE["fwd_fp32"])
+GPU_DZ_CONFIG, GPU_DZ_CONFIG_FP32 = dict(_TABLE["dz"]), dict(_TABLE["dz_fp32"])
+GPU_DET_CONFIG, GPU_DET_CONFIG_FP32 = dict(_TABLE["det"]), dict(_TABLE["det_fp32"])
 # INTERP: work-arounds for the interpreter's tl.dot (see _mm and _logits_tile).
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1,
                       "INTERP": True}
@@ -104,6 +119,8 @@ INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "num_warps": 
 _TILES_PER_SPLIT = 32
 _MAX_SPLITS = 64
 _MERGE_BLOCK = 128
+# The exact backward's dz buffer per wave of token rows (bytes): bounds its memory at any N.
+WAVE_BYTES = 256 * 2 ** 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +140,18 @@ def _mm(a, b, acc, FP32_DOT: tl.constexpr, INTERP: tl.constexpr):
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 x rounded to nearest in ``dtype``, as the GPU's conversion does."""
+    if INTERP and dtype == tl.bfloat16:
+        # The interpreter truncates fp32 -> bf16; round to nearest even on the bits first (finite
+        # x), after which the truncation is exact.
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -266,21 +295,23 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
     # where() (not multiply) so that junk in padding rows/cols (possibly inf/nan) cannot leak.
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
     if FILTER:
-        thr = filter_eps * scale * inv_temp
+        # At most V elements fall below filter_eps * scale / V: a row loses at most filter_eps
+        # times its gradient scale in total, whatever the shape of its softmax.
+        thr = filter_eps * scale * inv_temp / V
         dz = tl.where(tl.abs(dz) > thr[:, None], dz, 0.0)
     return dz
 
 
 @triton.jit
-def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-                       dh_ptr, dw_ptr, db_ptr,
-                       N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, filter_eps,
-                       HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, FILTER: tl.constexpr,
-                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                       FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Token tiles vary fastest, so concurrently running programs share the same W tile in L2.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _bwd_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dz_ptr, dbp_ptr,
+                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp,
+                   HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
+                   FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (token tile, vocab tile) of the wave's dz (N, V) in dz's dtype; with NEED_DB also the
+    tile's fp32 column sums of dz into row ``program_id(0)`` of dbp (token tiles, V)."""
+    pid_n = tl.program_id(0)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     col_ok = cols < V
@@ -288,40 +319,23 @@ def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_p
                      s_hn, s_hk, s_wv, s_wk, inv_temp,
                      HAS_BIAS, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
     dz = _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-                  inv_temp, filter_eps, HAS_ENT, FILTER)
-    live = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > 0.0
-    if live:
-        if NEED_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
-        if NEED_DH or NEED_DW:
-            dzc = dz.to(h_ptr.dtype.element_ty)
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                if NEED_DH:
-                    wb = tl.load(w_ptr + cols[:, None] * s_wv + ks[None, :] * s_wk,
-                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                    dh = _mm(dzc, wb, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
-                             FP32_DOT, INTERP)
-                    tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh,
-                                  mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-                if NEED_DW:
-                    hb = tl.load(h_ptr + rows[:, None] * s_hn + ks[None, :] * s_hk,
-                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    dw = _mm(tl.trans(dzc), hb, tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32),
-                             FP32_DOT, INTERP)
-                    tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw,
-                                  mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+                  inv_temp, 0.0, HAS_ENT, False)
+    tl.store(dz_ptr + rows[:, None] * V + cols[None, :], _round(dz, dz_ptr.dtype.element_ty, INTERP),
+             mask=row_ok[:, None] & col_ok[None, :])
+    if NEED_DB:
+        tl.store(dbp_ptr + pid_n.to(tl.int64) * V + cols, tl.sum(dz, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dh_ptr,
+def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dh_ptr, live_ptr,
                    N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, filter_eps,
                    HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, FILTER: tl.constexpr,
-                   FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
+                   STATS: tl.constexpr, FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per token tile; owns dh[rows, :] (zero-initialized), walks V in order."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One program per token tile; owns dh[rows, :] (zero-initialized), walks V in order. With
+    STATS, live[token tile, vocab tile] (fp32) = 1 where the tile's dots run, 0 where skipped."""
+    pid_n = tl.program_id(0)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     for v0 in range(0, V, BLOCK_V):
         cols = tl.arange(0, BLOCK_V).to(tl.int64) + v0
@@ -332,8 +346,11 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
         dz = _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
                       inv_temp, filter_eps, HAS_ENT, FILTER)
         live = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > 0.0
+        if STATS:
+            tl.store(live_ptr + pid_n.to(tl.int64) * tl.cdiv(V, BLOCK_V) + v0 // BLOCK_V,
+                     tl.where(live, 1.0, 0.0))
         if live:
-            dzc = dz.to(h_ptr.dtype.element_ty)
+            dzc = _round(dz, h_ptr.dtype.element_ty, INTERP)
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
@@ -370,7 +387,7 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
         if NEED_DW:
             live = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > 0.0
             if live:
-                dzc = tl.trans(dz.to(h_ptr.dtype.element_ty))
+                dzc = tl.trans(_round(dz, h_ptr.dtype.element_ty, INTERP))
                 for k0 in range(0, H, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
                     k_ok = ks < H
@@ -390,12 +407,12 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
 # --------------------------------------------------------------------------------------------
 
 def _config(device: torch.device, dtype: torch.dtype, kind: str) -> dict:
-    """Tile configuration for ``kind`` in ("fwd", "bwd", "det"); never a function of N."""
+    """Tile configuration for ``kind`` in ("fwd", "dz", "det"); never a function of N."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     fp32 = dtype == torch.float32
     return {"fwd": GPU_FWD_CONFIG_FP32 if fp32 else GPU_FWD_CONFIG,
-            "bwd": GPU_BWD_CONFIG_FP32 if fp32 else GPU_BWD_CONFIG,
+            "dz": GPU_DZ_CONFIG_FP32 if fp32 else GPU_DZ_CONFIG,
             "det": GPU_DET_CONFIG_FP32 if fp32 else GPU_DET_CONFIG}[kind]
 
 
@@ -464,11 +481,27 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 def resolve_filter_eps(filter_eps: float | None, dtype: torch.dtype) -> float:
-    """The threshold actually used: ``None`` -> finfo(dtype).eps / 32 for bf16/fp16, 0 for fp32."""
+    """The threshold actually used: ``None`` -> 0.0 (exact) for every dtype."""
     checks.check_filter_eps(filter_eps)
-    if filter_eps is None:
-        return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 32
-    return float(filter_eps)
+    return 0.0 if filter_eps is None else float(filter_eps)
+
+
+def _wave_rows(V: int, itemsize: int, block_n: int) -> int:
+    """Token rows per backward wave: the dz buffer stays within ``WAVE_BYTES``; a function of V
+    and the dtype only, a multiple of the dz kernel's token tile (at least one tile)."""
+    return max(block_n, WAVE_BYTES // (V * itemsize) // block_n * block_n)
+
+
+def _bwd_args(hidden, weight, temperature, eps=None):
+    N, H = hidden.shape
+    return (N, weight.shape[0], H, hidden.stride(0), hidden.stride(1), weight.stride(0),
+            weight.stride(1), 1.0 / float(temperature)) + (() if eps is None else (eps,))
+
+
+def _launch(cfg: dict, dtype: torch.dtype, **constexprs) -> dict:
+    return dict(FP32_DOT=dtype == torch.float32, INTERP=cfg.get("INTERP", False),
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **constexprs)
 
 
 def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -485,9 +518,10 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     (needed only with ``grad_entropy``), ``grad_logp`` (N,) and ``grad_entropy`` (N,) or None.
     Returns ``(dhidden (N, H) | None, dweight (V, H) | None, dbias (V,) | None)`` in the dtypes of
     hidden, weight and bias; ``need_*`` turn each off (dbias is None when bias is None).
-    ``filter_eps``: see the module docstring (None = dtype default, 0.0 = exact).
-    ``deterministic``: atomic-free two-kernel path, bitwise reproducible. ``accum_fp32=False``
-    accumulates in the gradients' own dtype (no fp32 V x H buffer; uses the atomic-free path).
+    ``filter_eps``: see the module docstring (None or 0.0 = exact, the default). The backward has
+    no atomics and is bitwise reproducible whatever ``deterministic`` says (kept for callers that
+    state the requirement). ``accum_fp32=False`` accumulates dweight in its own dtype (no fp32
+    V x H buffer).
     """
     _check_inputs(hidden, weight, bias, targets, temperature)
     N, H = hidden.shape
@@ -514,36 +548,105 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                 torch.zeros_like(bias) if need_bias else None)
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
-
-    cfg = _config(dev, hidden.dtype, "det" if (deterministic or not accum_fp32) else "bwd")
-    common = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, FILTER=eps > 0.0,
-                  FP32_DOT=hidden.dtype == torch.float32, INTERP=cfg.get("INTERP", False),
-                  BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    args = (N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            1.0 / float(temperature), eps)
-    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-    v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    acc_h = torch.float32 if accum_fp32 else hidden.dtype
+    # fp32 dweight for bf16/fp16 weights only when asked (for fp32 weights it is the gradient).
     acc_w = torch.float32 if accum_fp32 else weight.dtype
-    acc_b = torch.float32 if (accum_fp32 or bias is None) else bias.dtype
-    dh = torch.zeros((N, H), dtype=acc_h, device=dev) if need_hidden else None
     dw = torch.zeros((V, H), dtype=acc_w, device=dev) if need_weight else None
-    if deterministic or not accum_fp32:
-        db = torch.empty(V, dtype=acc_b, device=dev) if need_bias else None
-        if need_hidden:
-            _bwd_dh_kernel[(n_tiles,)](hidden, weight, b, targets, lse, ent, g, ge, dh,
-                                       *args, **common)
-        if need_weight or need_bias:
-            _bwd_dw_kernel[(v_tiles,)](hidden, weight, b, targets, lse, ent, g, ge,
-                                       dw if need_weight else hidden, db if need_bias else lse,
-                                       *args, NEED_DW=need_weight, NEED_DB=need_bias, **common)
+    common = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent)
+    if eps > 0.0:
+        dh, db = _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature,
+                                    eps, dw, need_hidden, need_bias, accum_fp32, common)
     else:
-        db = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
-        _bwd_atomic_kernel[(n_tiles, v_tiles)](
-            hidden, weight, b, targets, lse, ent, g, ge,
-            dh if need_hidden else lse, dw if need_weight else lse, db if need_bias else lse,
-            *args, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias, **common)
+        dh, db = _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, dw,
+                                need_hidden, need_bias, common)
     return (dh.to(hidden.dtype) if need_hidden else None,
             dw.to(weight.dtype) if need_weight else None,
             db.to(bias.dtype) if need_bias else None)
+
+
+def _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, dw, need_hidden,
+                   need_bias, common):
+    """Exact backward: per wave of token rows, one kernel writes dz (rows, V) in the GEMM dtype
+    (and its column sums in fp32), then dense GEMMs: dh[rows] = dz @ W, dw += dz^T @ h[rows].
+    Every sum runs in a fixed order: bitwise reproducible."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    cfg = _config(dev, hidden.dtype, "dz")
+    R = min(N, _wave_rows(V, hidden.element_size(), cfg["BLOCK_N"]))
+    dz = torch.empty((R, V), dtype=hidden.dtype, device=dev)
+    dbp = (torch.empty((triton.cdiv(R, cfg["BLOCK_N"]), V), dtype=torch.float32, device=dev)
+           if need_bias else lse)
+    dh = torch.empty((N, H), dtype=hidden.dtype, device=dev) if need_hidden else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
+    opts = _launch(cfg, hidden.dtype, NEED_DB=need_bias, **common)
+    for r0 in range(0, N, R):
+        n = min(R, N - r0)
+        h, z = hidden[r0:r0 + n], dz[:n]
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+        _bwd_dz_kernel[grid](h, weight, b, targets[r0:], lse[r0:], ent[r0:], g[r0:], ge[r0:],
+                             z, dbp, *_bwd_args(h, weight, temperature), **opts)
+        if need_hidden:
+            torch.mm(z, weight, out=dh[r0:r0 + n])
+        if dw is not None:
+            if dw.dtype == h.dtype:
+                dw.addmm_(z.t(), h)
+            else:
+                chunked._addmm_fp32_(dw, z.t(), h)
+        if need_bias:
+            db += dbp[:grid[0]].sum(0)
+    return dh, db
+
+
+def _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, eps, dw,
+                       need_hidden, need_bias, accum_fp32, common):
+    """Filtered backward: a dhidden kernel per token tile walking the vocabulary and a dweight /
+    dbias kernel per vocab tile walking the tokens, both recomputing the logits tile and skipping
+    the dots of a tile whose dz is all below the threshold; each program owns its output rows."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    cfg = _config(dev, hidden.dtype, "det")
+    args = _bwd_args(hidden, weight, temperature, eps)
+    opts = _launch(cfg, hidden.dtype, FILTER=True, **common)
+    acc = torch.float32 if accum_fp32 else hidden.dtype
+    dh = torch.zeros((N, H), dtype=acc, device=dev) if need_hidden else None
+    db = torch.empty(V, dtype=torch.float32, device=dev) if need_bias else None
+    if need_hidden:
+        _bwd_dh_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            hidden, weight, b, targets, lse, ent, g, ge, dh, lse, *args, STATS=False, **opts)
+    if dw is not None or need_bias:
+        _bwd_dw_kernel[(triton.cdiv(V, cfg["BLOCK_V"]),)](
+            hidden, weight, b, targets, lse, ent, g, ge, dw if dw is not None else hidden,
+            db if need_bias else lse, *args, NEED_DW=dw is not None, NEED_DB=need_bias, **opts)
+    return dh, db
+
+
+def skipped_tile_fraction(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+                          temperature: float = 1.0, *, filter_eps: float | None = None) -> float:
+    """Fraction of the (token tile, vocab tile) pairs whose gradient dots the filtered backward
+    skips (all of the tile's dz below the threshold) at the shipped tiles; 0.0 when exact."""
+    _check_inputs(hidden, weight, bias, targets, temperature)
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    eps = resolve_filter_eps(filter_eps, hidden.dtype)
+    if eps == 0.0 or N == 0:
+        return 0.0
+    dev = hidden.device
+    lse = _row_vec("lse", lse, N, dev)
+    g = _row_vec("grad_logp", grad_logp, N, dev)
+    checks.check_entropy_for_grad(entropy, grad_entropy)
+    has_ent = grad_entropy is not None
+    ge = _row_vec("grad_entropy", grad_entropy, N, dev) if has_ent else lse
+    ent = _row_vec("entropy", entropy, N, dev) if has_ent else lse
+    cfg = _config(dev, hidden.dtype, "det")
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    live = torch.empty((grid[0], triton.cdiv(V, cfg["BLOCK_V"])), dtype=torch.float32,
+                       device=dev)
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
+    b = bias.detach().contiguous() if bias is not None else hidden
+    _bwd_dh_kernel[grid](hidden.detach(), weight.detach(), b, targets.to(torch.int64).contiguous(),
+                         lse, ent, g, ge, dh, live,
+                         *_bwd_args(hidden, weight, temperature, eps),
+                         **_launch(cfg, hidden.dtype, HAS_BIAS=bias is not None, HAS_ENT=has_ent, FILTER=True,
+                                   STATS=True))
+    return 1.0 - live.double().mean().item()
