@@ -610,15 +610,15 @@ def _count(name, v):
 
 
 _ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")
-_TOKEN_MEAN_LOSSES = ("dapo", "bnpo", "cispo")
+_TOKEN_MEAN_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
 
 
 def counts_read(o: LossOptions) -> tuple[bool, bool]:
     """Whether the loss with options ``o`` reads ``(num_items_in_batch, num_seqs_in_batch)``.
 
     The token count is the denominator of a token mean: the policy term of dapo / bnpo / cispo /
-    token-level OPO (and their KL), or the entropy bonus. The sequence count is that of a
-    sequence mean (grpo, sapo, gspo, sequence-level OPO) or dr_grpo's B. escort="group_softmax"
+    vespo / token-level OPO (and their KL), or the entropy bonus. The sequence count is that of a
+    sequence mean (grpo, sapo, gspo, luspo, sequence-level OPO) or dr_grpo's B. escort="group_softmax"
     reads neither (its weights need whole groups in one call).
     """
     if o.loss == "opo" and o.escort == "group_softmax":

@@ -1,24 +1,28 @@
-"""The README's GPU table is the one bench.report generates from the committed results."""
+"""The GPU tables of the README and docs/benchmarks.md are the ones bench.report generates from
+the committed results."""
 import json
 from pathlib import Path
+
+import pytest
 
 from bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_gpu_table_is_generated_from_the_committed_json(tmp_path):
+@pytest.mark.parametrize("doc", ["README.md", "docs/benchmarks.md"])
+def test_gpu_table_is_generated_from_the_committed_json(tmp_path, doc):
     src = "bench/results/2026-11-27-h200.json"
     run = json.loads((ROOT / src).read_text())
     for case in run["cases"]:
         report.derive_case(case)
     want = report.readme_table(run, src)
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / doc).read_text()
     begin, end = report.README_BEGIN.format("gpu"), report.README_END.format("gpu")
     block = readme[readme.index(begin) + len(begin):readme.index(end)].strip()
     assert block == want.strip()
     # and the generator rewrites exactly that block
-    copy = tmp_path / "README.md"
+    copy = tmp_path / "doc.md"
     copy.write_text(readme.replace(block, "stale"))
     report.update_readme(copy, "gpu", want)
     assert copy.read_text() == readme
