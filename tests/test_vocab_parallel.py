@@ -286,6 +286,15 @@ MESH_CASES = [dict(name="opo-mesh", loss="opo", backend="torch"),
               dict(name="grpo-mesh", loss="grpo", backend="torch", rl=True)]
 
 
+def _counts(case, mask):
+    """The whole batch's token / sequence counts that the case's loss divides by."""
+    from opo_kernels.checks import LossOptions, counts_read
+    o = LossOptions(loss=case["loss"], entropy_coef=0.01 if case.get("rl") else 0.0)
+    items, seqs = counts_read(o)
+    return {**({"num_items_in_batch": mask.sum()} if items else {}),
+            **({"num_seqs_in_batch": mask.any(-1).sum()} if seqs else {})}
+
+
 def _mesh_worker(rank, world, port, out_dir):
     """dp = rank // 2 holds half of the sequences; tp = rank % 2 holds half of the vocabulary."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -313,8 +322,7 @@ def _mesh_worker(rank, world, port, out_dir):
             loss, _ = fused_policy_loss(
                 h, w, bt.targets[seqs], bt.advantages[seqs], bt.old_logps[seqs], bt.mask[seqs],
                 loss=case["loss"], bias=b, backend=case["backend"],
-                process_group=dp_groups[tp], num_items_in_batch=mask.sum(),
-                num_seqs_in_batch=mask.any(-1).sum(),
+                process_group=dp_groups[tp], **_counts(case, mask),
                 vocab_parallel=VocabParallel(tp_groups[dp], rows.start, rows.stop), **opts)
             loss.backward()
             results[case["name"]] = {"out": loss.detach(), "dh": h.grad, "dw": w.grad,
@@ -338,8 +346,7 @@ def test_data_times_vocab_parallel_equals_one_process(tmp_path):
         from opo_kernels import fused_policy_loss
         want, _ = fused_policy_loss(h, w, bt.targets, bt.advantages, bt.old_logps, bt.mask,
                                     loss=case["loss"], bias=b, backend=case["backend"],
-                                    num_items_in_batch=mask.sum(),
-                                    num_seqs_in_batch=mask.any(-1).sum(), **_options(case, bt))
+                                    **_counts(case, mask), **_options(case, bt))
         want.backward()
         bound = _bounds(case)
         # The data-parallel ranks' losses and weight gradients add up to the whole batch's.
