@@ -151,14 +151,10 @@ OPO_INLINE void vstore_tail(T* p, vf v, int64_t count) {
 
 // ---- exp --------------------------------------------------------------------------------------
 
-// exp(x) = 2^k exp(r), k = round(x / ln2), |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
-// (Cephes coefficients, ~1 ulp), 2^k put into the exponent bits. Inputs below the smallest
-// normal result give exactly 0, so exp(-inf) = 0 as the softmax of a masked logit must be.
-OPO_INLINE vf vexp(vf x) {
-  const float lo = -87.33654f;  // exp(lo) ~ FLT_MIN
-  const float hi = 88.3f;       // keeps k <= 127
-  vf xc = x < lo ? splat(lo) : x;
-  xc = xc > hi ? splat(hi) : xc;
+// e^xc · 2^extra for xc clamped to a range where the result's exponent fits: e^xc = 2^k e^r,
+// k = round(xc / ln2), |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes coefficients,
+// ~1 ulp), 2^(k + extra) put into the exponent bits.
+OPO_INLINE vf vexp_core(vf xc, int extra) {
   // Round to nearest by adding and removing 1.5 * 2^23 (exact for |t| < 2^22; no fast-math).
   const float shifter = 12582912.0f;
   vf k = (xc * 1.44269504088896341f + shifter) - shifter;
@@ -171,10 +167,18 @@ OPO_INLINE vf vexp(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   vf y = p * r * r + r + 1.0f;
-  vi ki = __builtin_convertvector(k, vi);
-  vf scale = reinterpret_cast<vf>((ki + 127) << 23);
-  vf v = y * scale;
-  return x < lo ? splat(0.0f) : v;
+  vi ki = __builtin_convertvector(k, vi) + extra;
+  return y * reinterpret_cast<vf>((ki + 127) << 23);
+}
+
+// exp(x). Inputs below the smallest normal result give exactly 0, so exp(-inf) = 0 as the
+// softmax of a masked logit must be.
+OPO_INLINE vf vexp(vf x) {
+  const float lo = -87.33654f;  // exp(lo) ~ FLT_MIN
+  const float hi = 88.3f;       // keeps k <= 127
+  vf xc = x < lo ? splat(lo) : x;
+  xc = xc > hi ? splat(hi) : xc;
+  return x < lo ? splat(0.0f) : vexp_core(xc, 0);
 }
 
 // e^x · 2^64 for x in [ln 2^-150, ln FLT_MIN), where e^x itself is an fp32 denormal; 0 elsewhere.
@@ -185,20 +189,7 @@ OPO_INLINE vf vexp_tiny_scaled(vf x) {
   const float lo2 = -103.97208f;  // ln 2^-150: below it e^x rounds to 0 in fp32
   vf xc = x < lo2 ? splat(lo2) : x;
   xc = xc > lo ? splat(lo) : xc;
-  const float shifter = 12582912.0f;
-  vf k = (xc * 1.44269504088896341f + shifter) - shifter;
-  vf r = xc - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  vf y = p * r * r + r + 1.0f;
-  vi ki = __builtin_convertvector(k, vi) + 64;
-  vf v = y * reinterpret_cast<vf>((ki + 127) << 23);
-  return (x < lo) & (x >= lo2) ? v : splat(0.0f);
+  return (x < lo) & (x >= lo2) ? vexp_core(xc, 64) : splat(0.0f);
 }
 
 OPO_INLINE float hsum(vf v) {
