@@ -1,4 +1,4 @@
-"""What the benchmark runs: shapes (SPEC §7), input tensors, and the registry of methods.
+"""What the benchmark runs: shapes, input tensors, and the registry of methods.
 
 Every method is a function ``build(inputs) -> step`` where ``step()`` runs one
 forward+backward, returns the (detached) loss (None for the floor) and leaves d(loss)/d(hidden)
@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# The paper's OPO settings (SPEC §2 defaults); the naive baseline uses the same.
+# The paper's OPO settings (the library's defaults); the naive baseline uses the same.
 ALPHA, MU, TAU = 0.4, 1.0, 1.0
-PEAKED_ENTROPY = 1.5   # nats: inside SPEC §7's 0.5-3 band for a trained LM's softmax
+PEAKED_ENTROPY = 1.5   # nats: inside the 0.5-3 band of a trained LM's softmax
 FLAT_SCALE = 0.3       # logit std for "flat" inputs: entropy = log V - ~0.045 nats
 OLD_NOISE = 0.05       # std of old_logps - logp (so Delta != 0 and the mu term acts)
 INPUT_KINDS = ("peaked", "zipf", "flat")
@@ -194,7 +194,7 @@ def make_inputs(shape: Shape, kind: str, device: str, seed: int = 0) -> Inputs:
 # ----------------------------------------------------------------------------------------------
 
 def naive_escort_weights(adv: torch.Tensor) -> torch.Tensor:
-    """SPEC §2 defaults: x = (1-alpha) A / tau, omega~ = exp(x - max x), then the z-score
+    """The paper-mode defaults: x = (1-alpha) A / tau, omega~ = exp(x - max x), then the z-score
     with the population std. adv (B,) -> (B,) fp32."""
     x = (1.0 - ALPHA) * adv.float() / TAU
     wt = torch.exp(x - x.max())

@@ -210,7 +210,7 @@ def reading(summary: dict, meta: dict) -> str:
               "-A*r. A larger norm is not by itself a better update; the trainer clips it at "
               "grad_clip (see config) before the step.",
               "- With on-policy anchors Delta = 0 on the first mini-batch of each rollout batch, "
-              "so OPO's chi^2 term acts only from the second one on (SPEC §2; the toy runs 2 "
+              "so OPO's chi^2 term acts only from the second one on (the toy runs 2 "
               "mini-batches), where |Delta| is small: the restoring force the paper credits for "
               "non-saturation barely acts at this budget.",
               "- Few seeds: differences inside the seed range are noise."]

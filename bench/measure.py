@@ -6,7 +6,7 @@ lives in :func:`bench.__main__.run_case`.
 
 Memory: the peak of bytes allocated during one step above what was allocated when it started
 (the inputs), minus the bytes of the gradients the step must return (d hidden, d weight): "peak
-memory above inputs and gradients" (SPEC §7), i.e. total peak - (inputs + gradients), the
+memory above inputs and gradients", i.e. total peak - (inputs + gradients), the
 footprint every method has to hold anyway. (A method whose peak comes before its gradients
 exist gains from the subtraction as much as one whose peak holds them; the raw peak above the
 inputs is returned as well.) The gradients are set to None before the step, as

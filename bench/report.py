@@ -44,7 +44,7 @@ def derive_case(case: dict) -> None:
             r["x_logits_mem"] = r["peak_bytes"] / (4 * case["N"] * case["V"])
 
 
-# Targets at the headline shape: CPU (issue 4) and GPU (issue 12).
+# Targets at the headline shape, on the CPU and on the GPU.
 LIMITS = {"cpu": {"x_floor": 1.05, "x_liger": 0.5, "x_naive_mem": 0.25},
           "cuda": {"x_floor": 1.3, "x_liger": 1 / 3, "x_liger_mem": 1 / 20}}
 
