@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from opo_train.distributed import free_port
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -97,12 +98,6 @@ def _worker(rank, k, port, args, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", default="1,2,4")
@@ -119,7 +114,7 @@ def main(argv=None):
     for k in [int(x) for x in args.shards.split(",")]:
         with tempfile.TemporaryDirectory() as d:
             f = Path(d) / "r.json"
-            mp.start_processes(_worker, args=(k, _free_port(), args, str(f)), nprocs=k, join=True,
+            mp.start_processes(_worker, args=(k, free_port(), args, str(f)), nprocs=k, join=True,
                                start_method="spawn")
             rows.append(json.loads(f.read_text()))
         print(rows[-1], flush=True)

@@ -29,7 +29,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +52,7 @@ def setup(device: str = "auto") -> DistInfo:
         if launched:
             dist.init_process_group(backend, device_id=dev if want_cuda else None)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1)
         owns = True
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,

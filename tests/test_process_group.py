@@ -1,21 +1,15 @@
 """ω normalized over a data-parallel group: 2 gloo ranks, each holding half of the batch, must
 get the escort weights of the whole batch (contract: The OPO loss, norm_scope="batch" with process_group)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from opo_train.distributed import free_port
 from reference import escort_weights as ref_escort_weights
 from reference import logprobs as ref_logprobs
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -56,7 +50,7 @@ def _worker(rank, world, port, out):
 def ranks_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("pg")
     try:
-        mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
+        mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True,
                            start_method="spawn")
     except mp.ProcessExitedException as e:
         # gloo can abort a rank at exit when its peer closes the connection first, after every

@@ -3,13 +3,14 @@
 The file is also the worker: ``torchrun --nproc_per_node N tests/test_train_dist.py OUT``.
 """
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from opo_train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +72,6 @@ def _worker(out_path: str) -> None:
     teardown(info)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # gloo can abort a rank at exit when its peer closes the connection first ("terminate called
 # after throwing gloo::IoException ... Connection closed by peer"), after every collective is done.
 # That exit code alone is tolerated; any Python traceback or other failure still fails, and the
@@ -97,7 +92,7 @@ def _run(nproc: int, out: Path, reverse: bool = False):
     env["OMP_NUM_THREADS"] = "1"
     env["OPO_DIST_REVERSE"] = "1" if reverse else "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", __file__, str(out)]
+           f"--master_port={free_port()}", "--master_addr=127.0.0.1", __file__, str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     _assert_ran(r)
     return torch.load(out, weights_only=False)
@@ -211,7 +206,7 @@ def test_trainer_under_torchrun_then_resume_in_one_process(tmp_path):
 
     def torchrun(*extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *args, *extra]
+               f"--master_port={free_port()}", "--master_addr=127.0.0.1", *args, *extra]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
     r = torchrun()

@@ -7,13 +7,13 @@ summed shard by shard), so the tolerance is the fp32 error bound of that computa
 element from float64 values of the same batch (see ``_bounds``).
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from opo_train.distributed import free_port
 from reference import make_batch, native_available
 
 V, H = 41, 16
@@ -139,17 +139,11 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker, world, out_dir, *extra):
     """Run ``worker(rank, world, port, out_dir, *extra)`` on ``world`` gloo ranks; gloo's abort at
     exit (a peer closed first, after the final barrier) is tolerated once every rank saved."""
     try:
-        mp.start_processes(worker, args=(world, _free_port(), str(out_dir), *extra), nprocs=world,
+        mp.start_processes(worker, args=(world, free_port(), str(out_dir), *extra), nprocs=world,
                            join=True, start_method="spawn")
     except mp.ProcessExitedException as e:
         if e.signal_name != "SIGABRT" or not all((out_dir / f"rank{r}.pt").exists()
