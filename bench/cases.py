@@ -94,7 +94,8 @@ class Inputs:
 
     hidden (B, T, H) and weight (V, H) in the case dtype, both requiring grad; targets (B, T)
     int64 sampled from the model's own softmax (as in on-policy RL); advantages (B,) fp32
-    N(0, 1); old_logps (B, T) fp32 = the targets' log-probs + N(0, OLD_NOISE^2) noise.
+    N(0, 1); old_logps (B, T) fp32 = the targets' log-probs + N(0, OLD_NOISE^2) noise,
+    reflected at 0 (:func:`perturbed_logps`).
     """
     shape: Shape
     kind: str
@@ -178,7 +179,7 @@ def make_inputs(shape: Shape, kind: str, device: str, seed: int = 0) -> Inputs:
         targets[r0:r0 + step] = t
         logp[r0:r0 + step] = (z.gather(-1, t[:, None]) - lse).squeeze(-1)
         del z, p, lse
-    old = logp + OLD_NOISE * torch.randn(B * T, generator=g, device=device)
+    old = perturbed_logps(logp, torch.randn(B * T, generator=g, device=device))
     adv = torch.randn(B, generator=g, device=device)
     return Inputs(
         shape=shape, kind=kind,
@@ -246,9 +247,15 @@ def _floor(x: Inputs):
     return step
 
 
+def perturbed_logps(logp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Log-probs near ``logp`` (fp32): logp + OLD_NOISE·noise, reflected at 0 so that every value
+    stays a log-prob (≤ 0), as the losses require of their anchors."""
+    return -(logp + OLD_NOISE * noise).abs()
+
+
 def _opo_backend(backend: str, terms: bool = False):
     """fused_opo_loss on ``backend``; ``terms``: with an entropy bonus (entropy_coef 0.01) and
-    token-level rollout IS correction (rollout log-probs = old_logps + N(0, OLD_NOISE^2))."""
+    token-level rollout IS correction (rollout log-probs: old_logps perturbed the same way)."""
     def build(x: Inputs):
         try:
             from opo_kernels import fused_opo_loss
@@ -259,7 +266,7 @@ def _opo_backend(backend: str, terms: bool = False):
             g = torch.Generator(device=x.old_logps.device).manual_seed(7)
             noise = torch.randn(x.old_logps.shape, generator=g, device=x.old_logps.device)
             kw = dict(entropy_coef=0.01, is_correction="token_truncate",
-                      rollout_logps=x.old_logps + OLD_NOISE * noise)
+                      rollout_logps=perturbed_logps(x.old_logps, noise))
 
         def step():
             loss, _ = fused_opo_loss(x.hidden, x.weight, x.targets, x.advantages, x.old_logps,
