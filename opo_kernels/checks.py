@@ -2,115 +2,22 @@
 
 The public functions call these checks on entry and nothing below them checks again. Each error
 is a ``ValueError`` or ``TypeError`` whose message names the argument and the value or shapes
-seen. The option definitions (names, defaults, which loss reads which option) live here too, so a
-rule and the thing it rules are in one place. See ``docs/contract.md`` ("Bad input").
+seen. The options and loss types they rule are declared in :mod:`opo_kernels.options`; the
+rule of one option's value is declared there and interpreted here (:func:`check_value`). See
+``docs/contract.md`` ("Bad input").
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from .options import (BACKEND_OPTIONS, DEFAULTS, ESCORT_OPTIONS, LOSS_OPTIONS, Agg, Option,
+                      counts_read, used_options)
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOSSES = ("opo", "grpo", "dapo", "gspo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-ESCORTS = ("paper", "group_softmax")
-BACKENDS = ("auto", "triton", "native", "torch", "fused", "reference")
-# (eps_low, eps_high) of the clipped baselines.
-CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "dr_grpo": (0.2, 0.2),
-                 "bnpo": (0.2, 0.2), "cispo": (0.2, 5.0), "luspo": (0.2, 0.2)}
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """The options of the policy losses, with their defaults (docs/contract.md, "Options")."""
-    loss: str = "opo"
-    alpha: float = 0.4
-    mu: float = 1.0
-    tau: float = 1.0
-    level: str = "sequence"
-    seq_reduce: str = "mean"
-    ratio: str = "log"
-    normalize: str = "zscore"
-    norm_scope: str = "batch"
-    group_size: int | None = None
-    ref_correction: bool = False
-    max_log_ratio: float | None = None
-    escort: str = "paper"
-    clip_eps_low: float | None = None
-    clip_eps_high: float | None = None
-    max_completion_length: int | None = None
-    beta_r: float = 0.15
-    adaptive_tau: bool = True
-    # RL terms: every loss but escort="group_softmax" reads (docs/contract.md, "RL terms")
-    beta: float = 0.0
-    use_bias_correction_kl: bool = False
-    is_correction: str | None = None
-    is_clip_max: float | None = 3.0
-    is_clip_min: float | None = None
-    entropy_coef: float = 0.0
-    top_entropy_quantile: float = 1.0
-    clip_ratio_c: float | None = None
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    # the clipped losses' ratio: per token, or the sequence's length-averaged one (TRL's
-    # importance_sampling_level="sequence"); and the two-sided clip's cap on the ratio (TRL's delta)
-    ratio_level: str = "token"
-    clip_delta: float | None = None
-    # off-policy sequence masking (DeepSeek-V3.2, TRL's off_policy_mask_threshold): a sequence with a
-    # negative advantage whose mean log(π_rollout / π_θ) exceeds this takes no part in the policy term
-    off_policy_mask_threshold: float | None = None
-    # VESPO's gamma weighting φ(w) = e^λ · w^k · e^(−λw) of the sequence ratio w, by advantage sign
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-
-    def clip(self) -> tuple[float, float]:
-        lo, hi = CLIP_DEFAULTS[self.loss]
-        return (lo if self.clip_eps_low is None else self.clip_eps_low,
-                hi if self.clip_eps_high is None else self.clip_eps_high)
-
-
-OPTION_NAMES = tuple(f.name for f in fields(LossOptions))
-_DEFAULTS = LossOptions()
-
-# Which options each loss reads. group_size and max_completion_length describe the batch (the G
-# of each prompt group, the longest completion the sampler may produce) rather than the loss, so
-# trainers may pass them for every loss; they are still checked wherever given.
-_LAYOUT_OPTIONS = {"loss", "group_size", "max_completion_length"}
-_PAPER = {"alpha", "mu", "tau", "level", "seq_reduce", "ratio", "normalize", "norm_scope",
-          "ref_correction", "max_log_ratio", "escort"}
-_GROUP_SOFTMAX = {"alpha", "mu", "tau", "max_log_ratio", "escort", "beta_r", "adaptive_tau"}
-_CLIPPED = {"clip_eps_low", "clip_eps_high", "clip_ratio_c", "clip_delta", "ratio_level"}
-_TERMS = {"beta", "is_correction", "entropy_coef", "top_entropy_quantile", "off_policy_mask_threshold"}
-
-
-def _used_options(o: LossOptions) -> set:
-    terms = set(_TERMS)
-    if o.beta > 0:
-        terms.add("use_bias_correction_kl")
-    if o.is_correction is not None:
-        terms |= {"is_clip_max", "is_clip_min"}
-    if o.loss == "opo":
-        if o.escort == "group_softmax":
-            return _GROUP_SOFTMAX | _LAYOUT_OPTIONS
-        used = set(_PAPER)
-        if o.level == "token" and not o.ref_correction:
-            used = used - {"seq_reduce"}  # token level reduces no sequence (ℓ does, with ref_correction)
-        return used | _LAYOUT_OPTIONS | terms
-    if o.loss == "cispo":
-        return {"clip_eps_high", "ratio_level"} | _LAYOUT_OPTIONS | terms
-    if o.loss == "sapo":
-        return {"sapo_temperature_pos", "sapo_temperature_neg", "ratio_level"} | _LAYOUT_OPTIONS | terms
-    if o.loss == "vespo":  # its own sequence weights: no clip, no rollout IS weights (they enter φ in TRL)
-        return ({"vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"} | _LAYOUT_OPTIONS
-                | (terms - {"is_correction", "is_clip_max", "is_clip_min"}))
-    if o.loss == "gspo":  # the sequence ratio is what gspo is
-        return (_CLIPPED - {"ratio_level"}) | _LAYOUT_OPTIONS | terms
-    return _CLIPPED | _LAYOUT_OPTIONS | terms
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -144,98 +51,50 @@ def positive_int(name: str, v, *, none_ok: bool = True) -> None:
         raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
 
 
-def option_kwargs(fn: str, options: dict) -> None:
-    """Unknown keyword arguments of ``fn`` raise a TypeError naming them."""
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"{fn}() got unexpected keyword argument(s) {unknown}; the loss options "
-                        f"are {list(OPTION_NAMES)}")
+def check_value(opt: Option, v) -> None:
+    """One option's value against its declared rule (:class:`opo_kernels.options.Rule`)."""
+    rule, name = opt.rule, opt.name
+    if v is None and rule.optional:
+        return
+    if rule.kind == "choice":
+        check_choice(name, v, rule.choices)
+    elif rule.kind == "flag":
+        _flag(name, v)
+    elif rule.kind == "count":
+        positive_int(name, v, none_ok=rule.optional)
+    else:
+        _number(name, v)
+        lo_bad = rule.low is not None and (v <= rule.low if "low" in rule.open else v < rule.low)
+        hi_bad = rule.high is not None and (v >= rule.high if "high" in rule.open else v > rule.high)
+        if lo_bad or hi_bad:
+            why = f" ({rule.why})" if rule.why else ""
+            raise ValueError(f"{name} must be {rule.text()}{why}, got {v!r}")
 
 
-def check_options(o: LossOptions) -> None:
-    """Each option's value, and that no option the chosen loss does not read was changed."""
-    check_choice("loss", o.loss, LOSSES)
-    check_choice("level", o.level, ("sequence", "token"))
-    check_choice("seq_reduce", o.seq_reduce, ("mean", "sum"))
-    check_choice("ratio", o.ratio, ("log", "exact"))
-    check_choice("normalize", o.normalize, ("zscore", "center"))
-    check_choice("norm_scope", o.norm_scope, ("batch", "group"))
-    check_choice("escort", o.escort, ESCORTS)
-    _number("alpha", o.alpha)
-    if not 0.0 <= o.alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {o.alpha!r}")
-    for name in ("mu", "tau", "beta_r"):
-        check_positive(name, getattr(o, name))
-    if o.max_log_ratio is not None:
-        check_positive("max_log_ratio", o.max_log_ratio)
-    if o.clip_eps_low is not None:
-        _number("clip_eps_low", o.clip_eps_low)
-        if not 0.0 <= o.clip_eps_low < 1.0:
-            raise ValueError(f"clip_eps_low must be in [0, 1) (the ratio's lower bound 1 - eps must "
-                             f"stay > 0), got {o.clip_eps_low!r}")
-    if o.clip_eps_high is not None:
-        _number("clip_eps_high", o.clip_eps_high)
-        if not o.clip_eps_high >= 0.0:
-            raise ValueError(f"clip_eps_high must be >= 0, got {o.clip_eps_high!r}")
-    _flag("ref_correction", o.ref_correction)
-    _flag("adaptive_tau", o.adaptive_tau)
-    _flag("use_bias_correction_kl", o.use_bias_correction_kl)
-    _number("beta", o.beta)
-    if o.beta < 0:
-        raise ValueError(f"beta must be >= 0, got {o.beta!r}")
-    _number("entropy_coef", o.entropy_coef)
-    if o.entropy_coef < 0:
-        raise ValueError(f"entropy_coef must be >= 0 (the loss subtracts entropy_coef · H), got "
-                         f"{o.entropy_coef!r}")
-    _number("top_entropy_quantile", o.top_entropy_quantile)
-    if not 0.0 <= o.top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {o.top_entropy_quantile!r}")
-    if o.is_correction is not None:
-        check_choice("is_correction", o.is_correction, IS_MODES + (None,))
-    for name in ("is_clip_max", "is_clip_min"):
-        if getattr(o, name) is not None:
-            check_positive(name, getattr(o, name))
+def check_options(o) -> None:
+    """Each option's value, what goes with what, and that no option the chosen loss type does not
+    read was changed. ``o``: :class:`opo_kernels.options.LossOptions`."""
+    for opt in LOSS_OPTIONS:
+        check_value(opt, getattr(o, opt.name))
     if o.is_correction is not None:
         if o.is_clip_min is None and o.is_clip_max is None:
             raise ValueError("is_correction needs is_clip_max or is_clip_min (or both), got both None")
         if o.is_clip_min is not None and o.is_clip_max is not None and o.is_clip_min > o.is_clip_max:
             raise ValueError(f"is_clip_min={o.is_clip_min!r} must be <= is_clip_max={o.is_clip_max!r}")
-    if o.clip_ratio_c is not None:
-        _number("clip_ratio_c", o.clip_ratio_c)
-        if not o.clip_ratio_c > 1.0:
-            raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {o.clip_ratio_c!r}")
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        check_positive(name, getattr(o, name))
-    check_choice("ratio_level", o.ratio_level, ("token", "sequence"))
-    if o.off_policy_mask_threshold is not None:
-        _number("off_policy_mask_threshold", o.off_policy_mask_threshold)
-    for name in ("vespo_k_pos", "vespo_k_neg"):
-        _number(name, getattr(o, name))
-        if getattr(o, name) < 0:
-            raise ValueError(f"{name} (VESPO's exponent k) must be >= 0, got {getattr(o, name)!r}")
-    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
-        check_positive(name, getattr(o, name))
-    if o.clip_delta is not None:
-        _number("clip_delta", o.clip_delta)
-        if not o.clip_delta > 1.0:
-            raise ValueError(f"clip_delta (the two-sided clip's cap on the ratio) must be > 1, got {o.clip_delta!r}")
-    positive_int("group_size", o.group_size)
-    positive_int("max_completion_length", o.max_completion_length)
-    used = _used_options(o)
-    for name in OPTION_NAMES:
-        if name not in used and getattr(o, name) != getattr(_DEFAULTS, name):
-            what = f"loss={o.loss!r}" + (f", escort={o.escort!r}" if o.loss == "opo" else "") + \
-                (f", level={o.level!r}" if name == "seq_reduce" else "")
-            raise ValueError(f"{name}={getattr(o, name)!r} has no effect with {what}: leave it at its "
-                             f"default {getattr(_DEFAULTS, name)!r}")
+    used = used_options(o)
+    for opt in LOSS_OPTIONS:
+        v = getattr(o, opt.name)
+        if opt.name not in used and v != opt.default:
+            raise ValueError(f"{opt.name}={v!r} has no effect with {o.kind.describe(o)}: leave it at "
+                             f"its default {opt.default!r}")
     if o.norm_scope == "group" and o.group_size is None:
         raise ValueError("norm_scope='group' needs group_size (the G of each prompt group), got None")
-    if o.escort == "group_softmax":
+    if o.kind.aggregate is Agg.GROUP_MEAN:
         if o.group_size is None:
-            raise ValueError("escort='group_softmax' needs group_size (the G of each prompt group), "
+            raise ValueError(f"{o.kind.describe(o)} needs group_size (the G of each prompt group), "
                              "got None")
         if o.alpha == 0:
-            raise ValueError("escort='group_softmax' scales by 1/alpha: alpha must be > 0, got 0")
+            raise ValueError(f"{o.kind.describe(o)} scales by 1/alpha: alpha must be > 0, got 0")
 
 
 def check_group_size(group_size, B: int) -> None:
@@ -244,45 +103,32 @@ def check_group_size(group_size, B: int) -> None:
                          f"group_size={group_size!r}")
 
 
-def check_vocab_options(temperature, ignore_index) -> None:
-    check_positive("temperature", temperature)
+def check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
+def check_backend_options(bo, backend: str | None = None) -> None:
+    """The backend options ``bo`` (:class:`opo_kernels.options.BackendOptions`): each value, and
+    that none the concrete ``backend`` does not read was changed (None: not known yet, e.g. "auto"
+    before the device is seen: then only the values are checked)."""
+    for opt in BACKEND_OPTIONS:
+        check_value(opt, getattr(bo, opt.name))
+    if backend is None or backend == "auto":
+        return
+    for opt in BACKEND_OPTIONS:
+        v = getattr(bo, opt.name)
+        if backend not in opt.read_by and v != opt.default:
+            readers = ", ".join(repr(b) for b in sorted(opt.read_by))
+            raise ValueError(f"{opt.name}={v!r} applies to backend {readers} only, got "
+                             f"backend={backend!r}: leave it at its default {opt.default!r}")
+
+
 def check_filter_eps(filter_eps) -> None:
-    if filter_eps is None:
-        return
-    _number("filter_eps", filter_eps)
-    if filter_eps < 0:
-        raise ValueError(f"filter_eps must be None or a finite number >= 0, got {filter_eps!r}")
+    check_value(_FILTER_EPS, filter_eps)
 
 
-def check_backend_options(backend: str, chunk_size, filter_eps, deterministic,
-                          accum_fp32=True) -> None:
-    """``chunk_size`` goes with the chunked backends, ``filter_eps``, ``deterministic`` and
-    ``accum_fp32`` with ``fused``. ``backend`` is the concrete backend ("auto" when it is not known yet: then only
-    the values are checked)."""
-    check_choice("backend", backend, BACKENDS)
-    positive_int("chunk_size", chunk_size)
-    check_filter_eps(filter_eps)
-    _flag("deterministic", deterministic)
-    _flag("accum_fp32", accum_fp32)
-    if backend == "auto":
-        return
-    if chunk_size is not None and backend in ("fused", "reference"):
-        raise ValueError(f"chunk_size={chunk_size!r} has no effect with backend={backend!r} (it "
-                         "has no logits chunks): leave it None")
-    if backend != "fused":
-        if filter_eps is not None:
-            raise ValueError(f"filter_eps={filter_eps!r} applies to backend='fused' only, got "
-                             f"backend={backend!r}")
-        if deterministic:
-            raise ValueError(f"deterministic=True applies to backend='fused' only (the other "
-                             f"backends are deterministic already), got backend={backend!r}")
-        if not accum_fp32:
-            raise ValueError(f"accum_fp32=False applies to backend='fused' only, got "
-                             f"backend={backend!r}")
+_FILTER_EPS = next(o for o in BACKEND_OPTIONS if o.name == "filter_eps")
 
 
 def check_triton_device(device: torch.device, what: str, interpreted: bool | None = None) -> None:
@@ -609,25 +455,7 @@ def _count(name, v):
     return float(v)
 
 
-_ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")
-_TOKEN_MEAN_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
-
-
-def counts_read(o: LossOptions) -> tuple[bool, bool]:
-    """Whether the loss with options ``o`` reads ``(num_items_in_batch, num_seqs_in_batch)``.
-
-    The token count is the denominator of a token mean: the policy term of dapo / bnpo / cispo /
-    vespo / token-level OPO (and their KL), or the entropy bonus. The sequence count is that of a
-    sequence mean (grpo, sapo, gspo, luspo, sequence-level OPO) or dr_grpo's B. escort="group_softmax"
-    reads neither (its weights need whole groups in one call).
-    """
-    if o.loss == "opo" and o.escort == "group_softmax":
-        return False, False
-    token_mean = o.loss in _TOKEN_MEAN_LOSSES or (o.loss == "opo" and o.level == "token")
-    return token_mean or o.entropy_coef > 0, not token_mean
-
-
-def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=None, ref_logps=None,
+def check_rl_inputs(o, targets, mask_valid, n_seqs: int, *, omega=None, ref_logps=None,
                     rollout_logps=None, num_items_in_batch=None, num_seqs_in_batch=None):
     """The per-call inputs of the RL terms (docs/contract.md, "RL terms"): shapes, dtypes, devices,
     finite values at valid positions (``mask_valid`` (N,) bool), and what goes with what.
@@ -653,9 +481,9 @@ def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=N
         raise ValueError(f"is_correction={o.is_correction!r} needs rollout_logps (the rollout engine's "
                          "log-probs of the sampled tokens)")
     if omega is not None:
-        if not (o.loss == "opo" and o.escort == "paper"):
-            raise ValueError(f"omega (fixed escort weights) applies to loss='opo', escort='paper' only, "
-                             f"got loss={o.loss!r}" + (f", escort={o.escort!r}" if o.loss == "opo" else ""))
+        if not o.kind.escort:
+            raise ValueError(f"omega (fixed escort weights) applies to the loss types with escort "
+                             f"weights (loss='opo', escort='paper') only, got {o.kind.describe(o)}")
         if not isinstance(omega, torch.Tensor) or not omega.is_floating_point():
             raise TypeError(f"omega must be a float tensor or None, got "
                             f"{getattr(omega, 'dtype', type(omega).__name__)}")
@@ -663,29 +491,29 @@ def check_rl_inputs(o: LossOptions, targets, mask_valid, n_seqs: int, *, omega=N
             raise ValueError(f"omega must be (B,) = ({n_seqs},), one weight per sequence, got {_shape(omega)}")
         if omega.device != targets.device:
             raise ValueError(f"omega is on {omega.device}, targets on {targets.device}")
-        changed = [n for n in _ESCORT_OPTIONS if getattr(o, n) != getattr(_DEFAULTS, n)]
+        changed = [n for n in ESCORT_OPTIONS if getattr(o, n) != getattr(DEFAULTS, n)]
         if changed:
             raise ValueError(f"omega is given, so the escort options {changed} have no effect (they are "
                              "escort_weights' arguments): leave them at their defaults")
     ni = _count("num_items_in_batch", num_items_in_batch)
     ns = _count("num_seqs_in_batch", num_seqs_in_batch)
-    if (ni is not None or ns is not None) and o.loss == "opo" and o.escort == "group_softmax":
-        raise ValueError("num_items_in_batch / num_seqs_in_batch do not apply to escort='group_softmax' "
+    if (ni is not None or ns is not None) and o.kind.divides_by is None:
+        raise ValueError(f"num_items_in_batch / num_seqs_in_batch do not apply to {o.kind.describe(o)} "
                          "(its weights and adaptive τ need whole groups in one call)")
     reads = counts_read(o)
     for name, v, read in (("num_items_in_batch", ni, reads[0]), ("num_seqs_in_batch", ns, reads[1])):
         if v is not None and not read:
-            what = f"loss={o.loss!r}" + (f", level={o.level!r}" if o.loss == "opo" else "") + \
-                f", entropy_coef={o.entropy_coef!r}"
+            what = f"{o.kind.describe(o)}, entropy_coef={o.entropy_coef!r}"
             raise ValueError(f"{name}={v!r} has no effect with {what} (no mean of the loss divides "
                              f"by it): leave it None")
     return ni, ns
 
 
-def check_completion_length(o: LossOptions, mask: torch.Tensor, lengths: torch.Tensor) -> None:
-    """dr_grpo divides by ``max_completion_length``: no sequence may have more valid tokens than
-    that. mask (N,) fp32 0/1; lengths (B,) int64 tokens per sequence (one device sync)."""
-    if o.loss != "dr_grpo" or o.max_completion_length is None or mask.numel() == 0:
+def check_completion_length(o, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+    """A loss type that divides by ``max_completion_length`` (dr_grpo): no sequence may have more
+    valid tokens than that. mask (N,) fp32 0/1; lengths (B,) int64 tokens per sequence (one device
+    sync)."""
+    if o.kind.aggregate is not Agg.MAX_LENGTH or o.max_completion_length is None or mask.numel() == 0:
         return
     longest = int(torch.segment_reduce(mask, "sum", lengths=lengths, unsafe=True).max())
     if longest > o.max_completion_length:

@@ -29,17 +29,19 @@ import warnings
 import torch
 
 from . import checks, chunked
-from .checks import BACKENDS  # noqa: F401  (imported from here by callers)
+from .options import BACKENDS, BackendOptions
 
 
 class Backend:
-    """Base class; see the module docstring. ``temperature`` divides the logits."""
+    """Base class; see the module docstring. ``options``: the call's
+    :class:`opo_kernels.options.BackendOptions` (``temperature`` divides the logits)."""
 
     name = "?"
     one_pass = False
 
-    def __init__(self, temperature: float):
-        self.temperature = float(temperature)
+    def __init__(self, options: BackendOptions):
+        self.options = options
+        self.temperature = float(options.temperature)
 
     def logprobs(self, hidden, weight, bias, targets):
         """``(logp, lse, entropy)``: three fp32 (N,) tensors."""
@@ -63,8 +65,8 @@ class ChunkedBackend(Backend):
 
     one_pass = True
 
-    def __init__(self, name, vocab, temperature, chunk: int, chunks: list):
-        super().__init__(temperature)
+    def __init__(self, name, vocab, options: BackendOptions, chunk: int, chunks: list):
+        super().__init__(options)
         self.name = name
         self.vocab_forward, self.vocab_backward = vocab.vocab_forward, vocab.vocab_backward
         self.chunk, self.chunks = chunk, chunks
@@ -87,11 +89,6 @@ class FusedBackend(Backend):
 
     name = "fused"
 
-    def __init__(self, temperature, filter_eps, deterministic, accum_fp32):
-        super().__init__(temperature)
-        self.filter_eps, self.deterministic = filter_eps, deterministic
-        self.accum_fp32 = accum_fp32
-
     def logprobs(self, hidden, weight, bias, targets):
         from .fused_linear import fused_linear_forward
         return fused_linear_forward(hidden, weight, bias, targets, self.temperature)
@@ -102,8 +99,9 @@ class FusedBackend(Backend):
         return fused_linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
                                      self.temperature, need_hidden=need_hidden,
                                      need_weight=need_weight, need_bias=need_bias,
-                                     filter_eps=self.filter_eps, deterministic=self.deterministic,
-                                     accum_fp32=self.accum_fp32)
+                                     filter_eps=self.options.filter_eps,
+                                     deterministic=self.options.deterministic,
+                                     accum_fp32=self.options.accum_fp32)
 
 
 class ReferenceBackend(Backend):
@@ -160,16 +158,17 @@ def resolve(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def get_backend(backend: str, device: torch.device, *, temperature: float, V: int,
-                lengths: list[int], chunk_size=None, filter_eps=None,
-                deterministic=False, accum_fp32=True) -> Backend:
-    """Validate the backend options and build the backend for one call."""
-    name = resolve(backend, device)
-    checks.check_backend_options(name, chunk_size, filter_eps, deterministic, accum_fp32)
+def get_backend(device: torch.device, options: BackendOptions, *, V: int,
+                lengths: list[int]) -> Backend:
+    """The backend ``options.backend`` names for tensors on ``device``, for one call (V: the
+    vocabulary size, lengths: tokens per sequence, which the logits chunks follow). The options'
+    values are checked at the public boundary; here, that the concrete backend reads them."""
+    name = resolve(options.backend, device)
+    checks.check_backend_options(options, name)
     if name == "fused":
-        return FusedBackend(temperature, filter_eps, deterministic, accum_fp32)
+        return FusedBackend(options)
     if name == "reference":
-        return ReferenceBackend(temperature)
+        return ReferenceBackend(options)
     if name == "triton":
         from . import vocab_triton as vocab
     elif name == "native":
@@ -181,5 +180,5 @@ def get_backend(backend: str, device: torch.device, *, temperature: float, V: in
             name = "torch"
     else:
         from . import vocab_torch as vocab
-    chunk = chunk_size or chunked.default_chunk_tokens(V, device)
-    return ChunkedBackend(name, vocab, temperature, chunk, chunked.plan_chunks(lengths, chunk))
+    chunk = options.chunk_size or chunked.default_chunk_tokens(V, device)
+    return ChunkedBackend(name, vocab, options, chunk, chunked.plan_chunks(lengths, chunk))

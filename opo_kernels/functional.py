@@ -9,14 +9,16 @@ then the loss on them). The loss math lives in :mod:`opo_kernels.losses`; the co
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import checks
 from .autograd import LinearLogprobs, OnePassLoss
-from .checks import LOSSES, LossOptions
 from .chunked import LossArgs
 from .dispatch import get_backend
-from .losses import Extras, finish_metrics, make_plan, plan_full_batch, segment_sum
+from .losses import RLInputs, finish_metrics, make_plan, plan_full_batch, segment_sum
+from .options import LOSSES, Agg, BackendOptions, LossOptions, split_options
 from .vocab_parallel import local_head, resolve_shard, shard_backend
 
 __all__ = ["fused_policy_loss", "fused_opo_loss", "linear_logprobs", "policy_loss", "opo_loss",
@@ -40,18 +42,19 @@ def _autocast_inputs(hidden, weight, bias):
     return hidden, weight, bias
 
 
-def _masked_old(old_logps, m):
-    """(N,) fp32 anchor log-probs, 0 at masked positions (whatever they held: NaN·0 is NaN).
+def _constant_logps(logps, m):
+    """(N,) fp32 constant log-probs (an anchor: old, reference or rollout), 0 at masked positions
+    (whatever they held: NaN·0 is NaN).
 
-    Anchors (old, reference, rollout log-probs) are constants of the loss: any autograd history
-    they carry is cut here, so every backend and path gives the same gradient."""
-    if old_logps is None:
+    They are constants of the loss: any autograd history they carry is cut here, so every backend
+    and path gives the same gradient."""
+    if logps is None:
         return None
-    return torch.where(m > 0, old_logps.detach().reshape(-1).float(), 0.0)
+    return torch.where(m > 0, logps.detach().reshape(-1).float(), 0.0)
 
 
-def _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-            num_seqs_in_batch) -> Extras:
+def _rl_inputs(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+               num_seqs_in_batch) -> RLInputs:
     """The RL-term inputs (contract: "RL terms"), validated and masked (masked positions: 0, whatever they held)."""
     checks.check_completion_length(opts, m, lay.lengths_t)
     ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=omega, ref_logps=ref_logps,
@@ -59,8 +62,8 @@ def _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in
                                     num_seqs_in_batch=num_seqs_in_batch)
     if omega is not None:
         checks.check_omega_values(omega, segment_sum(m, lay.lengths_t) > 0)
-    return Extras(omega=omega, ref=_masked_old(ref_logps, m), rollout=_masked_old(rollout_logps, m),
-                  num_items=ni, num_seqs=ns)
+    return RLInputs(omega=omega, ref=_constant_logps(ref_logps, m),
+                    rollout=_constant_logps(rollout_logps, m), num_items=ni, num_seqs=ns)
 
 
 def _mask_rows(h2, tg, keep):
@@ -80,21 +83,22 @@ def _logprobs(be, h2, weight, bias, targets, want_grad: bool):
     return logp, ent
 
 
-def _check_head(hidden, weight, bias, targets, temperature, ignore_index, vocab_parallel):
-    """The head's tensors (local shards of a vocabulary-parallel head), checked, and the
-    vocabulary-parallel group with this rank's rows (None when the head is whole)."""
+def _check_head(hidden, weight, bias, targets, bo: BackendOptions, ignore_index, vocab_parallel):
+    """The head's tensors (local shards of a vocabulary-parallel head) and the backend options,
+    checked, and the vocabulary-parallel group with this rank's rows (None when the head is whole)."""
     checks.check_tensor("hidden", hidden)
     hidden, weight, bias, *vp = local_head(hidden, weight, bias, vocab_parallel)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     checks.check_linear(hidden, weight, bias, targets)
-    checks.check_vocab_options(temperature, ignore_index)
+    checks.check_backend_options(bo)
+    checks.check_ignore_index(ignore_index)
     return hidden, weight, bias, vp
 
 
-def _backend(backend, h2, keep, weight, vp, lengths, **backend_options):
+def _backend(bo: BackendOptions, h2, keep, weight, vp, lengths):
     """The backend for one call and the global vocabulary size; on a vocabulary shard, the
     backend wrapped so that the shards' statistics are combined per token."""
-    be = get_backend(backend, h2.device, V=weight.shape[0], lengths=lengths, **backend_options)
+    be = get_backend(h2.device, bo, V=weight.shape[0], lengths=lengths)
     group, start, stop = vp
     if group is None:
         return be, weight.shape[0]
@@ -103,10 +107,8 @@ def _backend(backend, h2, keep, weight, vp, lengths, **backend_options):
 
 
 @torch.compiler.disable
-def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
-                    ignore_index=-100, backend="auto", chunk_size=None, seq_ids=None,
-                    cu_seqlens=None, filter_eps=None, deterministic=False, accum_fp32=True,
-                    vocab_parallel=None):
+def linear_logprobs(hidden, weight, targets, *, bias=None, return_entropy=False, ignore_index=-100,
+                    seq_ids=None, cu_seqlens=None, vocab_parallel=None, **backend_options):
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     hidden: (B, T, H) or (N, H), fp32/bf16/fp16. weight: (V, H), same dtype. targets: (B, T) or
@@ -115,21 +117,21 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     entropy (same shape, fp32) with ``return_entropy=True`` — differentiable w.r.t. hidden, weight
     and bias. Under ``torch.no_grad()`` (anchor and reference passes) no backward state is built.
     Logits exist one chunk at a time. ``seq_ids``/``cu_seqlens`` (packed inputs) only align the
-    chunks with sequences. ``chunk_size``: tokens per logits chunk (chunked backends).
-    ``filter_eps`` / ``deterministic`` / ``accum_fp32``: ``backend="fused"`` only, as in
-    :func:`fused_policy_loss` (see :mod:`opo_kernels.fused_linear`). ``vocab_parallel``: a
-    vocabulary-sharded head, as :func:`fused_policy_loss`.
+    chunks with sequences. ``**backend_options``: ``temperature``, ``backend``, ``chunk_size``
+    (tokens per logits chunk, chunked backends), ``filter_eps`` / ``deterministic`` /
+    ``accum_fp32`` (``backend="fused"`` only), as in :func:`fused_policy_loss`
+    (:data:`opo_kernels.options.BACKEND_OPTIONS`). ``vocab_parallel``: a vocabulary-sharded head,
+    as :func:`fused_policy_loss`.
     """
-    hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, temperature, ignore_index,
+    _, bo = split_options("linear_logprobs", backend_options)
+    hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, bo, ignore_index,
                                            vocab_parallel)
     H = weight.shape[1]
     lay = checks.layout(targets, None, seq_ids, cu_seqlens)
     tg = targets.reshape(-1)
     keep = tg != ignore_index
     h2 = hidden.reshape(-1, H)
-    be, V = _backend(backend, h2, keep, weight, vp, lay.lengths, temperature=temperature,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
-                     accum_fp32=accum_fp32)
+    be, V = _backend(bo, h2, keep, weight, vp, lay.lengths)
     any_masked = checks.check_targets(tg, V, keep)
     if any_masked:
         h2, tg = _mask_rows(h2, tg, keep)
@@ -143,25 +145,23 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     return logp
 
 
-def _options(fn: str, loss, options: dict, lay) -> LossOptions:
-    """The loss options of one call, validated (unknown names, values, what the loss reads)."""
-    checks.option_kwargs(fn, options)
-    o = LossOptions(loss=loss, **options)
+def _options(o: LossOptions, lay) -> LossOptions:
+    """The loss options of one call, validated (values, what the loss reads), with the default
+    max_completion_length of a loss type that divides by it."""
     checks.check_options(o)
     checks.check_group_size(o.group_size, lay.B)
-    if o.loss == "dr_grpo" and o.max_completion_length is None:
+    if o.kind.aggregate is Agg.MAX_LENGTH and o.max_completion_length is None:
         mcl = lay.T if lay.T is not None else max(lay.lengths, default=1)
-        o = LossOptions(**{**o.__dict__, "max_completion_length": max(1, mcl)})
+        o = dataclasses.replace(o, max_completion_length=max(1, mcl))
     return o
 
 
 @torch.compiler.disable
 def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=None, *,
-                      loss="opo", bias=None, temperature=1.0, ignore_index=-100,
-                      process_group=None, backend="auto", seq_ids=None, cu_seqlens=None,
-                      chunk_size=None, filter_eps=None, deterministic=False, accum_fp32=True,
-                      omega=None, ref_logps=None, rollout_logps=None, num_items_in_batch=None,
-                      num_seqs_in_batch=None, vocab_parallel=None, **options):
+                      loss="opo", bias=None, ignore_index=-100, process_group=None, seq_ids=None,
+                      cu_seqlens=None, omega=None, ref_logps=None, rollout_logps=None,
+                      num_items_in_batch=None, num_seqs_in_batch=None, vocab_parallel=None,
+                      **options):
     """A policy loss fused with the LM head: ``loss="opo"`` (default) or a baseline.
 
     Args:
@@ -174,15 +174,10 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
         mask: like ``targets``, bool or 0/1; None = valid wherever ``targets != ignore_index``.
             Masked positions take part in nothing, whatever their hidden state holds.
         loss: one of ``LOSSES``.
-        **options: the loss options (``alpha``, ``mu``, ``tau``, ``level``, ``seq_reduce``,
-            ``ratio``, ``normalize``, ``norm_scope``, ``group_size``, ``ref_correction``,
-            ``max_log_ratio``, ``escort``, ``clip_eps_low``, ``clip_eps_high``,
-            ``max_completion_length``, ``beta_r``, ``adaptive_tau``), defined in
-            :class:`opo_kernels.checks.LossOptions` and ``docs/contract.md``. An option the chosen
-            loss does not read must keep its default (else ValueError).
-            The RL-term options (``beta``, ``use_bias_correction_kl``, ``is_correction``,
-            ``is_clip_max``, ``is_clip_min``, ``entropy_coef``, ``top_entropy_quantile``,
-            ``clip_ratio_c``, ``sapo_temperature_pos`` / ``_neg``): docs/contract.md, "RL terms".
+        **options: the loss options and the backend options, declared in
+            :mod:`opo_kernels.options` (``LOSS_OPTIONS``, ``BACKEND_OPTIONS``; the table in
+            ``docs/contract.md``, "Options"). An option the chosen loss type (backend) does not
+            read must keep its default (else ValueError).
         omega: (B,) fixed escort weights (paper-mode OPO), e.g. ``escort_weights`` over the whole
             generation batch, so that micro-batches share them.
         ref_logps: like ``targets`` — the reference model's log-probs (KL term, ``beta``).
@@ -190,11 +185,12 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             (mismatch metrics; importance weights with ``is_correction``).
         num_items_in_batch, num_seqs_in_batch: the whole batch's valid-token / sequence counts,
             the denominators of the token / sequence means (gradient accumulation); each only
-            for a loss that divides by it (:func:`opo_kernels.checks.counts_read`), else
+            for a loss that divides by it (:func:`opo_kernels.options.counts_read`), else
             ValueError.
-        backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
-        chunk_size: tokens per logits chunk (chunked backends; default from V).
-        filter_eps, deterministic, accum_fp32: ``backend="fused"`` only. ``filter_eps``: gradient
+        Backend options: ``backend``: "auto" | "triton" | "native" | "torch" | "fused" |
+        "reference"; ``temperature`` divides the logits; ``chunk_size``: tokens per logits chunk
+        (chunked backends; default from V).
+        ``filter_eps``, ``deterministic``, ``accum_fp32``: ``backend="fused"`` only. ``filter_eps``: gradient
             filtering threshold (None or 0: exact, the default; ε > 0 bounds the gradient mass
             each token loses by ε times its gradient scale); the backward is atomics-free and
             bitwise reproducible whatever ``deterministic`` says; ``accum_fp32=False``: dweight
@@ -219,25 +215,24 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     included); ``escort="group_softmax"``, ``ref_correction`` with an on-policy anchor,
     ``top_entropy_quantile < 1`` and the ``fused``/``reference`` backends take two phases.
     """
-    hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, temperature, ignore_index,
+    lo, bo = split_options("fused_policy_loss", options, loss=loss)
+    hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, bo, ignore_index,
                                            vocab_parallel)
     checks.check_loss_tensors(advantages, old_logps, targets)
     checks.check_process_group(process_group)
     lay = checks.layout(targets, advantages.shape[0], seq_ids, cu_seqlens)
-    opts = _options("fused_policy_loss", loss, options, lay)
+    opts = _options(lo, lay)
     H = weight.shape[1]
     tg = targets.reshape(-1)
     m = checks.valid_mask(targets, mask, ignore_index)
     h2 = hidden.reshape(-1, H)
-    be, V = _backend(backend, h2, m > 0, weight, vp, lay.lengths, temperature=temperature,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
-                     accum_fp32=accum_fp32)
+    be, V = _backend(bo, h2, m > 0, weight, vp, lay.lengths)
     if checks.check_values(tg, V, m, advantages, old_logps, lay):
         h2, tg = _mask_rows(h2, tg, m > 0)
-    old = _masked_old(old_logps, m)
-    ex = _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-                 num_seqs_in_batch)
-    plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, ex)
+    old = _constant_logps(old_logps, m)
+    rl = _rl_inputs(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+                    num_seqs_in_batch)
+    plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, rl)
     want_grad = _needs_grad(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):
         if be.one_pass and not plan.needs_full_batch:
@@ -283,7 +278,7 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     checks.check_loss_tensors(advantages, old_logps, logps)
     checks.check_process_group(process_group)
     lay = checks.layout(logps, advantages.shape[0], seq_ids, cu_seqlens)
-    opts = _options("policy_loss", loss, options, lay)
+    opts = _options(split_options("policy_loss", options, loss=loss, backend=False)[0], lay)
     if opts.escort == "group_softmax" and opts.adaptive_tau and vocab_size is None:
         raise ValueError("escort='group_softmax' with adaptive_tau needs vocab_size (for H / log V)")
     m = torch.ones(logps.numel(), dtype=torch.float32, device=logps.device) if mask is None else \
@@ -292,9 +287,9 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     lp = logps.reshape(-1).float()
     checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
     lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
-    old = _masked_old(old_logps, m)
-    ex = _extras(opts, logps, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-                 num_seqs_in_batch)
+    old = _constant_logps(old_logps, m)
+    rl = _rl_inputs(opts, logps, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+                    num_seqs_in_batch)
     ent = None
     if entropy is not None:
         checks.check_entropy_tensor(entropy, logps, m > 0)
@@ -302,7 +297,7 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     elif opts.entropy_coef > 0 or opts.top_entropy_quantile < 1.0:
         raise ValueError("entropy_coef > 0 and top_entropy_quantile < 1 need entropy (the per-token "
                          "entropies, like logps)")
-    plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group, ex)
+    plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group, rl)
     plan_full_batch(plan, lp, m, process_group, ent)
     out, sums = plan.chunk_loss(lp, old, m, lay.seq, 0, lay.B, 0, ent)
     ent_sum = torch.zeros((), device=lp.device) if ent is None else ent.detach().sum()

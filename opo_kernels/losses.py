@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .checks import LOSSES, LossOptions  # noqa: F401  (their home is checks; imported from here too)
+from .options import Agg, LossOptions
 
 STD_EPS = 1e-6
 
@@ -141,7 +141,7 @@ def empty_sums(device) -> torch.Tensor:
 
 
 @dataclass
-class Extras:
+class RLInputs:
     """The per-call tensors and counts of the RL terms (all optional), already masked and fp32.
 
     omega (B,): fixed escort weights. ref (N,): reference log-probs. rollout (N,): the rollout
@@ -186,7 +186,7 @@ class LossPlan:
         sequence (``chunk_loss`` with ``lengths``) is its share of the sequence's loss."""
         o = self.opts
         return (self.token_separable and self.ent_mask is None
-                and not (o.is_correction or "").startswith("sequence")
+                and not (o.is_mode is not None and o.is_mode.per_sequence)
                 and o.off_policy_mask_threshold is None)  # that mask reads the whole sequence
 
     @property
@@ -196,16 +196,14 @@ class LossPlan:
         alone (:meth:`token_coef`): paper-mode OPO at sequence level and GSPO, without a KL or
         entropy term (those add a per-token part of their own)."""
         o = self.opts
-        seq_level = o.loss == "gspo" or (o.loss == "opo" and o.escort == "paper"
-                                          and o.level == "sequence")
-        return (seq_level and o.beta == 0 and o.entropy_coef == 0 and self.ent_mask is None
+        return (o.kind.sequence_scaled and o.beta == 0 and o.entropy_coef == 0 and self.ent_mask is None
                 and not self.needs_full_batch)
 
     def token_coef(self, old, mask, t0: int) -> torch.Tensor:
         """c_t (n,) fp32 of tokens ``[t0, t0 + n)`` for a :attr:`sequence_scaled` loss (up to a
         factor per sequence): the mask times the token importance weight, when there is one."""
-        o = self.opts
-        if o.is_correction is None or o.is_correction.startswith("sequence"):
+        mode = self.opts.is_mode
+        if mode is None or mode.per_sequence:
             return mask
         sums = empty_sums(mask.device)
         tw, _ = self._is_weights(old, mask, None, 0, 0, slice(t0, t0 + mask.shape[0]), sums)
@@ -242,17 +240,11 @@ class LossPlan:
         if self.ent_mask is not None:
             em = self.ent_mask[sl]
             tw = em if tw is None else tw * em
-        if o.loss == "opo":
-            if o.escort == "group_softmax":
-                loss, s = _group_softmax_loss(self, logp, old, mask, seq, s0, s1)
-            else:
-                loss, s = _opo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
-        elif o.loss == "gspo":
-            loss, s = _gspo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
-        elif o.loss == "vespo":
-            loss, s = _vespo_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+        formula = o.kind.formula
+        if formula == "group_softmax":
+            loss, s = _group_softmax_loss(self, logp, old, mask, seq, s0, s1)
         else:
-            loss, s = _clip_loss(self, logp, old, mask, seq, s0, s1, tw, sw)
+            loss, s = _POLICY_TERMS[formula](self, logp, old, mask, seq, s0, s1, tw, sw)
         sums[:4] = s
         if self.ref is not None:
             kl_loss, kl_sum = _kl_term(self, logp, old, mask, seq, s0, s1, sl, lengths)
@@ -278,14 +270,15 @@ class LossPlan:
         (s1 − s0,) or None); their metric sums go into ``sums``."""
         if self.rollout is None:
             return None, None
+        mode = self.opts.is_mode
         o = self.opts
         roll = self.rollout[sl]
         d = (old.detach() - roll) * mask          # log(π_anchor / π_rollout) per valid token
         sums[S_K1] = (-d).sum()
         sums[S_K3] = ((torch.exp(d) - d - 1.0) * mask).sum()
-        if o.is_correction is None:
+        if mode is None:
             return None, None
-        if o.is_correction.startswith("sequence"):
+        if mode.per_sequence:
             lr = segment_sum(d, self.lengths[s0:s1])
             ok = (self.seq_len[s0:s1] > 0).float()
         else:
@@ -294,7 +287,7 @@ class LossPlan:
         lo = -math.inf if o.is_clip_min is None else o.is_clip_min
         hi = math.inf if o.is_clip_max is None else o.is_clip_max
         cut = ((w < lo) | (w > hi)).float() * ok
-        if o.is_correction.endswith("truncate"):
+        if mode.truncate:
             w = torch.clamp(w, min=o.is_clip_min, max=o.is_clip_max)
         else:
             w = w.masked_fill(cut > 0, 0.0)
@@ -306,16 +299,17 @@ class LossPlan:
         inf = w.new_full((1,), math.inf)  # no device sync: empty chunks keep (inf, -inf)
         sums[S_WMIN] = torch.cat([torch.where(okb, w, math.inf), inf]).min()
         sums[S_WMAX] = torch.cat([torch.where(okb, w, -math.inf), -inf]).max()
-        if o.is_correction.startswith("sequence"):
+        if mode.per_sequence:
             return None, w
         return w, None
 
 
 def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
               lengths: torch.Tensor, old: torch.Tensor | None, vocab_size: int,
-              process_group=None, extras: Extras | None = None) -> LossPlan:
+              process_group=None, rl: RLInputs | None = None) -> LossPlan:
     """Batch-global constants. mask (N,) fp32, lengths (B,) int64 segment lengths, old (N,) or None."""
-    ex = extras or Extras()
+    ex = rl or RLInputs()
+    kind = opts.kind
     seq_len = segment_sum(mask, lengths)
     valid = seq_len > 0
     # Sequences without valid tokens take part in nothing: whatever their advantage holds.
@@ -324,7 +318,7 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
     n_tokens = mask.sum()
     omega = None
     needs_full = False
-    if opts.loss == "opo" and opts.escort == "paper":
+    if kind.escort:
         if ex.omega is not None:
             omega = torch.where(valid, ex.omega.detach().float(), 0.0)
         else:
@@ -337,20 +331,18 @@ def make_plan(opts: LossOptions, advantages: torch.Tensor, mask: torch.Tensor,
             if not needs_full:
                 omega = _escort_weights(advantages, opts.alpha, opts.tau, opts.normalize,
                                         opts.norm_scope, opts.group_size, anchor, valid, process_group)
-    if opts.loss == "opo" and opts.escort == "group_softmax":
+    if kind.needs_full_batch:
         needs_full = True
     if opts.top_entropy_quantile < 1.0:
         needs_full = True  # the entropy threshold is a quantile over the whole batch
-    token_separable = (opts.loss in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
-                       and opts.ratio_level == "token"
-                       or (opts.loss == "opo" and opts.level == "token" and opts.escort == "paper"))
+    token_separable = kind.token_separable and opts.ratio_level == "token"
     dev = mask.device
     tok_denom = n_tokens.clamp_min(1) if ex.num_items is None else \
         torch.tensor(max(float(ex.num_items), 1.0), device=dev)
     seq_denom = n_seqs.clamp_min(1) if ex.num_seqs is None else \
         torch.tensor(max(float(ex.num_seqs), 1.0), device=dev)
     dr_denom = 1.0
-    if opts.loss == "dr_grpo":
+    if kind.aggregate is Agg.MAX_LENGTH:
         nb = advantages.shape[0] if ex.num_seqs is None else max(float(ex.num_seqs), 1.0)
         dr_denom = float(nb * opts.max_completion_length)
     return LossPlan(opts=opts, adv=advantages.detach().float(), seq_len=seq_len, lengths=lengths,
@@ -365,7 +357,7 @@ def plan_full_batch(plan: LossPlan, logp: torch.Tensor, mask: torch.Tensor,
     """Finish a plan that needed the current log-probs (ref_correction with on-policy anchor) or
     entropies (top_entropy_quantile)."""
     o = plan.opts
-    if o.loss == "opo" and o.escort == "paper" and plan.omega is None:
+    if o.kind.escort and plan.omega is None:
         anchor = _reduce_seq(segment_sum(logp.detach() * mask, plan.lengths), plan.seq_len, o.seq_reduce)
         plan.omega = _escort_weights(plan.adv, o.alpha, o.tau, o.normalize, o.norm_scope,
                                      o.group_size, anchor, plan.seq_len > 0, process_group)
@@ -443,7 +435,7 @@ def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
     """
     o = plan.opts
     r = torch.exp(lr.detach())
-    if o.loss == "sapo":
+    if o.kind.formula == "sapo":
         t = torch.where(adv_tok > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
         # r = ∞: σ(t(r − 1)) = 1 and its derivative 0 (float64: e^(−t·e^lr)·e^lr underflows).
         live = torch.isfinite(r) & (adv_tok != 0)
@@ -481,7 +473,7 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
         lr = d_tok
     r = torch.exp(lr.detach())
     adv_tok = plan.adv[seq]
-    if o.loss == "cispo":
+    if o.kind.formula == "cispo":
         # −sg(min(r, ε_high)) · A · logp (TRL): r = ∞ past fp32's exp range weighs ε_high
         hi = o.clip()[1]
         term = -torch.clamp(r, max=hi) * adv_tok * logp * mask
@@ -492,14 +484,15 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
         term = term * tw
     if sw is not None:
         term = term * sw[seq - s0]
-    if o.loss in ("grpo", "sapo"):
+    agg = o.kind.aggregate
+    if agg is Agg.SEQ_MEAN:
         L = plan.seq_len[seq]
         loss = (term / L.clamp_min(1)).sum() / plan.seq_denom
-    elif o.loss == "luspo":  # each sequence's token sum, mean over sequences (TRL's LUSPO)
+    elif agg is Agg.SEQ_SUM:  # each sequence's token sum, mean over sequences (TRL's LUSPO)
         loss = term.sum() / plan.seq_denom
-    elif o.loss in ("dapo", "bnpo", "cispo"):
+    elif agg is Agg.TOKEN_MEAN:
         loss = term.sum() / plan.tok_denom
-    else:  # dr_grpo
+    else:  # MAX_LENGTH
         loss = term.sum() / plan.dr_denom
     if log_s is not None:  # metrics per sequence, as gspo's
         ok = (plan.seq_len[s0:s1] > 0).float()
@@ -570,7 +563,7 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
     x = (ref - logp) * mask
     kl = (torch.exp(x) - x - 1.0) * mask
     if o.use_bias_correction_kl:
-        if o.loss == "gspo" or o.ratio_level == "sequence":
+        if o.kind.formula == "gspo" or o.ratio_level == "sequence":
             lengths = plan.lengths[s0:s1]
             L = plan.seq_len[s0:s1]
             log_s = segment_sum(((logp - old) * mask), lengths) / L.clamp_min(1)
@@ -580,18 +573,24 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
         kl = kl * coef
     lengths = plan.lengths[s0:s1] if lengths is None else lengths
     L = plan.seq_len[s0:s1]
-    if o.loss in ("grpo", "sapo", "gspo") or (o.loss == "opo" and o.level == "sequence"):
+    agg = o.kind.aggregate
+    if agg is Agg.SEQ_MEAN:
         per_seq = segment_sum(kl, lengths)
-        if not (o.loss == "opo" and o.seq_reduce == "sum"):
+        if o.seq_reduce != "sum":  # OPO's seq_reduce="sum" (the other losses keep "mean")
             per_seq = per_seq / L.clamp_min(1)
         loss = per_seq.sum() / plan.seq_denom
-    elif o.loss == "dr_grpo":
+    elif agg is Agg.MAX_LENGTH:
         loss = kl.sum() / plan.dr_denom
-    elif o.loss == "luspo":
+    elif agg is Agg.SEQ_SUM:
         loss = kl.sum() / plan.seq_denom
     else:
         loss = kl.sum() / plan.tok_denom
     return loss, kl.detach().sum()
+
+
+# the policy-term formula of each LossType.formula (group_softmax: whole groups, no token weights)
+_POLICY_TERMS = {"opo": _opo_loss, "gspo": _gspo_loss, "vespo": _vespo_loss, "ppo_clip": _clip_loss,
+                 "cispo": _clip_loss, "sapo": _clip_loss}
 
 
 def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
@@ -661,10 +660,11 @@ def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor
         "num_tokens": plan.n_tokens,
         "num_seqs": plan.n_seqs,
     }
-    if plan.opts.loss == "vespo":
-        out["vespo_phi_mean"] = sums[S_CLIP] / plan.n_seqs.clamp_min(1)
-    elif plan.opts.loss != "opo":
-        out["clip_frac"] = sums[S_CLIP] / ntok
+    metric = plan.opts.kind.metric
+    if metric == "vespo_phi_mean":  # Σ φ over sequences
+        out[metric] = sums[S_CLIP] / plan.n_seqs.clamp_min(1)
+    elif metric == "clip_frac":
+        out[metric] = sums[S_CLIP] / ntok
     if plan.ref is not None:
         out["kl"] = sums[S_KL] / ntok
     if plan.rollout is not None:

@@ -4,26 +4,20 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .checks import LossOptions
 from .functional import fused_policy_loss
+from .options import split_options
 
-# Keyword arguments of fused_policy_loss that are neither tensors of one batch nor loss options.
-_CALL_OPTIONS = ("temperature", "ignore_index", "process_group", "backend", "chunk_size",
-                 "filter_eps", "deterministic", "accum_fp32", "vocab_parallel")
+# Keyword arguments of fused_policy_loss that are neither tensors of one batch nor options.
+_CALL_ARGS = ("ignore_index", "process_group", "vocab_parallel")
 
 
 def _check_module_options(loss: str, options: dict) -> None:
     """The options given to a module, checked when it is built (as a call would check them)."""
-    unknown = sorted(set(options) - set(checks.OPTION_NAMES) - set(_CALL_OPTIONS))
-    if unknown:
-        raise TypeError(f"unexpected option(s) {unknown}; the options are "
-                        f"{sorted(set(checks.OPTION_NAMES) - {'loss'}) + list(_CALL_OPTIONS)}")
-    checks.check_options(LossOptions(loss=loss, **{k: v for k, v in options.items()
-                                                   if k in checks.OPTION_NAMES}))
-    checks.check_vocab_options(options.get("temperature", 1.0), options.get("ignore_index", -100))
-    checks.check_backend_options(options.get("backend", "auto"), options.get("chunk_size"),
-                                 options.get("filter_eps"), options.get("deterministic", False),
-                                 options.get("accum_fp32", True))
+    lo, bo = split_options("FusedPolicyLoss",
+                           {k: v for k, v in options.items() if k not in _CALL_ARGS}, loss=loss)
+    checks.check_options(lo)
+    checks.check_backend_options(bo, bo.backend)
+    checks.check_ignore_index(options.get("ignore_index", -100))
 
 
 class FusedPolicyLoss(torch.nn.Module):

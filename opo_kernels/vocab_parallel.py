@@ -241,7 +241,7 @@ class VocabParallelBackend(Backend):
     one_pass = False
 
     def __init__(self, inner: Backend, shard: Shard):
-        super().__init__(inner.temperature)
+        super().__init__(inner.options)
         self.inner, self.shard = inner, shard
         self.name = inner.name
 

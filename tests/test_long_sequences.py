@@ -199,10 +199,10 @@ def test_long_sequence_deferred_buffer_only_when_needed(monkeypatch):
 def test_chunk_loop_never_synchronizes_with_the_host(case):
     """The one-pass chunk loop (GEMMs, vocabulary passes, loss pieces, deferred scales) issues
     no host synchronization: it runs under torch.cuda.set_sync_debug_mode("error")."""
-    from opo_kernels.checks import LossOptions
     from opo_kernels.chunked import LossArgs
     from opo_kernels.dispatch import get_backend
-    from opo_kernels.losses import Extras, make_plan
+    from opo_kernels.losses import RLInputs, make_plan
+    from opo_kernels.options import BackendOptions, LossOptions
     dev = torch.device("cuda")
     lengths = [700, 0, 300, 1100]
     N, H, V = sum(lengths), 64, 1000
@@ -215,11 +215,11 @@ def test_chunk_loop_never_synchronizes_with_the_host(case):
     adv = torch.randn(len(lengths), generator=g).to(dev)
     opts = dict(ALL[case])
     o = LossOptions(**opts)
-    ex = Extras(ref=(old + 0.1) * mask if o.beta > 0 else None,
+    ex = RLInputs(ref=(old + 0.1) * mask if o.beta > 0 else None,
                 rollout=(old - 0.1) * mask if o.is_correction else None)
     lens = torch.tensor(lengths, device=dev)
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lens)
-    be = get_backend("triton", dev, temperature=1.0, V=V, lengths=lengths, chunk_size=256)
+    be = get_backend(dev, BackendOptions(backend="triton", chunk_size=256), V=V, lengths=lengths)
     la = LossArgs(plan=make_plan(o, adv, mask, lens, old, V, None, ex), targets=tg, mask=mask,
                   seq=seq, old=old)
     be.one_pass_loss(h, w, None, la, True, True, False)  # compiles the kernels

@@ -12,7 +12,7 @@ import torch
 import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import escort_weights, fused_policy_loss, policy_loss
-from opo_kernels.checks import OPTION_NAMES, LossOptions, counts_read
+from opo_kernels.options import OPTION_NAMES, LossOptions, counts_read
 
 TOL = dict(rtol=1e-5, atol_rel=1e-5)
 

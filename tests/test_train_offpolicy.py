@@ -185,7 +185,7 @@ def test_trainer_loss_keys_default_to_the_loss_defaults():
     import dataclasses
 
     import opo_train.config as C
-    from opo_kernels.checks import LossOptions
+    from opo_kernels.options import LossOptions
 
     assert {"alpha", "mu", "entropy_coef", "is_correction", "beta"} <= set(C.LOSS_OPTION_KEYS)
     loss_defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}

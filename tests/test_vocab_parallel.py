@@ -282,7 +282,7 @@ MESH_CASES = [dict(name="opo-mesh", loss="opo", backend="torch"),
 
 def _counts(case, mask):
     """The whole batch's token / sequence counts that the case's loss divides by."""
-    from opo_kernels.checks import LossOptions, counts_read
+    from opo_kernels.options import LossOptions, counts_read
     o = LossOptions(loss=case["loss"], entropy_coef=0.01 if case.get("rl") else 0.0)
     items, seqs = counts_read(o)
     return {**({"num_items_in_batch": mask.sum()} if items else {}),
