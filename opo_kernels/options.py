@@ -347,7 +347,7 @@ _EVERY_BACKEND = frozenset(BACKENDS)
 #: every backend option (each one entry: adding one is one line here and its use in the backends)
 BACKEND_OPTIONS: tuple[Option, ...] = (
     Option("backend", "auto", _choice(*BACKENDS), _EVERY_BACKEND,
-           "auto (triton on CUDA, native on CPU) | triton | native | torch | fused | reference"),
+           "the implementation of the LM-head pass (auto: triton on CUDA, native on CPU)"),
     Option("temperature", 1.0, _POSITIVE, _EVERY_BACKEND, "the logits are divided by it"),
     Option("chunk_size", None, _COUNT, _CHUNKED, "tokens per logits chunk (default from V)"),
     Option("filter_eps", None, _num(0.0, optional=True), frozenset({"fused"}),
@@ -424,3 +424,27 @@ def loss_types_table() -> str:
         rows.append(f"| `{t.key}` | `{sel}` | {t.aggregate.value} | {t.clip or ''} | {yes(t.escort)} "
                     f"| {yes(t.token_separable)} | {yes(t.sequence_scaled)} | {yes(t.rl_terms)} |")
     return "\n".join(rows)
+
+
+_TABLES = {"options": options_table, "loss-types": loss_types_table}
+
+
+def render_tables(text: str) -> str:
+    """``text`` (docs/contract.md) with each generated table between its markers
+    (``<!-- generated: NAME -->`` … ``<!-- end generated: NAME -->``) rewritten."""
+    for name, make in _TABLES.items():
+        start, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
+        head, sep, rest = text.partition(start)
+        _, sep2, tail = rest.partition(end)
+        if not (sep and sep2):
+            raise ValueError(f"the markers of the {name!r} table are missing")
+        text = f"{head}{start}\n{make()}\n{end}{tail}"
+    return text
+
+
+if __name__ == "__main__":  # python -m opo_kernels.options docs/contract.md: rewrite its tables
+    import sys
+    from pathlib import Path
+    for arg in sys.argv[1:]:
+        p = Path(arg)
+        p.write_text(render_tables(p.read_text()))

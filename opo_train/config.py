@@ -18,11 +18,11 @@ import yaml
 
 from .errors import ConfigError
 
-from opo_kernels import LOSSES
-
-# The loss options' names, defaults and rules live with the loss (opo_kernels.checks): the
-# trainer's keys of the same names are passed through and checked there, naming the key.
-from opo_kernels.checks import BACKENDS, LossOptions, check_options  # noqa: E402
+# The loss options (names, types, defaults, rules, docs) are declared once, in opo_kernels.options:
+# the trainer's keys of the same names are made from those declarations (see _with_loss_options),
+# passed through, and checked there, naming the key.
+from opo_kernels.checks import check_options
+from opo_kernels.options import BACKENDS, LOSS_OPTIONS, LossOptions
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -30,7 +30,19 @@ TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random ini
 
 
 
+def _with_loss_options(cls):
+    """Add a key for every loss option the trainer exposes (:data:`opo_kernels.options.LOSS_OPTIONS`
+    with ``trainer=True``: not ``group_size`` and ``max_completion_length``, which are the trainer's
+    own ``group_size`` and ``max_new_tokens``), with the option's type, default and doc."""
+    for o in LOSS_OPTIONS:
+        if o.trainer:
+            cls.__annotations__[o.name] = o.rule.hint()
+            setattr(cls, o.name, o.default)
+    return cls
+
+
 @dataclass
+@_with_loss_options
 class Config:
     # -- run ------------------------------------------------------------------------------------
     output_dir: str = "runs/toy"  # where the run writes everything (one run per folder)
@@ -98,40 +110,17 @@ class Config:
     zero_signal_steps: int = 10    # warn when reward and gradient stay zero this many steps; 0 = never
     math_verify_timeout: float = 5.0  # seconds per answer inside the math reward
 
-    # -- loss -----------------------------------------------------------------------------------
-    loss: str = "opo"              # one of opo_kernels.LOSSES: opo | grpo | dapo | gspo | dr_grpo | bnpo | cispo | sapo
+    # -- loss (the loss options themselves are added from opo_kernels.options, after the keys) ----
     loss_impl: str = "fused"       # fused (opo_kernels, no logits) | naive (materialized logits)
     kernel_backend: str = "auto"   # opo_kernels backend=
-    alpha: float = 0.4  # OPO: weight of the chi-square term
-    mu: float = 1.0  # OPO: scale of the linear policy term
-    tau: float = 1.0  # OPO: escort temperature
-    level: str = "sequence"  # OPO: sequence | token ratios
-    seq_reduce: str = "mean"  # OPO: how token log-ratios make a sequence's (mean | sum)
-    ratio: str = "log"  # OPO: log | linear ratio in the escort
-    normalize: str = "zscore"  # OPO: how escort weights are normalized
-    norm_scope: str = "batch"  # OPO: batch | group normalization of the weights
-    escort: str = "paper"  # OPO: paper | group_softmax escort weights
-    ref_correction: bool = False  # OPO: correct for a reference other than the anchor
-    max_log_ratio: typing.Optional[float] = None  # OPO: bound on |log ratio| (None = none)
-    clip_eps_low: typing.Optional[float] = None  # clipped losses: lower clip epsilon (None = the loss's default; TRL: epsilon)
-    clip_eps_high: typing.Optional[float] = None  # clipped losses: upper clip epsilon (None = the loss's default; TRL: epsilon_high)
-    adv_scale: str = "auto"        # auto (none for dr_grpo, else group) | group | batch | none
-    dynamic_sampling: str = "auto" # auto (on for dapo) | true | false: drop all-equal groups
+    adv_scale: str = "auto"        # auto (the loss type's: none for dr_grpo, else group) | group | batch | none
+    dynamic_sampling: str = "auto" # auto (the loss type's: on for dapo) | true | false: drop all-equal groups
     dynamic_sampling_max_rounds: int = 3  # extra sampling rounds to refill the kept groups (DAPO)
     dynamic_sampling_metric: str = "accuracy"  # what must differ in a kept group: accuracy |
     #                                 reward | shaped_reward (after overlong shaping) | a reward function's name
     overlong_buffer: int = -1      # DAPO soft overlong penalty window; -1 = max_new_tokens // 4
     overlong_penalty: float = 1.0  # DAPO: reward penalty at the end of the overlong window
     overlong_filter: bool = False  # DAPO: mask truncated responses out of the loss
-    # Off-policy terms of the loss (names and rules of opo_kernels' loss options):
-    is_correction: typing.Optional[str] = None  # rollout/anchor mismatch IS: None | token_truncate
-    #                                             | token_mask | sequence_truncate | sequence_mask
-    is_clip_max: typing.Optional[float] = 3.0   # IS weight bounds (truncate: clamp; mask: drop)
-    is_clip_min: typing.Optional[float] = None  # lower IS weight bound (None = none)
-    beta: float = 0.0              # > 0: k3 KL to a frozen reference model (loaded at start-up)
-    use_bias_correction_kl: bool = False  # TRL's bias-corrected KL (beta > 0)
-    entropy_coef: float = 0.0      # loss - entropy_coef * mean token entropy (differentiable)
-    top_entropy_quantile: float = 1.0  # < 1: only the highest-entropy tokens take the policy term
 
     # -- optimization ---------------------------------------------------------------------------
     lr: float = 3e-4  # learning rate of the RL phase (TRL: learning_rate)
@@ -164,13 +153,20 @@ class Config:
     log_completions_count: int = 4 # samples per table (completions.jsonl, console, wandb)
 
     # -- derived helpers ------------------------------------------------------------------------
+    def loss_options(self) -> LossOptions:
+        """The loss options of this run (``max_completion_length``: ``max_new_tokens``)."""
+        return LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS},
+                           max_completion_length=self.max_new_tokens)
+
     def effective_adv_scale(self) -> str:
         if self.adv_scale != "auto":
             return self.adv_scale
-        return "none" if self.loss == "dr_grpo" else "group"
+        return self.loss_options().kind.adv_scale
 
     def use_dynamic_sampling(self) -> bool:
-        return self.loss == "dapo" if self.dynamic_sampling == "auto" else self.dynamic_sampling == "true"
+        if self.dynamic_sampling == "auto":
+            return self.loss_options().kind.dynamic_sampling
+        return self.dynamic_sampling == "true"
 
     def effective_overlong_buffer(self) -> int:
         return self.max_new_tokens // 4 if self.overlong_buffer < 0 else self.overlong_buffer
@@ -191,7 +187,6 @@ class Config:
             if getattr(self, key) not in options:
                 bad(key, f"must be one of {tuple(options)}")
 
-        choice("loss", LOSSES)
         choice("loss_impl", ("fused", "naive"))
         choice("kernel_backend", BACKENDS)
         if self.is_correction is None:
@@ -201,12 +196,11 @@ class Config:
                              "(is_correction: token_truncate | token_mask | sequence_truncate | "
                              "sequence_mask)")
         # The loss options' rules live with the loss: opo_kernels checks them, naming the key.
-        if self.loss in LOSSES:
-            try:
-                check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
-            except (TypeError, ValueError) as e:  # its messages start with the option's name
-                key = re.match(r"[a-z_]+", str(e)).group(0)
-                out.append(f"config key {key!r}: {e}")
+        try:
+            check_options(LossOptions(**{k: getattr(self, k) for k in LOSS_OPTION_KEYS}))
+        except (TypeError, ValueError) as e:  # its messages start with the option's name
+            key = re.match(r"[a-z_]+", str(e)).group(0)
+            out.append(f"config key {key!r}: {e}")
         choice("adv_scale", ("auto", "group", "batch", "none"))
         choice("dynamic_sampling", ("auto", "true", "false"))
         choice("engine", ("hf", "vllm"))
@@ -282,8 +276,9 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-# Config keys that are options of the loss itself (same names as opo_kernels' LossOptions).
-LOSS_OPTION_KEYS = tuple(k for k in LossOptions.__dataclass_fields__ if k in _FIELDS)
+# Config keys that are options of the loss itself (same names as opo_kernels' LossOptions); the
+# trainer's group_size (the G of each prompt group) is passed to the loss too.
+LOSS_OPTION_KEYS = tuple(o.name for o in LOSS_OPTIONS if o.name in _FIELDS)
 _HINTS = typing.get_type_hints(Config)
 
 
@@ -449,10 +444,11 @@ def key_docs() -> dict[str, tuple[Any, str]]:
                 comments.setdefault(current, []).append(text)
         if tok.type == tokenize.NAME and tok.string == "def":
             current = None
+    docs = {o.name: f"{o.doc} ({o.rule.text()})" for o in LOSS_OPTIONS}
     out = {}
     for f in dataclasses.fields(Config):
         default = f.default_factory() if callable(f.default_factory) else f.default
-        out[f.name] = (default, " ".join(comments.get(f.name, [])))
+        out[f.name] = (default, docs.get(f.name) or " ".join(comments.get(f.name, [])))
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from opo_kernels.checks import LossOptions, counts_read
+from opo_kernels.options import Agg, counts_read
 
 from .config import LOSS_OPTION_KEYS, Config, load_config
 from .errors import ConfigError, Interrupted, TrainingStopped
@@ -147,12 +147,12 @@ def loss_kwargs(cfg: Config, info: DistInfo) -> dict:
 
 def loss_count(cfg: Config, metrics: dict, n_seqs_local: int) -> float:
     """What the kernel's loss is a mean over, on this rank (to weight ranks exactly)."""
-    if cfg.loss == "dr_grpo":
+    agg = cfg.loss_options().kind.aggregate
+    if agg is Agg.MAX_LENGTH:
         return float(n_seqs_local)
-    if cfg.loss in ("dapo", "bnpo", "cispo") or (cfg.loss == "opo" and cfg.level == "token"
-                                                 and cfg.escort == "paper"):
+    if agg is Agg.TOKEN_MEAN:
         return float(metrics["num_tokens"])
-    if cfg.loss == "opo" and cfg.escort == "group_softmax":
+    if agg is Agg.GROUP_MEAN:
         return float(metrics["num_seqs"]) / cfg.group_size
     return float(metrics["num_seqs"])
 
@@ -289,7 +289,8 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
     dict per optimizer step with the global loss, grad norm and the kernel's metrics (local).
     """
     kw = loss_kwargs(cfg, info)
-    reads_items, reads_seqs = counts_read(LossOptions(**{k: getattr(cfg, k) for k in LOSS_OPTION_KEYS}))
+    reads_items, reads_seqs = counts_read(cfg.loss_options())
+    per_row = cfg.loss_options().kind.aggregate is Agg.MAX_LENGTH  # B · max_completion_length
     use_global = info.world > 1 and (reads_items or reads_seqs)
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -310,7 +311,7 @@ def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Te
                 if reads_items:
                     extra["num_items_in_batch"] = n_tok
                 if reads_seqs:
-                    extra["num_seqs_in_batch"] = n_rows if cfg.loss == "dr_grpo" else n_seq
+                    extra["num_seqs_in_batch"] = n_rows if per_row else n_seq
             loss, m = policy(b, mode="loss", advantages=b["advantages"], old_logps=old,
                              loss_kwargs=extra, impl=cfg.loss_impl, backend=cfg.kernel_backend,
                              temperature=cfg.temperature)
@@ -741,9 +742,10 @@ def score(run: Run, exp: Experience) -> None:
                      [list(exp.samples[g][k].tokens) for g, k in flat])
     local = []
     parts = getattr(run.runner, "last_parts", [])
+    shaping = cfg.loss_options().kind.overlong_shaping
     for j, ((g, k), r) in enumerate(zip(flat, raw)):
         smp = exp.samples[g][k]
-        shaped = r + overlong_penalty(len(smp.tokens), cfg) if (r is not None and cfg.loss == "dapo") else r
+        shaped = r + overlong_penalty(len(smp.tokens), cfg) if (r is not None and shaping) else r
         local.append((g * G + k, r, shaped, len(smp.tokens), smp.truncated,
                       tuple(p[j] for p in parts)))
     n = cfg.prompts_per_step * G
@@ -1287,7 +1289,8 @@ def off_policy_metrics(exp: Experience, cfg: Config, info: DistInfo) -> dict:
     the loss's IS / KL statistics of the step's optimizer steps (over every rank): ``is_*``
     means weighted by what they are means over (tokens or sequences), min / max over all."""
     row = {"mismatch_k1": None, "mismatch_k3": None, "mismatch_max_abs": None, **exp.mismatch}
-    per_seq = (cfg.is_correction or "").startswith("sequence")
+    mode = cfg.loss_options().is_mode
+    per_seq = mode is not None and mode.per_sequence
     keys = sorted({k for s in exp.stats for k in s if k.startswith("is_") or k in _TOKEN_MEANS})
     parts = all_gather_objects([{k: s[k] for k in keys + ["num_tokens", "num_seqs"] if k in s}
                                 for s in exp.stats], info)
@@ -1350,11 +1353,11 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
            "accuracy": sum(r >= 1.0 - 1e-9 for r in valid) / n,
            "loss": sum(s["loss"] for s in stats) / len(stats) if stats else None,
            "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats) if stats else None}
+    kind = cfg.loss_options().kind
     for k, v in zip(keys, sums):
-        if k != "clip_frac" or cfg.loss != "opo":
+        if k != "clip_frac" or kind.metric == "clip_frac":
             row[k] = v / wsum if stats else None
-    has_omega = cfg.loss == "opo"  # ω (escort weights) exists only in OPO; None for the baselines
-    if not has_omega:
+    if not kind.escort:  # ω (escort weights) exists only in paper-mode OPO
         row["omega_std"] = None
     if stats:
         first = [s for s in stats if s["minibatch"] == 0 and s["epoch"] == 0]
@@ -1364,8 +1367,8 @@ def summarize(exp: Experience, cfg: Config, info: DistInfo, runner: RewardRunner
         om_min = min(s.get("omega_min", math.inf) for s in stats)
         om_max = max(s.get("omega_max", -math.inf) for s in stats)
         lo_hi = all_gather_objects((om_min, om_max), info)
-        row["omega_min"] = min(x[0] for x in lo_hi) if has_omega else None
-        row["omega_max"] = max(x[1] for x in lo_hi) if has_omega else None
+        row["omega_min"] = min(x[0] for x in lo_hi) if kind.escort else None
+        row["omega_max"] = max(x[1] for x in lo_hi) if kind.escort else None
     a_rng = (max(adv) - min(adv)) if adv else 0.0
     row.update(off_policy_metrics(exp, cfg, info))
     row["adv_range"] = a_rng

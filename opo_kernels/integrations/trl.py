@@ -67,43 +67,54 @@ _trl = require("trl", "1.16", "trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from opo_kernels import escort_weights, fused_policy_loss, policy_loss  # noqa: E402
-from opo_kernels.checks import LossOptions, counts_read  # noqa: E402
-from opo_kernels.losses import segment_sum  # noqa: E402
+from opo_kernels.checks import check_backend_options, check_options  # noqa: E402
+from opo_kernels.options import (ESCORT_OPTIONS, LOSS_OPTIONS, LOSSES, OPTIONS_BY_NAME,  # noqa: E402
+                                 Agg, BackendOptions, LossOptions, counts_read)
 
 __all__ = ["OPOConfig", "OPOTrainer"]
 
-# OPOConfig field -> opo option
-_OPO_FIELDS = {"opo_alpha": "alpha", "opo_mu": "mu", "opo_tau": "tau", "opo_level": "level",
-               "opo_seq_reduce": "seq_reduce", "opo_ratio": "ratio", "opo_normalize": "normalize",
-               "opo_norm_scope": "norm_scope", "opo_max_log_ratio": "max_log_ratio",
-               "opo_ref_correction": "ref_correction", "opo_escort": "escort"}
-_SUPPORTED = ("opo", "grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
+# OPOConfig's own fields (opo_<option>) -> opo option: the options declared with an "opo_" TRL field
+_OPO_FIELDS = {o.trl: o.name for o in LOSS_OPTIONS if o.trl and o.trl.startswith("opo_")}
+# TRL's fields -> opo option, for the options TRL has fields of its own for
+_TRL_FIELDS = {o.trl: o.name for o in LOSS_OPTIONS if o.trl and not o.trl.startswith("opo_")}
+# TRL's loss types that are opo's loss under another name at importance_sampling_level="sequence"
+_SEQUENCE_LEVEL = {"grpo": "gspo"}
+_SUPPORTED = tuple(name for name in LOSSES if name not in _SEQUENCE_LEVEL.values())
+# TRL's loss types whose normalizer is TRL's num_items_in_batch (the generation batch's tokens)
+_TRL_NUM_ITEMS = ("dapo", "cispo", "vespo")
+# TRL's name of the clip-slot metric of each loss type (sapo: none)
+_TRL_CLIP_METRIC = {"grpo": "clip_ratio/region_mean", "dapo": "clip_ratio/region_mean",
+                    "bnpo": "clip_ratio/region_mean", "dr_grpo": "clip_ratio/region_mean",
+                    "luspo": "clip_ratio/region_mean", "cispo": "cispo_clip_ratio",
+                    "vespo": "vespo/phi_seq_mean"}
 _NOT_IN_OPO = "is not in opo"
+# the options TRL sets per call (the adaptive entropy coefficient, vLLM's importance sampling)
+_PER_CALL = ("entropy_coef", "is_correction", "is_clip_max", "is_clip_min")
+
+
+def _clip_delta_losses() -> list:
+    return [lt for lt in _SUPPORTED if "clip_delta" in LossOptions(loss=lt).kind.reads]
+
+
+def _with_opo_fields(cls):
+    """Add OPOConfig's ``opo_<option>`` fields from their declarations (type, default, doc)."""
+    for o in LOSS_OPTIONS:
+        if o.trl in _OPO_FIELDS:
+            cls.__annotations__[o.trl] = o.rule.hint()
+            setattr(cls, o.trl, field(default=o.default, metadata={"help": f"{o.doc} ({o.rule.text()})."}))
+    return cls
 
 
 @dataclass
+@_with_opo_fields
 class OPOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` plus ``loss_type="opo"`` (the default) and OPO's options.
-
-    opo_alpha: escort exponent α (ω ∝ exp((1 − α)A)). opo_mu: χ² strength μ. opo_tau: temperature τ of
-    the escort weights. opo_level: "sequence" (paper) or "token". opo_seq_reduce: "mean" or "sum" of a
-    sequence's log-ratios. opo_ratio: "log" (v = Δ) or "exact" (v = e^Δ − 1). opo_normalize: "zscore" or
-    "center". opo_max_log_ratio: clamp |Δ|. opo_ref_correction: the literal Eq. 7 anchor term.
-    opo_backend: opo's backend ("auto": Triton on CUDA, native C++ on CPU).
+    """``trl.GRPOConfig`` plus ``loss_type="opo"`` (the default) and OPO's options: a field
+    ``opo_<option>`` for each OPO option (``opo_alpha``, ``opo_mu``, ``opo_tau``, ``opo_level``, ...;
+    declared in :data:`opo_kernels.options.LOSS_OPTIONS`, docs/contract.md "Options"), and
+    ``opo_backend``, opo's backend ("auto": Triton on CUDA, native C++ on CPU).
     """
 
-    loss_type: str = field(default="opo", metadata={"help": "'opo' or one of TRL's: grpo, dapo, bnpo, dr_grpo."})
-    opo_alpha: float = field(default=0.4, metadata={"help": "OPO escort exponent α."})
-    opo_mu: float = field(default=1.0, metadata={"help": "OPO χ² strength μ."})
-    opo_tau: float = field(default=1.0, metadata={"help": "OPO escort temperature τ."})
-    opo_level: str = field(default="sequence", metadata={"help": "'sequence' (paper) or 'token'."})
-    opo_seq_reduce: str = field(default="mean", metadata={"help": "'mean' or 'sum' over a sequence's tokens."})
-    opo_ratio: str = field(default="log", metadata={"help": "'log' (v = Δ) or 'exact' (v = e^Δ − 1)."})
-    opo_normalize: str = field(default="zscore", metadata={"help": "'zscore' or 'center' normalization of ω."})
-    opo_norm_scope: str = field(default="batch", metadata={"help": "'batch' (only value supported in TRL)."})
-    opo_max_log_ratio: float | None = field(default=None, metadata={"help": "clamp Δ to [−c, c]."})
-    opo_ref_correction: bool = field(default=False, metadata={"help": "the literal Eq. 7 anchor term."})
-    opo_escort: str = field(default="paper", metadata={"help": "'paper' (only value supported in TRL)."})
+    loss_type: str = field(default="opo", metadata={"help": f"'opo' or one of TRL's: {', '.join(_SUPPORTED[1:])}."})
     opo_backend: str = field(default="auto", metadata={"help": "opo backend: auto, native, torch, triton, fused."})
 
     def __post_init__(self):
@@ -114,22 +125,29 @@ class OPOConfig(GRPOConfig):
     def opo_options(self) -> dict:
         return {opt: getattr(self, f) for f, opt in _OPO_FIELDS.items()}
 
+    def _kind(self):
+        """opo's loss type for this config (:class:`opo_kernels.options.LossType`)."""
+        return LossOptions(loss=self.loss_name(), **self.opo_options()).kind
+
     def _check_before(self):
         lt = self.loss_type
-        if lt == "vespo" and self.importance_sampling_level != "token":
-            raise ValueError("OPOConfig: loss_type='vespo' forms its sequence weights itself; leave "
-                             f"importance_sampling_level='token' (got {self.importance_sampling_level!r})")
-        if lt == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
-            raise NotImplementedError("OPOTrainer: loss_type='vespo' with vLLM importance sampling "
-                                      "(use_vllm, vllm_importance_sampling_correction) is not in opo: TRL folds the "
-                                      "IS log-ratios of every position, padding included, into VESPO's weights; "
-                                      "set vllm_importance_sampling_correction=False")
         if lt not in _SUPPORTED:
             raise ValueError(f"OPOConfig: unknown loss_type={lt!r}; supported: {_SUPPORTED}")
+        reads = LossOptions(loss=self.loss_name()).kind.reads
+        if self.importance_sampling_level != "token" and "ratio_level" not in reads \
+                and lt not in _SEQUENCE_LEVEL:
+            raise ValueError(f"OPOConfig: importance_sampling_level does not apply to loss_type={lt!r} "
+                             f"(its ratio is its own{'; use opo_level' if 'level' in reads else ''}); "
+                             f"leave it 'token' (got {self.importance_sampling_level!r})")
+        if "is_correction" not in reads and self.use_vllm and self.vllm_importance_sampling_correction:
+            raise NotImplementedError(f"OPOTrainer: loss_type={lt!r} with vLLM importance sampling "
+                                      "(use_vllm, vllm_importance_sampling_correction) is not in opo: TRL folds the "
+                                      "IS log-ratios of every position, padding included, into its sequence "
+                                      "weights; set vllm_importance_sampling_correction=False")
         unsupported = [
             ("top_entropy_quantile", bool(self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0,
              "with use_adaptive_entropy: TRL's controller measures the entropy of the masked tokens"),
-            ("top_entropy_quantile", lt in ("dapo", "cispo", "opo") and self.entropy_coef != 0.0
+            ("top_entropy_quantile", (lt in ("dapo", "cispo") or "level" in reads) and self.entropy_coef != 0.0
              and self.top_entropy_quantile < 1.0,
              f"with entropy_coef and loss_type={lt!r}: TRL's entropy mean over a micro-batch's masked tokens"),
         ]
@@ -139,69 +157,52 @@ class OPOConfig(GRPOConfig):
                                           f"leave {name} at its default")
         if getattr(self, "use_liger_kernel", False):
             raise ValueError("OPOTrainer: use_liger_kernel=True conflicts with opo's fused loss; leave it False")
-        if self.delta is not None and lt not in ("grpo", "dapo", "bnpo", "dr_grpo", "luspo"):
+        if self.delta is not None and "clip_delta" not in reads:
             raise ValueError(f"OPOConfig: delta={self.delta!r} (two-sided clip) applies to the clipped losses "
-                             f"grpo, dapo, bnpo, dr_grpo, luspo, got loss_type={lt!r}; leave it None")
-        if lt == "opo" and self.importance_sampling_level != "token":
-            raise ValueError("OPOTrainer: importance_sampling_level does not apply to loss_type='opo' "
-                             "(use opo_level); leave it 'token'")
+                             f"{', '.join(_clip_delta_losses())}, got loss_type={lt!r}; leave it None")
         defaults = OPOConfig.__dataclass_fields__
-        if lt != "opo":
-            for f in list(_OPO_FIELDS) + []:
-                if getattr(self, f) != defaults[f].default:
-                    raise ValueError(f"OPOConfig: {f}={getattr(self, f)!r} is an OPO option, but "
-                                     f"loss_type={lt!r} does not read it; leave it at its default")
+        for f, opt in _OPO_FIELDS.items():
+            if opt not in reads and getattr(self, f) != defaults[f].default:
+                raise ValueError(f"OPOConfig: {f}={getattr(self, f)!r} is an OPO option, but "
+                                 f"loss_type={lt!r} does not read it; leave it at its default")
         if self.opo_norm_scope != "batch" or self.opo_escort != "paper":
             raise NotImplementedError("OPOTrainer: opo_norm_scope='group' and opo_escort='group_softmax' need "
                                       "whole prompt groups in each micro-batch, which TRL's shuffled generation "
                                       "batch does not give; use opo_norm_scope='batch', opo_escort='paper'")
-        if lt == "opo":
+        if "level" in reads:  # an OPO loss type: its options, by opo's rules
             z = torch.zeros(2, 1)
             try:
-                policy_loss(z, z, torch.zeros(2), loss="opo", **self.opo_options())
+                policy_loss(z, z, torch.zeros(2), loss=self.loss_name(), **self.opo_options())
             except (ValueError, TypeError) as e:
                 raise ValueError(f"OPOConfig: bad OPO option (opo_<name>): {e}") from e
 
     def loss_name(self) -> str:
         """opo's loss for this config (GSPO is TRL's ``grpo`` at ``importance_sampling_level="sequence"``)."""
-        if self.loss_type == "grpo" and self.importance_sampling_level == "sequence":
-            return "gspo"
+        if self.importance_sampling_level == "sequence" and self.loss_type in _SEQUENCE_LEVEL:
+            return _SEQUENCE_LEVEL[self.loss_type]
         return self.loss_type
 
     def loss_fields(self) -> dict:
-        """The TRL fields opo's loss reads, as ``{opo option: (TRL field, value)}`` (the escort options
-        are :meth:`opo_options`)."""
-        lt = self.loss_type
-        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        """The TRL fields opo's loss reads, as ``{opo option: (TRL field, value)}``: those of the
+        options declared with a TRL field (:data:`opo_kernels.options.LOSS_OPTIONS`) that this loss
+        type reads, where they differ from opo's default (the OPO options are :meth:`opo_options`;
+        the entropy coefficient and vLLM's importance sampling are set per call)."""
+        reads = LossOptions(loss=self.loss_name()).kind.reads
         out = {}
-        if lt == "cispo":
-            out["clip_eps_high"] = ("epsilon_high", eps_high)
-        elif lt == "sapo":
-            out["sapo_temperature_pos"] = ("sapo_temperature_pos", self.sapo_temperature_pos)
-            out["sapo_temperature_neg"] = ("sapo_temperature_neg", self.sapo_temperature_neg)
-        elif lt == "vespo":
-            for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
-                out[f] = (f, getattr(self, f))
-        elif lt != "opo":
-            out["clip_eps_low"] = ("epsilon", self.epsilon)
-            out["clip_eps_high"] = ("epsilon_high" if self.epsilon_high is not None else "epsilon", eps_high)
-            if self.delta is not None:
-                out["clip_delta"] = ("delta", self.delta)
-        if lt not in ("opo", "vespo") and self.loss_name() != "gspo" and self.importance_sampling_level != "token":
-            out["ratio_level"] = ("importance_sampling_level", self.importance_sampling_level)
-        if self.beta != 0.0:
-            out["beta"] = ("beta", self.beta)
-            out["use_bias_correction_kl"] = ("use_bias_correction_kl", self.use_bias_correction_kl)
-        if self.top_entropy_quantile != 1.0:
-            out["top_entropy_quantile"] = ("top_entropy_quantile", self.top_entropy_quantile)
-        if self.off_policy_mask_threshold is not None:
-            out["off_policy_mask_threshold"] = ("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        for f, opt in _TRL_FIELDS.items():
+            if opt not in reads or opt in _PER_CALL:
+                continue
+            v = getattr(self, f)
+            if f == "epsilon_high" and v is None:  # TRL: epsilon_high defaults to epsilon
+                f, v = "epsilon", self.epsilon
+            if v != OPTIONS_BY_NAME[opt].default:
+                out[opt] = (f, v)
+        if "beta" not in out:  # the bias correction is read with beta > 0 only
+            out.pop("use_bias_correction_kl", None)
         return out
 
     def _check_after(self):
         # every field opo reads, checked by opo's own rules and reported under TRL's name
-        from opo_kernels.checks import (LossOptions, check_backend_options, check_options,
-                                        check_vocab_options)
         name = self.loss_name()
         fields_ = dict(self.loss_fields())
         fields_["entropy_coef"] = ("entropy_coef", self.entropy_coef)
@@ -210,7 +211,7 @@ class OPOConfig(GRPOConfig):
         is_fields = {"is_correction": ("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode),
                      "is_clip_max": ("vllm_importance_sampling_clip_max", self.vllm_importance_sampling_clip_max),
                      "is_clip_min": ("vllm_importance_sampling_clip_min", self.vllm_importance_sampling_clip_min)}
-        if self.vllm_importance_sampling_correction and name != "vespo":  # (vespo: refused with use_vllm)
+        if self.vllm_importance_sampling_correction and "is_correction" in LossOptions(loss=name).kind.reads:
             fields_.update(is_fields)
 
         def run(check, trl_fields):
@@ -223,7 +224,7 @@ class OPOConfig(GRPOConfig):
         for opt, (f, v) in fields_.items():
             if opt == "use_bias_correction_kl":
                 run(lambda: check_options(LossOptions(loss=name, beta=1.0, use_bias_correction_kl=v)), [(f, v)])
-            elif opt.startswith("is_clip"):
+            elif opt in ("is_clip_max", "is_clip_min"):
                 run(lambda: check_options(LossOptions(loss=name, is_correction="token_truncate", **{opt: v})),
                     [(f, v)])
             else:
@@ -231,8 +232,9 @@ class OPOConfig(GRPOConfig):
         # the combination (e.g. the IS bounds' order), named by every field involved
         run(lambda: check_options(LossOptions(loss=name, **{o: v for o, (_, v) in fields_.items()})),
             list(fields_.values()))
-        run(lambda: check_vocab_options(self.temperature, -100), [("temperature", self.temperature)])
-        run(lambda: check_backend_options(self.opo_backend, None, None, False),
+        run(lambda: check_backend_options(BackendOptions(temperature=self.temperature)),
+            [("temperature", self.temperature)])
+        run(lambda: check_backend_options(BackendOptions(backend=self.opo_backend)),
             [("opo_backend", self.opo_backend)])
 
 
@@ -273,14 +275,13 @@ class OPOTrainer(GRPOTrainer):
                     f"{self.router_aux_loss_coef}) is not in opo: its module has no load_balancing_loss_func or "
                     "the model no num_experts / num_experts_per_tok; set router_aux_loss_coef=0")
             self._aux_loss_fn = fn
-        lt = args.loss_type
         self.opo_loss_name = args.loss_name()
+        self._opo_kind = kind = args._kind()
         self._escort_options = None
-        if lt == "opo":
+        if kind.escort:
             # ω comes from the generation batch (omega=): the escort options go to escort_weights
             opts = args.opo_options()
-            self._escort_options = {k: opts.pop(k) for k in ("alpha", "tau", "normalize", "norm_scope",
-                                                             "ref_correction")}
+            self._escort_options = {k: opts.pop(k) for k in ESCORT_OPTIONS}
             if self._escort_options["ref_correction"]:  # ℓ needs the anchor: ω is formed per call
                 opts.update(self._escort_options)
                 self._escort_options = None
@@ -288,7 +289,7 @@ class OPOTrainer(GRPOTrainer):
         else:
             self._opo_options = {}
         self._opo_options.update({opt: v for opt, (_, v) in args.loss_fields().items()})
-        if lt == "dr_grpo":
+        if kind.aggregate is Agg.MAX_LENGTH:
             self._opo_options["max_completion_length"] = self.max_completion_length
         from trl.models.utils import _ForwardRedirection
         self._opo_redirect = _ForwardRedirection()
@@ -309,7 +310,7 @@ class OPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if self.opo_loss_name == "opo" and self._escort_options is not None:
+        if self._escort_options is not None:
             # ω once over the generation batch (every rank), carried with each sequence through
             # TRL's shuffle and split into micro-batches; and the batch's counts for the normalizer
             mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
@@ -404,14 +405,14 @@ class OPOTrainer(GRPOTrainer):
         # the generation batch's share that this micro-batch normalizes by (TRL's normalizer for
         # num_items_in_batch; the same rescaling for opo's sequence count)
         share = (ga / self.args.steps_per_generation if mode == "train" else 1.0) / self.accelerator.num_processes
-        if self.opo_loss_name in ("dapo", "cispo", "vespo"):
+        if self.opo_loss_name in _TRL_NUM_ITEMS:
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) * share
             extra["num_items_in_batch"] = normalizer
             scale = 1.0
             if ent_coef:
                 # TRL: entropy mean over this micro-batch's tokens / ga, whatever the policy normalizer
                 ent_coef = ent_coef * float(normalizer) / (float(mask.sum().clamp(min=1.0)) * ga)
-        elif self.opo_loss_name == "opo" and "opo_omega" in inputs:
+        elif self._opo_kind.escort and "opo_omega" in inputs:
             extra["omega"] = inputs["opo_omega"]
             n_seqs, n_items = inputs["opo_num_seqs"], inputs["opo_num_items"]
             extra["num_seqs_in_batch"] = float(n_seqs.clamp(min=1.0)) * share
@@ -419,7 +420,7 @@ class OPOTrainer(GRPOTrainer):
             scale = 1.0
             if ent_coef:
                 ent_coef = ent_coef * extra["num_items_in_batch"] / (float(mask.sum().clamp(min=1.0)) * ga)
-        elif self.opo_loss_name == "opo":
+        elif self._opo_kind.escort:
             # a batch not generated by this trainer (no ω of its generation batch): ω over this call
             extra.update(self._escort_options or {})
             if self.accelerator.num_processes > 1:
@@ -477,14 +478,13 @@ class OPOTrainer(GRPOTrainer):
 
         ntok, nseq = m["num_tokens"], m["num_seqs"]
         self._metrics[mode]["entropy"].append(global_mean(m["entropy"], ntok))
-        if self.opo_loss_name in ("grpo", "dapo", "bnpo", "dr_grpo", "luspo"):
-            self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_frac"], ntok))
-        elif self.opo_loss_name == "cispo":
-            self._metrics[mode]["cispo_clip_ratio"].append(global_mean(m["clip_frac"], ntok))
-        elif self.opo_loss_name == "vespo":
-            self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(m["vespo_phi_mean"], nseq))
-        per = ntok if self.opo_loss_name in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo") and \
-            self.args.importance_sampling_level == "token" else nseq
+        kind = self._opo_kind
+        trl_name = _TRL_CLIP_METRIC.get(self.opo_loss_name)
+        if trl_name is not None:  # clip_frac is a token mean, vespo_phi_mean a sequence mean
+            self._metrics[mode][trl_name].append(
+                global_mean(m[kind.metric], ntok if kind.metric == "clip_frac" else nseq))
+        # the Δ metrics are token means where the loss is token-separable (finish_metrics)
+        per = ntok if kind.token_separable and self.args.importance_sampling_level == "token" else nseq
         for k in ("delta_mean", "delta_abs_mean", "chi2"):
             self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], per))
         if "kl" in m:
@@ -492,6 +492,6 @@ class OPOTrainer(GRPOTrainer):
         for k in ("mismatch_k1", "mismatch_k3"):
             if k in m:
                 self._metrics[mode][f"opo/{k}"].append(global_mean(m[k], ntok))
-        if self.opo_loss_name == "opo":
+        if kind.escort:
             for k in ("omega_min", "omega_max", "omega_std"):
                 self._metrics[mode][f"opo/{k}"].append(self.accelerator.gather(m[k].reshape(1)).mean().item())

@@ -82,6 +82,8 @@ _verl = require("verl", "0.9.1", "verl")
 from verl.trainer.ppo import core_algos  # noqa: E402
 
 from opo_kernels import escort_weights, linear_logprobs, policy_loss  # noqa: E402
+from opo_kernels.checks import check_choice  # noqa: E402
+from opo_kernels.options import ESCORT_OPTIONS, LOSS_OPTIONS  # noqa: E402
 
 __all__ = ["register", "enable_logprob_hook", "disable_logprob_hook", "forward_with_opo_backend", "compute_policy_loss_opo", "compute_policy_loss_opo_group_softmax",
            "compute_opo_escort_advantage", "OPTIONS", "OMEGA_MODES", "ADV_ESTIMATOR"]
@@ -99,11 +101,18 @@ _RESERVED = {"level": "loss_agg_mode", "seq_reduce": "loss_agg_mode", "escort": 
 
 #: the OPO options every registered loss uses (set by :func:`register`)
 OPTIONS: dict = {}
-# the options each registered loss reads (the rest of opo's options are verl's business: its own
-# KL and entropy terms, its rollout correction)
-_PAPER_OPTIONS = ("alpha", "mu", "tau", "ratio", "normalize", "norm_scope", "max_log_ratio", "ref_correction")
-_GROUP_SOFTMAX_OPTIONS = ("alpha", "mu", "tau", "max_log_ratio", "beta_r", "adaptive_tau")
-_ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")
+
+
+def _options_of(loss_type: str) -> tuple:
+    """The options a registered loss takes: its loss type's own (opo_kernels.options), less those
+    verl sets (_RESERVED); the rest of opo's options are verl's business (its own KL and entropy
+    terms, its rollout correction)."""
+    return tuple(o.name for o in LOSS_OPTIONS
+                 if loss_type in o.read_by and o.kind == "loss" and o.name not in _RESERVED)
+
+
+_PAPER_OPTIONS = _options_of("opo")
+_GROUP_SOFTMAX_OPTIONS = _options_of("opo_group_softmax")
 #: where ``"opo"`` takes its escort weights ω: ``"estimator"`` (verl's advantages are ω, formed over
 #: the whole training batch by the advantage estimator :data:`ADV_ESTIMATOR`) or ``"call"`` (ω from the
 #: advantages of each call, correct only when a call holds the whole batch)
@@ -123,7 +132,6 @@ def register(*, vocab_size: int | None = None, omega: str = "call", **options) -
     ``max_log_ratio``, ``beta_r``, ``adaptive_tau``); each loss reads its own. vocab_size: V for the
     group-softmax adaptive τ (default: the actor model's config). omega: one of :data:`OMEGA_MODES`.
     """
-    from opo_kernels.checks import check_choice
     for k in options:
         if k in _RESERVED:
             raise ValueError(f"option {k!r} is set by {_RESERVED[k]} in verl, not by register()")
@@ -178,7 +186,7 @@ def compute_opo_escort_advantage(token_level_rewards: torch.Tensor, response_mas
     mask = response_mask.bool()
     valid = mask.any(-1)
     a_seq = torch.where(mask, adv.float(), 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
-    eo = {k: v for k, v in OPTIONS.items() if k in _ESCORT_OPTIONS and k not in ("norm_scope", "ref_correction")}
+    eo = {k: v for k, v in OPTIONS.items() if k in ESCORT_OPTIONS and k not in ("norm_scope", "ref_correction")}
     omega = escort_weights(a_seq, valid=valid, **eo)
     out = torch.where(mask, omega[:, None], 0.0)
     return out, out
@@ -295,7 +303,7 @@ def _compute(escort, old_log_prob, log_prob, advantages, response_mask, loss_agg
         if _STATE["omega"] == "estimator":
             # verl's advantages are ω over the whole training batch (adv_estimator=opo_escort)
             extra["omega"] = adv_seq
-            opts = {k: v for k, v in opts.items() if k not in _ESCORT_OPTIONS}
+            opts = {k: v for k, v in opts.items() if k not in ESCORT_OPTIONS}
         elif partial and opts.get("norm_scope", "batch") == "batch":
             raise ValueError("the escort weights ω would be normalized over this micro-batch only (verl's "
                              "global_batch_info shows more sequences on other micro-batches or ranks): use "
