@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import Needs, UpstreamGrad
+
 _SECOND_ORDER = (b"opo_kernels: the gradient of the fused loss / linear_logprobs is computed by the "
                  b"kernels and is not differentiable (no second order, no create_graph=True "
                  b"through it); for higher-order terms use policy_loss on log-probs")
@@ -55,14 +57,15 @@ class LinearLogprobs(torch.autograd.Function):
             g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
             g_ent = None if g_ent is None else g_ent.float().contiguous()
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
-            dh, dw, db = ctx.backend.grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
-                                           need_h, need_w, need_b and bias is not None)
+            dh, dw, db = ctx.backend.grads(hidden, weight, bias, targets,
+                                           UpstreamGrad(lse, ent, g_logp, g_ent),
+                                           Needs(need_h, need_w, need_b and bias is not None))
         return (*_no_second_order([dh, dw, db], [hidden, weight, bias]), None, None)
 
 
 def _one_pass(backend, hidden, weight, bias, la, needs):
     """The backend's one-pass loss, with the gradients in the dtypes of weight and bias."""
-    loss, sums, ent_sum, dh, dw, db = backend.one_pass_loss(hidden, weight, bias, la, *needs)
+    loss, sums, ent_sum, dh, dw, db = backend.one_pass_loss(hidden, weight, bias, la, needs)
     if dw is not None and weight.dtype != torch.float32:
         dw = dw.to(weight.dtype)
     if db is not None and bias.dtype != torch.float32:
@@ -73,8 +76,8 @@ def _one_pass(backend, hidden, weight, bias, la, needs):
 class OnePassLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, backend, la):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 bias is not None and ctx.needs_input_grad[2])
+        needs = Needs(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                      bias is not None and ctx.needs_input_grad[2])
         loss, sums, ent_sum, grads = _one_pass(backend, hidden, weight, bias, la, needs)
         # The gradients are kept outside save_for_backward: the first backward hands them out
         # (they are nobody else's), so a caller may modify them; a later backward through a

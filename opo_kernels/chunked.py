@@ -222,12 +222,14 @@ def logprobs(be, hidden, weight, bias, targets):
     return logp, lse, ent
 
 
-def grads(be, hidden, weight, bias, targets, lse, ent, g_logp, g_ent, need_h, need_w, need_b):
-    """(dhidden, dweight, dbias) in the inputs' dtypes, one chunk of logits at a time."""
+def grads(be, hidden, weight, bias, targets, up, needs):
+    """(dhidden, dweight, dbias) in the inputs' dtypes, one chunk of logits at a time (``up``:
+    :class:`~opo_kernels.dispatch.UpstreamGrad`, ``needs``: :class:`~opo_kernels.dispatch.Needs`)."""
     head = Head(hidden, weight, bias, be.chunk)
-    dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    lse, ent, g_logp, g_ent = up.lse, up.entropy, up.g_logp, up.g_ent
+    dh = torch.empty_like(hidden) if needs.hidden else None
+    dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if needs.weight else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs.bias else None
     for t0, t1, _, _ in be.chunks:
         for a, b in sub_chunks(t0, t1, be.chunk):
             if b <= a:
@@ -267,8 +269,9 @@ class LossArgs:
     old: torch.Tensor | None
 
 
-def one_pass_loss(be, hidden, weight, bias, la: LossArgs, need_h: bool, need_w: bool, need_b: bool):
-    """Loss, metric sums and (when asked) the gradients, one chunk of logits at a time.
+def one_pass_loss(be, hidden, weight, bias, la: LossArgs, needs):
+    """Loss, metric sums and (when asked: ``needs``, :class:`~opo_kernels.dispatch.Needs`) the
+    gradients, one chunk of logits at a time.
 
     Returns ``loss () fp32, sums (losses.N_SUMS,) fp32, entropy_sum () fp32, dh, dw (fp32), db (fp32)``.
 
@@ -290,7 +293,7 @@ def one_pass_loss(be, hidden, weight, bias, la: LossArgs, need_h: bool, need_w: 
     dev = hidden.device
     from .losses import empty_sums
     acc = _Acc(la, dev, empty_sums(dev))
-    g = _Grads(head, hidden, weight, need_h, need_w, need_b)
+    g = _Grads(head, hidden, weight, *needs)
     for t0, t1, s0, s1 in be.chunks:
         if t1 == t0:
             continue  # only empty sequences: they take part in nothing

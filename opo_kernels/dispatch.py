@@ -25,11 +25,31 @@ The backends (``backend=`` of the public functions):
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from . import checks, chunked
-from .options import BACKENDS, BackendOptions
+from .options import BackendOptions
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward computes (False where an input needs none, or is None)."""
+    hidden: bool
+    weight: bool
+    bias: bool
+
+
+@dataclass(frozen=True)
+class UpstreamGrad:
+    """What :meth:`Backend.grads` differentiates, ``sum(g_logp · logp + g_ent · entropy)``, with
+    the forward's per-token statistics it reuses. lse, entropy, g_logp: (N,) fp32; g_ent: (N,) fp32
+    or None (no entropy term)."""
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    g_logp: torch.Tensor
+    g_ent: torch.Tensor | None
 
 
 class Backend:
@@ -47,13 +67,11 @@ class Backend:
         """``(logp, lse, entropy)``: three fp32 (N,) tensors."""
         raise NotImplementedError
 
-    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-              need_hidden: bool, need_weight: bool, need_bias: bool):
-        """``(dhidden, dweight, dbias)`` in the dtypes of the inputs (None where not needed).
-        ``g_logp`` (N,) fp32; ``g_ent`` (N,) fp32 or None (no entropy term)."""
+    def grads(self, hidden, weight, bias, targets, up: UpstreamGrad, needs: Needs):
+        """``(dhidden, dweight, dbias)`` in the dtypes of the inputs (None where not needed)."""
         raise NotImplementedError
 
-    def one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight, need_bias):
+    def one_pass_loss(self, hidden, weight, bias, la, needs: Needs):
         raise NotImplementedError(f"backend {self.name!r} has no one-pass loss")
 
     def __repr__(self) -> str:
@@ -74,14 +92,11 @@ class ChunkedBackend(Backend):
     def logprobs(self, hidden, weight, bias, targets):
         return chunked.logprobs(self, hidden, weight, bias, targets)
 
-    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-              need_hidden, need_weight, need_bias):
-        return chunked.grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-                             need_hidden, need_weight, need_bias)
+    def grads(self, hidden, weight, bias, targets, up, needs):
+        return chunked.grads(self, hidden, weight, bias, targets, up, needs)
 
-    def one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight, need_bias):
-        return chunked.one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight,
-                                     need_bias)
+    def one_pass_loss(self, hidden, weight, bias, la, needs):
+        return chunked.one_pass_loss(self, hidden, weight, bias, la, needs)
 
 
 class FusedBackend(Backend):
@@ -93,12 +108,11 @@ class FusedBackend(Backend):
         from .fused_linear import fused_linear_forward
         return fused_linear_forward(hidden, weight, bias, targets, self.temperature)
 
-    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-              need_hidden, need_weight, need_bias):
+    def grads(self, hidden, weight, bias, targets, up, needs):
         from .fused_linear import fused_linear_backward
-        return fused_linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-                                     self.temperature, need_hidden=need_hidden,
-                                     need_weight=need_weight, need_bias=need_bias,
+        return fused_linear_backward(hidden, weight, bias, targets, up.lse, up.entropy, up.g_logp,
+                                     up.g_ent, self.temperature, need_hidden=needs.hidden,
+                                     need_weight=needs.weight, need_bias=needs.bias,
                                      filter_eps=self.options.filter_eps,
                                      deterministic=self.options.deterministic,
                                      accum_fp32=self.options.accum_fp32)
@@ -127,24 +141,24 @@ class ReferenceBackend(Backend):
         logp = s.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
         return logp, lse, ent
 
-    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-              need_hidden, need_weight, need_bias):
+    def grads(self, hidden, weight, bias, targets, up, needs):
         s = self._scaled_logits(hidden, weight, bias)
-        p = torch.exp(s - lse[:, None])
-        dz = -g_logp[:, None] * p
-        dz.scatter_add_(1, targets[:, None], g_logp[:, None])
-        if g_ent is not None:
-            dz -= g_ent[:, None] * torch.where(p > 0, p * (s - lse[:, None] + entropy[:, None]), 0.0)
+        lse = up.lse[:, None]
+        p = torch.exp(s - lse)
+        dz = -up.g_logp[:, None] * p
+        dz.scatter_add_(1, targets[:, None], up.g_logp[:, None])
+        if up.g_ent is not None:
+            dz -= up.g_ent[:, None] * torch.where(p > 0, p * (s - lse + up.entropy[:, None]), 0.0)
         dz /= self.temperature
-        dh = (dz @ weight.float()).to(hidden.dtype) if need_hidden else None
-        dw = (dz.t() @ hidden.float()).to(weight.dtype) if need_weight else None
-        db = dz.sum(0).to(bias.dtype) if need_bias else None
+        dh = (dz @ weight.float()).to(hidden.dtype) if needs.hidden else None
+        dw = (dz.t() @ hidden.float()).to(weight.dtype) if needs.weight else None
+        db = dz.sum(0).to(bias.dtype) if needs.bias else None
         return dh, dw, db
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend ``backend`` (possibly "auto") means for tensors on ``device``."""
-    checks.check_choice("backend", backend, BACKENDS)
+    """The concrete backend ``backend`` (one of BACKENDS, checked at the public boundary; possibly
+    "auto") means for tensors on ``device``."""
     if backend in ("triton", "fused"):
         checks.check_triton_device(device, f"backend={backend!r}")
         return backend

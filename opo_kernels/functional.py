@@ -16,7 +16,7 @@ import torch
 from . import checks
 from .autograd import LinearLogprobs, OnePassLoss
 from .chunked import LossArgs
-from .dispatch import get_backend
+from .dispatch import Needs, get_backend
 from .losses import RLInputs, finish_metrics, make_plan, plan_full_batch, segment_sum
 from .options import LOSSES, Agg, BackendOptions, LossOptions, split_options
 from .vocab_parallel import local_head, resolve_shard, shard_backend
@@ -240,7 +240,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             if want_grad:
                 out, sums, ent_sum = OnePassLoss.apply(h2, weight, bias, be, la)
             else:
-                out, sums, ent_sum, *_ = be.one_pass_loss(h2, weight, bias, la, False, False, False)
+                out, sums, ent_sum, *_ = be.one_pass_loss(h2, weight, bias, la, Needs(False, False, False))
         else:
             logp, ent = _logprobs(be, h2, weight, bias, tg, want_grad)
             plan_full_batch(plan, logp, m, process_group, ent)

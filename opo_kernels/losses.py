@@ -206,7 +206,7 @@ class LossPlan:
         if mode is None or mode.per_sequence:
             return mask
         sums = empty_sums(mask.device)
-        tw, _ = self._is_weights(old, mask, None, 0, 0, slice(t0, t0 + mask.shape[0]), sums)
+        tw, _ = self._is_weights(old, mask, 0, 0, slice(t0, t0 + mask.shape[0]), sums)
         return mask * tw
 
     @staticmethod
@@ -233,7 +233,7 @@ class LossPlan:
         n = logp.shape[0]
         sl = slice(t0, t0 + n)
         sums = empty_sums(logp.device)
-        tw, sw = self._is_weights(old, mask, seq, s0, s1, sl, sums)
+        tw, sw = self._is_weights(old, mask, s0, s1, sl, sums)
         if o.off_policy_mask_threshold is not None:
             keep = self._off_policy_keep(logp, old, mask, s0, s1, sl)
             sw = keep if sw is None else sw * keep
@@ -265,7 +265,7 @@ class LossPlan:
         avg = kl / self.seq_len[s0:s1].clamp_min(1)
         return ((self.adv[s0:s1] >= 0) | (avg <= self.opts.off_policy_mask_threshold)).float()
 
-    def _is_weights(self, old, mask, seq, s0, s1, sl, sums):
+    def _is_weights(self, old, mask, s0, s1, sl, sums):
         """Detached rollout-mismatch weights: (token weights (n,) or None, sequence weights
         (s1 − s0,) or None); their metric sums go into ``sums``."""
         if self.rollout is None:

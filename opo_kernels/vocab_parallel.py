@@ -222,15 +222,12 @@ class ChunkedShardBackend(ChunkedBackend):
             return None
         return _all_reduce(dh.float(), dist.ReduceOp.SUM, self.shard.group).to(dh.dtype)
 
-    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-              need_hidden, need_weight, need_bias):
-        dh, dw, db = super().grads(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-                                   need_hidden, need_weight, need_bias)
+    def grads(self, hidden, weight, bias, targets, up, needs):
+        dh, dw, db = super().grads(hidden, weight, bias, targets, up, needs)
         return self._sum_dh(dh), dw, db
 
-    def one_pass_loss(self, hidden, weight, bias, la, need_hidden, need_weight, need_bias):
-        loss, sums, ent_sum, dh, dw, db = super().one_pass_loss(hidden, weight, bias, la,
-                                                                need_hidden, need_weight, need_bias)
+    def one_pass_loss(self, hidden, weight, bias, la, needs):
+        loss, sums, ent_sum, dh, dw, db = super().one_pass_loss(hidden, weight, bias, la, needs)
         return loss, sums, ent_sum, self._sum_dh(dh), dw, db
 
 
@@ -258,14 +255,12 @@ class VocabParallelBackend(Backend):
         lt, owned = self._local_targets(targets, weight.shape[0])
         return combine(*self.inner.logprobs(hidden, weight, bias, lt), owned, self.shard.group)
 
-    def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-              need_hidden, need_weight, need_bias):
+    def grads(self, hidden, weight, bias, targets, up, needs):
         lt, owned = self._local_targets(targets, weight.shape[0])
-        dh, dw, db = self.inner.grads(hidden, weight, bias, lt, lse, entropy, g_logp, g_ent,
-                                      need_hidden, need_weight, need_bias)
+        dh, dw, db = self.inner.grads(hidden, weight, bias, lt, up, needs)
         # The one-hot term the inner backend added at column 0 of the rows this shard does not
         # own: dz[r, 0] −= g_r / T.
-        c = torch.where(owned, 0.0, g_logp) / self.temperature
+        c = torch.where(owned, 0.0, up.g_logp) / self.temperature
         if dh is not None:
             dh = dh.float() - c[:, None] * weight[0].float()
             dh = _all_reduce(dh, dist.ReduceOp.SUM, self.shard.group).to(hidden.dtype)

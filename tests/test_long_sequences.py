@@ -200,7 +200,7 @@ def test_chunk_loop_never_synchronizes_with_the_host(case):
     """The one-pass chunk loop (GEMMs, vocabulary passes, loss pieces, deferred scales) issues
     no host synchronization: it runs under torch.cuda.set_sync_debug_mode("error")."""
     from opo_kernels.chunked import LossArgs
-    from opo_kernels.dispatch import get_backend
+    from opo_kernels.dispatch import Needs, get_backend
     from opo_kernels.losses import RLInputs, make_plan
     from opo_kernels.options import BackendOptions, LossOptions
     dev = torch.device("cuda")
@@ -222,11 +222,11 @@ def test_chunk_loop_never_synchronizes_with_the_host(case):
     be = get_backend(dev, BackendOptions(backend="triton", chunk_size=256), V=V, lengths=lengths)
     la = LossArgs(plan=make_plan(o, adv, mask, lens, old, V, None, ex), targets=tg, mask=mask,
                   seq=seq, old=old)
-    be.one_pass_loss(h, w, None, la, True, True, False)  # compiles the kernels
+    be.one_pass_loss(h, w, None, la, Needs(True, True, False))  # compiles the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, *_ = be.one_pass_loss(h, w, None, la, True, True, False)
+        loss, *_ = be.one_pass_loss(h, w, None, la, Needs(True, True, False))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
