@@ -53,17 +53,18 @@ def _constant_logps(logps, m):
     return torch.where(m > 0, logps.detach().reshape(-1).float(), 0.0)
 
 
-def _rl_inputs(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-               num_seqs_in_batch) -> RLInputs:
-    """The RL-term inputs (contract: "RL terms"), validated and masked (masked positions: 0, whatever they held)."""
+def _rl_inputs(opts, targets, m, lay, given: RLInputs) -> RLInputs:
+    """The RL-term inputs as the caller gave them (contract: "RL terms"), validated and masked
+    (masked positions: 0, whatever they held)."""
     checks.check_completion_length(opts, m, lay.lengths_t)
-    ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=omega, ref_logps=ref_logps,
-                                    rollout_logps=rollout_logps, num_items_in_batch=num_items_in_batch,
-                                    num_seqs_in_batch=num_seqs_in_batch)
-    if omega is not None:
-        checks.check_omega_values(omega, segment_sum(m, lay.lengths_t) > 0)
-    return RLInputs(omega=omega, ref=_constant_logps(ref_logps, m),
-                    rollout=_constant_logps(rollout_logps, m), num_items=ni, num_seqs=ns)
+    ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=given.omega,
+                                    ref_logps=given.ref, rollout_logps=given.rollout,
+                                    num_items_in_batch=given.num_items,
+                                    num_seqs_in_batch=given.num_seqs)
+    if given.omega is not None:
+        checks.check_omega_values(given.omega, segment_sum(m, lay.lengths_t) > 0)
+    return RLInputs(omega=given.omega, ref=_constant_logps(given.ref, m),
+                    rollout=_constant_logps(given.rollout, m), num_items=ni, num_seqs=ns)
 
 
 def _mask_rows(h2, tg, keep):
@@ -230,8 +231,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     if checks.check_values(tg, V, m, advantages, old_logps, lay):
         h2, tg = _mask_rows(h2, tg, m > 0)
     old = _constant_logps(old_logps, m)
-    rl = _rl_inputs(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-                    num_seqs_in_batch)
+    rl = _rl_inputs(opts, targets, m, lay, RLInputs(omega, ref_logps, rollout_logps,
+                                                    num_items_in_batch, num_seqs_in_batch))
     plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, rl)
     want_grad = _needs_grad(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -288,8 +289,8 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
     lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
     old = _constant_logps(old_logps, m)
-    rl = _rl_inputs(opts, logps, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-                    num_seqs_in_batch)
+    rl = _rl_inputs(opts, logps, m, lay, RLInputs(omega, ref_logps, rollout_logps,
+                                                  num_items_in_batch, num_seqs_in_batch))
     ent = None
     if entropy is not None:
         checks.check_entropy_tensor(entropy, logps, m > 0)

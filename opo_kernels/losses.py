@@ -142,7 +142,9 @@ def empty_sums(device) -> torch.Tensor:
 
 @dataclass
 class RLInputs:
-    """The per-call tensors and counts of the RL terms (all optional), already masked and fp32.
+    """The per-call tensors and counts of the RL terms (all optional): as the caller gave them
+    (``omega``, ``ref_logps``, ``rollout_logps``, ``num_items_in_batch``, ``num_seqs_in_batch``),
+    and, once the public function has checked them, masked and fp32 (what :func:`make_plan` takes).
 
     omega (B,): fixed escort weights. ref (N,): reference log-probs. rollout (N,): the rollout
     engine's log-probs. num_items (): global valid-token count; num_seqs (): global sequence count.
