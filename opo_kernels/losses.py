@@ -140,7 +140,7 @@ def empty_sums(device) -> torch.Tensor:
     return s
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLInputs:
     """The per-call tensors and counts of the RL terms (all optional): as the caller gave them
     (``omega``, ``ref_logps``, ``rollout_logps``, ``num_items_in_batch``, ``num_seqs_in_batch``),

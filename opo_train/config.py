@@ -33,11 +33,17 @@ TINY_MODEL = "tiny"  # the Qwen3 config shipped in assets/tiny_qwen3 (random ini
 def _with_loss_options(cls):
     """Add a key for every loss option the trainer exposes (:data:`opo_kernels.options.LOSS_OPTIONS`
     with ``trainer=True``: not ``group_size`` and ``max_completion_length``, which are the trainer's
-    own ``group_size`` and ``max_new_tokens``), with the option's type, default and doc."""
-    for o in LOSS_OPTIONS:
-        if o.trainer:
-            cls.__annotations__[o.name] = o.rule.hint()
-            setattr(cls, o.name, o.default)
+    own ``group_size`` and ``max_new_tokens``), with the option's type, default and doc, in the
+    loss section (before ``loss_impl``)."""
+    keys = {}
+    for name, hint in cls.__annotations__.items():
+        if name == "loss_impl":
+            for o in LOSS_OPTIONS:
+                if o.trainer:
+                    keys[o.name] = o.rule.hint()
+                    setattr(cls, o.name, o.default)
+        keys[name] = hint
+    cls.__annotations__ = keys
     return cls
 
 
@@ -110,7 +116,7 @@ class Config:
     zero_signal_steps: int = 10    # warn when reward and gradient stay zero this many steps; 0 = never
     math_verify_timeout: float = 5.0  # seconds per answer inside the math reward
 
-    # -- loss (the loss options themselves are added from opo_kernels.options, after the keys) ----
+    # -- loss (the loss options themselves are added here from opo_kernels.options) --------------
     loss_impl: str = "fused"       # fused (opo_kernels, no logits) | naive (materialized logits)
     kernel_backend: str = "auto"   # opo_kernels backend=
     adv_scale: str = "auto"        # auto (the loss type's: none for dr_grpo, else group) | group | batch | none

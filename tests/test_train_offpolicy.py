@@ -338,7 +338,7 @@ def test_run_logs_mismatch_is_and_kl_every_step(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["kl"] > 0
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "gspo"])
+@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "gspo", "luspo", "vespo"])
 def test_rank_weighting_recovers_the_whole_batch_loss(loss):
     """update_policy weights each rank's loss by ``loss_count``; for that to give the loss of
     the whole mini-batch, the count must be what the kernel's loss is a mean over. Two "ranks"
