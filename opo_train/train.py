@@ -35,7 +35,7 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, te
 from .metrics import (MetricsLogger, console_line, peak_memory_gb, quiet_third_party,
                       validation_line)
 from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
-                    param_count, save_hf, trainable_params)
+                    param_count, param_groups, save_hf, trainable_params)
 from .rewards import RewardRunner, resolve_rewards
 from .rollout import Sample, make_engine
 
@@ -267,10 +267,35 @@ def reshard(policy) -> None:
 
 
 def grad_norm_and_clip(policy, max_norm: float) -> float:
+    if getattr(getattr(policy, "head", None), "vocab_parallel", None) is not None:
+        return _split_grad_norm_and_clip(policy, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _split_grad_norm_and_clip(policy, max_norm: float) -> float:
+    """``clip_grad_norm_`` for a policy whose parameters live on two meshes (the decoder's FSDP
+    shards over every process, the vocabulary-split head's on the (dp, tp) mesh), which torch's
+    cannot stack: each rank's squared local gradients, divided by how many ranks hold the same
+    copy (the mesh dimensions a tensor is replicated over), summed over every process in one
+    all-reduce (float64)."""
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        copies = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements)
+                           if pl.is_replicate())
+        sq += g.to_local().detach().double().pow(2).sum().cpu() / copies
+    if torch.distributed.get_backend() != "gloo":
+        sq = sq.to(grads[0].device if grads else "cuda")
+    torch.distributed.all_reduce(sq)
+    norm = float(sq.sqrt())
+    coef = max_norm / (norm + 1e-6)  # torch's clip_grad_norm_ rule
+    if max_norm > 0 and coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Tensor], cfg: Config,
@@ -426,7 +451,7 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
     """Cross-entropy on the answers of the toy task's ``sft`` split (disjoint from the RL and
     validation splits), through the same fused log-prob kernel. Logged to sft_metrics.jsonl."""
     task = ToyTask(cfg.seed, "sft", cfg.toy_digits, cfg.toy_task)
-    opt = torch.optim.AdamW(trainable_params(policy), lr=cfg.sft_lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(policy), lr=cfg.sft_lr, betas=(0.9, 0.98))
     logger = MetricsLogger(output_dir, info.is_main, filename="sft_metrics.jsonl", tag_prefix="sft/",
                            tensorboard=cfg.tensorboard and "tensorboard" in cfg.report_to)
     t0 = time.time()
@@ -445,7 +470,7 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
         # Sum over local tokens / global count, times world (FSDP averages gradients).
         loss = -(logp * b["mask"]).sum() / n_total * info.world
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        grad_norm_and_clip(policy, 1.0)
         lr = cfg.sft_lr * min(1.0, (k + 1) / 20) * (0.5 + 0.5 * math.cos(math.pi * k / cfg.sft_steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -870,7 +895,7 @@ def _setup(cfg: Config, info: DistInfo, fns, train_data, val_rows, limit: int) -
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg)
     policy = build_policy(cfg, info, cfg.seed)
-    optimizer = torch.optim.AdamW(trainable_params(policy), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(param_groups(policy), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     engine = make_engine(cfg, tok, info.device)
     packed = cfg.packed == "true" or (cfg.packed == "auto" and flash_attn_available(info.device))
