@@ -93,19 +93,22 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
-    """Sum a few Python numbers over ranks (one collective)."""
+def all_reduce_sum(values: list[float], info: DistInfo, every_process: bool = False) -> list[float]:
+    """Sum a few Python numbers over the data-parallel ranks (``every_process``: over every
+    process) in one collective."""
     t = torch.tensor(values, dtype=torch.float64)
     if info.device.type == "cuda":
         t = t.to(info.device)
-    if info.world > 1:
-        dist.all_reduce(t, group=info.group)
+    if (info.procs if every_process else info.world) > 1:
+        dist.all_reduce(t, group=None if every_process else info.group)
     return t.cpu().tolist()
 
 
-def all_gather_objects(obj, info: DistInfo) -> list:
-    if info.world == 1:
+def all_gather_objects(obj, info: DistInfo, every_process: bool = False) -> list:
+    """``obj`` of every data-parallel rank (``every_process``: of every process), in rank order."""
+    n = info.procs if every_process else info.world
+    if n == 1:
         return [obj]
-    out = [None] * info.world
-    dist.all_gather_object(out, obj, group=info.group)
+    out = [None] * n
+    dist.all_gather_object(out, obj, group=None if every_process else info.group)
     return out

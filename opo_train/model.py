@@ -449,16 +449,14 @@ def trainable_params(policy: Policy) -> list:
     return [p for p in policy.parameters() if p.requires_grad]
 
 
-def param_groups(policy: Policy) -> list:
-    """The trainable parameters as the optimizer takes them: one list, or with a
-    vocabulary-split head two groups (decoder, head), since a foreach step cannot mix tensors of
-    two device meshes."""
-    params = trainable_params(policy)
-    if policy.head.vocab_parallel is None:
-        return params
-    head = {id(p) for p in policy.head.parameters()}
-    groups = [[p for p in params if id(p) not in head], [p for p in params if id(p) in head]]
-    return [{"params": g} for g in groups if g]
+def build_optimizer(policy: Policy, cls=torch.optim.AdamW, **kw):
+    """``cls`` over the trainable parameters, in one group whatever the layout, so that a
+    checkpoint's optimizer state loads under any ``tensor_parallel_size``. With a
+    vocabulary-split head the parameters live on two device meshes, which the multi-tensor
+    (foreach) step cannot mix: the step then runs tensor by tensor."""
+    if policy.head.vocab_parallel is not None:
+        kw["foreach"] = False
+    return cls(trainable_params(policy), **kw)
 
 
 def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> Path | None:

@@ -1,0 +1,91 @@
+"""tensor_parallel_size: the loss head's vocabulary split over the ranks of a (dp, tp) mesh.
+
+The numerics (4 processes as 2 x 2, and 2 as 1 x 2, against 1 process) are compared in
+tests/test_train_dist.py with its 2-vs-1 machinery; here: the configuration's rules, and a whole
+run whose checkpoints move between a single process and a split head in both directions.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opo_train.__main__ import main
+from opo_train.distributed import free_port
+from test_train_dist import _assert_ran
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_line(capfd) -> str:
+    out, err = capfd.readouterr()
+    lines = [x for x in (out + err).splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_tensor_parallel_configurations_are_reported_together(tmp_path, capfd):
+    # one process: 100 does not divide it, and 100 shards of the tiny model's 128-token
+    # vocabulary (2 rows each) leave ranks without rows; a tied head, the naive loss and
+    # fsdp=false cannot take a split head
+    rc = main(["max_steps=1", "sft_steps=0", f"output_dir={tmp_path / 'out'}",
+               "tensor_parallel_size=100", "loss_impl=naive", "fsdp=false",
+               "model_overrides.tie_word_embeddings=true"])
+    line = _one_line(capfd)
+    assert rc == 2 and line.startswith("opo-train: error:")
+    for what in ("'loss_impl'", "'fsdp'", "number of processes (1", "128-token vocabulary",
+                 "tie_word_embeddings"):
+        assert what in line, (what, line)
+    assert line.count("'tensor_parallel_size'") == 3, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_tensor_parallel_size_below_one_is_refused(tmp_path, capfd, value):
+    rc = main(["max_steps=1", f"output_dir={tmp_path / 'out'}", f"tensor_parallel_size={value}"])
+    line = _one_line(capfd)
+    assert rc == 2 and "'tensor_parallel_size': must be >= 1" in line and value in line
+
+
+def _hf_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_one_process_and_a_split_head(tmp_path):
+    """One process saves step 1; 4 processes (2 x 2, the head split over 2 ranks) resume it and
+    save step 2 and the HF model; that checkpoint, exported in one process, is that same model."""
+    out = tmp_path / "run"
+    args = ["-m", "opo_train", "sft_steps=0", "prompts_per_step=4", "group_size=4",
+            "max_new_tokens=4", "save_every=1", "val_every=2", "val_size=8", "plot=false",
+            "report_to=none", f"output_dir={out}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, *args, "max_steps=1", "export_hf=false"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
+                        f"--master_port={free_port()}", "--master_addr=127.0.0.1", *args,
+                        "max_steps=2", "tensor_parallel_size=2", "resume=true"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _assert_ran(r)
+    assert "resumed from" in r.stdout and "tensor_parallel_size=2" in r.stdout, r.stdout[-3000:]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000001", "step_000002"], ckpts  # nothing refused as corrupt
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000002").glob("rng_rank*.pt")) == \
+        [f"rng_rank{r}.pt" for r in range(4)]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2] and "val_accuracy" in rows[1]
+    # the split run's own HF export (gathered from the shards) and its checkpoint read back in
+    # one process without any split: the same tensors, bit for bit
+    from opo_train.export import export
+    exported = export(out / "checkpoints" / "step_000002", tmp_path / "exported")
+    a, b = _hf_weights(out / "hf_model"), _hf_weights(exported)
+    assert a.keys() == b.keys() and "lm_head.weight" in a
+    assert a["lm_head.weight"].shape == (128, 192)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
