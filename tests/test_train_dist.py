@@ -21,7 +21,8 @@ def _worker(out_path: str) -> None:
     from opo_train.config import load_config
     from opo_train.distributed import setup, teardown
     from opo_train.model import build_optimizer, build_policy
-    from opo_train.train import Seq, anchor_logprobs, collate, rank_share, update_policy
+    from opo_train.train import (Seq, anchor_logprobs, collate, grad_norm_and_clip, rank_share,
+                                 update_policy)
 
     # OPO_DIST_OVERRIDES: extra config overrides (tests/test_train_offpolicy.py: the loss terms)
     extra = os.environ.get("OPO_DIST_OVERRIDES", "").split()
@@ -69,6 +70,13 @@ def _worker(out_path: str) -> None:
 
     stats = update_policy(policy, opt, batches, anchors, cfg, info, cfg.lr, grad_hook=hook, refs=refs)
     params = {n: p.detach().full_tensor().clone() for n, p in policy.named_parameters()}
+    # grad_norm_and_clip on gradients that are the same in every layout (seeded, global shapes)
+    from torch.distributed.tensor import distribute_tensor
+    gen = torch.Generator().manual_seed(5)
+    for p in policy.parameters():
+        p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), p.device_mesh, p.placements)
+    clip_norm = grad_norm_and_clip(policy, 1.0)
+    clipped = {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
     vp = policy.head.vocab_parallel  # each tensor-parallel rank's rows of the head
     head_split = [None] * info.tp_size
     if vp is not None:
@@ -78,7 +86,8 @@ def _worker(out_path: str) -> None:
         tmp = out_path + ".tmp"
         torch.save({"loss": [s["loss"] for s in stats], "grad_norm": [s["grad_norm"] for s in stats],
                     "grads": grads, "params": params, "before": before, "world": info.procs,
-                    "lr": cfg.lr, "logp_max": logp_max, "head_split": head_split}, tmp)
+                    "lr": cfg.lr, "logp_max": logp_max, "head_split": head_split,
+                    "clip_norm": clip_norm, "clipped": clipped}, tmp)
         os.replace(tmp, out_path)
     teardown(info)
 
@@ -219,6 +228,16 @@ def test_tensor_parallel_head_matches_one_process(tmp_path, nproc, one_process):
     assert tp["world"] == nproc and tp["head_split"] == [(0, 64), (64, 128)]
     assert_processes_match(one, rev, tp)
     assert float(one["grads"][1]["head.lm_head.weight"].abs().max()) > 0
+    # Clipping the same gradients to norm 1: the norm is one fp32 sum of squares over ~10^6
+    # entries in torch's clip_grad_norm_ (≤ 32 ulps relative, pairwise summation) and a float64
+    # one with the split head; the clipped gradients differ by that relative error of the scale
+    # plus the rounding of each product (2 ulps).
+    n1, n2 = one["clip_norm"], tp["clip_norm"]
+    assert n1 > 100 and abs(n2 - n1) <= 32 * EPS32 * n1, (n1, n2)
+    for n, g1 in one["clipped"].items():
+        bound = (32 + 2) * EPS32 * float(g1.abs().max())
+        assert float((tp["clipped"][n] - g1).abs().max()) <= bound, n
+    assert abs(_norm(tp["clipped"]) - 1.0) < 1e-4  # clipped to max_norm 1 (less torch's 1e-6 guard)
 
 
 if __name__ == "__main__":
