@@ -418,12 +418,14 @@ def apply(cfg: Config, updates: dict, source: str = "", errors: list | None = No
 
 def _per_device_batch(cfg: Config, errors: list) -> None:
     """TRL's ``per_device_train_batch_size`` B (completions per device per optimizer step):
-    prompts_per_step = B x processes x minibatches / group_size, which must be whole."""
+    prompts_per_step = B x data-parallel processes x minibatches / group_size, which must be whole."""
     b = cfg.__dict__.pop("_per_device_batch", None)
     if b is None:
         return
     import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.tensor_parallel_size > 1 and world % cfg.tensor_parallel_size == 0:
+        world //= cfg.tensor_parallel_size  # a tensor-parallel group works on the same completions
     n = b * world * cfg.minibatches
     if b < 1 or cfg.group_size < 1 or n % cfg.group_size:
         errors.append(f"config key {_PER_DEVICE_BATCH!r}: {b} completions x {world} process(es) x "

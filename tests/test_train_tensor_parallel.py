@@ -50,6 +50,16 @@ def test_tensor_parallel_size_below_one_is_refused(tmp_path, capfd, value):
     assert rc == 2 and "'tensor_parallel_size': must be >= 1" in line and value in line
 
 
+def test_trl_per_device_batch_counts_data_parallel_processes(monkeypatch):
+    """TRL's per_device_train_batch_size B: the completions of a tensor-parallel group are the
+    same, so prompts_per_step = B x (processes / k) x minibatches / group_size."""
+    from opo_train.config import load_config
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    base = ["per_device_train_batch_size=8", "group_size=4", "minibatches=2", "max_steps=1"]
+    assert load_config(None, base).prompts_per_step == 8 * 4 * 2 // 4
+    assert load_config(None, base + ["tensor_parallel_size=2"]).prompts_per_step == 8 * 2 * 2 // 4
+
+
 def _hf_weights(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path / "model.safetensors"))
