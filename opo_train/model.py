@@ -449,16 +449,6 @@ def trainable_params(policy: Policy) -> list:
     return [p for p in policy.parameters() if p.requires_grad]
 
 
-def build_optimizer(policy: Policy, cls=torch.optim.AdamW, **kw):
-    """``cls`` over the trainable parameters, in one group whatever the layout, so that a
-    checkpoint's optimizer state loads under any ``tensor_parallel_size``. With a
-    vocabulary-split head the parameters live on two device meshes, which the multi-tensor
-    (foreach) step cannot mix: the step then runs tensor by tensor."""
-    if policy.head.vocab_parallel is not None:
-        kw["foreach"] = False
-    return cls(trainable_params(policy), **kw)
-
-
 def save_hf(policy: Policy, tokenizer, out_dir: Path, info) -> Path | None:
     """HF-format export (``from_pretrained`` loads it); gathered on every rank, written by rank 0.
     With LoRA the model is the merged one, and ``adapter/`` holds the adapter in peft's format."""

@@ -34,8 +34,8 @@ from .data import ToyTask, as_dataset, is_conversation, load_hf_rows, load_math
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, setup, teardown
 from .metrics import (MetricsLogger, console_line, peak_memory_gb, quiet_third_party,
                       validation_line)
-from .model import (build_optimizer, build_policy, flash_attn_available, iter_full_params,
-                    load_tokenizer, param_count, save_hf, trainable_params)
+from .model import (build_policy, flash_attn_available, iter_full_params, load_tokenizer,
+                    param_count, save_hf, trainable_params)
 from .rewards import RewardRunner, resolve_rewards
 from .rollout import Sample, make_engine
 
@@ -453,7 +453,7 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
     """Cross-entropy on the answers of the toy task's ``sft`` split (disjoint from the RL and
     validation splits), through the same fused log-prob kernel. Logged to sft_metrics.jsonl."""
     task = ToyTask(cfg.seed, "sft", cfg.toy_digits, cfg.toy_task)
-    opt = build_optimizer(policy, lr=cfg.sft_lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(trainable_params(policy), lr=cfg.sft_lr, betas=(0.9, 0.98))
     logger = MetricsLogger(output_dir, info.is_main, filename="sft_metrics.jsonl", tag_prefix="sft/",
                            tensorboard=cfg.tensorboard and "tensorboard" in cfg.report_to)
     t0 = time.time()
@@ -920,8 +920,8 @@ def _setup(cfg: Config, info: DistInfo, fns, train_data, val_rows, limit: int) -
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg)
     policy = build_policy(cfg, info, cfg.seed)
-    optimizer = build_optimizer(policy, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_params(policy), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     engine = make_engine(cfg, tok, info.device)
     packed = cfg.packed == "true" or (cfg.packed == "auto" and flash_attn_available(info.device))
     runner = RewardRunner(fns, cfg.reward_weights or None, cfg.reward_timeout, cfg.reward_isolation)

@@ -20,7 +20,7 @@ def _worker(out_path: str) -> None:
     sys.path.insert(0, str(ROOT))
     from opo_train.config import load_config
     from opo_train.distributed import setup, teardown
-    from opo_train.model import build_optimizer, build_policy
+    from opo_train.model import build_policy
     from opo_train.train import (Seq, anchor_logprobs, collate, grad_norm_and_clip, rank_share,
                                  update_policy)
 
@@ -36,7 +36,7 @@ def _worker(out_path: str) -> None:
     # SGD: the weights move by lr · gradient, so their difference is bounded by the gradients'
     # (Adam's g / (|g| + eps) turns fp32 noise in a near-zero gradient into a step of ~lr). lr
     # 0.1 moves them about as far as Adam at 1e-3, so the second mini-batch's loss is not ~0.
-    opt = build_optimizer(policy, torch.optim.SGD, lr=cfg.lr)
+    opt = torch.optim.SGD(policy.parameters(), lr=cfg.lr)
     # Fixed global data: 4 prompt groups x 4 sequences of varied lengths.
     g = torch.Generator().manual_seed(1)
     seqs = []

@@ -67,12 +67,16 @@ def _hf_weights(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_checkpoints_move_between_one_process_and_a_split_head(tmp_path):
-    """One process saves step 1; 4 processes (2 x 2, the head split over 2 ranks) resume it and
-    save step 2 and the HF model; that checkpoint, exported in one process, is that same model."""
+    """One process warm-starts and saves step 1; 4 processes (2 x 2, the head split over 2 ranks)
+    resume it, train step 2 and save it with the HF model; read back in one process, that
+    checkpoint is the same model bit for bit, and it holds the warm-started weights."""
     out = tmp_path / "run"
-    args = ["-m", "opo_train", "sft_steps=0", "prompts_per_step=4", "group_size=4",
-            "max_new_tokens=4", "save_every=1", "val_every=2", "val_size=8", "plot=false",
-            "report_to=none", f"output_dir={out}"]
+    # lr 1e-9: the RL steps barely move the weights, so what the split run holds can be
+    # compared with what the single process saved (the warm start moves them ~1e-4)
+    lr = 1e-9
+    args = ["-m", "opo_train", "sft_steps=2", "sft_batch_size=8", "prompts_per_step=4",
+            "group_size=4", "max_new_tokens=4", "save_every=1", "val_every=2", "val_size=8",
+            "plot=false", "report_to=none", f"lr={lr}", f"output_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, *args, "max_steps=1", "export_hf=false"], cwd=ROOT, env=env,
@@ -90,12 +94,22 @@ def test_checkpoints_move_between_one_process_and_a_split_head(tmp_path):
         [f"rng_rank{r}.pt" for r in range(4)]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and "val_accuracy" in rows[1]
-    # the split run's own HF export (gathered from the shards) and its checkpoint read back in
-    # one process without any split: the same tensors, bit for bit
+    from opo_train.config import load_config
     from opo_train.export import export
-    exported = export(out / "checkpoints" / "step_000002", tmp_path / "exported")
-    a, b = _hf_weights(out / "hf_model"), _hf_weights(exported)
-    assert a.keys() == b.keys() and "lm_head.weight" in a
-    assert a["lm_head.weight"].shape == (128, 192)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    from opo_train.model import build_hf_model
+    # split -> one process: the split run's own HF export (gathered from the shards) and its
+    # checkpoint read back in one process: the same tensors, bit for bit
+    split = _hf_weights(out / "hf_model")
+    two = _hf_weights(export(out / "checkpoints" / "step_000002", tmp_path / "two"))
+    assert split.keys() == two.keys() and split["lm_head.weight"].shape == (128, 192)
+    for k in split:
+        assert torch.equal(split[k], two[k]), k
+    # one process -> split: the split run started from the single process's step 1, not from a
+    # fresh init. One AdamW step moves a weight by at most ~lr (|m̂| / √v̂ ≤ 1 for these betas);
+    # 100 lr leaves room for the moments carried over, far below what the warm start moved.
+    one = _hf_weights(export(out / "checkpoints" / "step_000001", tmp_path / "one"))
+    torch.manual_seed(0)
+    init = dict(build_hf_model(load_config(None, ["max_steps=1"]), torch.device("cpu")).named_parameters())
+    for k in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert float((one[k] - init[k].detach()).abs().max()) > 1e4 * lr, k  # warm-started
+        assert float((split[k] - one[k]).abs().max()) <= 100 * lr, k
