@@ -371,7 +371,8 @@ def shard(policy: Policy, cfg: Config, info) -> None:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     if info.tp_size > 1:
         # The vocabulary-split head: its own DTensor shards, outside every FSDP unit.
-        fully_shard(policy, mesh=mesh, mp_policy=mp_keep, ignored_params=split_head(policy, cfg, info))
+        head = split_head(policy, cfg, info)
+        fully_shard(policy, mesh=mesh, mp_policy=mp_keep, ignored_params=head)
         return
     if getattr(policy.hf_config, "tie_word_embeddings", False):
         # A tied head shares its weight with the embedding, which the root unit owns; the head

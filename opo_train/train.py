@@ -956,7 +956,8 @@ def _loop(run: Run, t_start: float, stop: StopOnSignal) -> dict:
         lora = (f" (LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable_params(run.policy)) / 1e6:.3f}M "
                 f"trainable)" if cfg.lora_r else "")
         tp = f" (tensor_parallel_size={info.tp_size})" if info.tp_size > 1 else ""
-        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params{lora}, {info.procs} process(es){tp} on "
+        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params{lora}, {info.procs} "
+              f"process(es){tp} on "
               f"{info.device.type}, loss={cfg.loss} ({cfg.loss_impl}), {max_steps} steps x "
               f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
               f"{'packed' if run.packed else 'padded'} batches, engine={cfg.engine} -> {out_dir}",
@@ -1005,7 +1006,8 @@ def _loop(run: Run, t_start: float, stop: StopOnSignal) -> dict:
         row["elapsed"] = time.time() - t_start
         row["step_time"] = time.perf_counter() - t_step
         row["eta_s"] = (time.time() - t_steps) / (step + 1 - start_step) * (max_steps - step - 1)
-        row["peak_mem_gb"] = max(all_gather_objects(peak_memory_gb(info.device), info, every_process=True))
+        row["peak_mem_gb"] = max(all_gather_objects(peak_memory_gb(info.device), info,
+                                                    every_process=True))
         if cfg.val_every and run.val_rows and (step + 1) % cfg.val_every == 0:
             run.sync_engine()  # score the weights after this step's updates
             run.engine.wake()
