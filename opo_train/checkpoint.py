@@ -117,20 +117,20 @@ def save(output_dir, step: int, policy, optimizer, trainer_state: dict, info, ke
     root = checkpoint_dir(output_dir)
     final = root / f"step_{step:06d}"
     nonce = uuid.uuid4().hex[:8] if info.is_main else None
-    if info.world > 1:
+    if info.procs > 1:  # every process writes its shards (tensor-parallel ranks included)
         box = [nonce]
-        dist.broadcast_object_list(box, src=0, group=info.group)
+        dist.broadcast_object_list(box, src=0)
         nonce = box[0]
     tmp = root / f"step_{step:06d}.tmp-{nonce}"
     if info.is_main:
         tmp.mkdir(parents=True, exist_ok=True)
-    if info.world > 1:
-        dist.barrier(group=info.group)
+    if info.procs > 1:
+        dist.barrier()
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
-    if info.world > 1:
-        dist.barrier(group=info.group)
+    torch.save(rng_state(), tmp / f"rng_rank{info.global_rank}.pt")
+    if info.procs > 1:
+        dist.barrier()
     if info.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         with open(tmp / "COMPLETE", "w") as f:
@@ -143,8 +143,8 @@ def save(output_dir, step: int, policy, optimizer, trainer_state: dict, info, ke
         os.rename(tmp, final)
         _fsync_dir(root)
         _prune(root, keep)
-    if info.world > 1:
-        dist.barrier(group=info.group)
+    if info.procs > 1:
+        dist.barrier()
     return final
 
 
@@ -171,9 +171,9 @@ def load_latest(output_dir, policy, optimizer, info) -> tuple[Path | None, dict 
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             err, state = e, None
         ok = [err is None]
-        if info.world > 1:
-            box = [None] * info.world
-            dist.all_gather_object(box, ok[0], group=info.group)
+        if info.procs > 1:
+            box = [None] * info.procs
+            dist.all_gather_object(box, ok[0])
             ok = box
         if all(ok):
             return path, state
@@ -187,15 +187,15 @@ def load_latest(output_dir, policy, optimizer, info) -> tuple[Path | None, dict 
             if bad.exists():
                 shutil.rmtree(bad)
             os.rename(path, bad)
-        if info.world > 1:
-            dist.barrier(group=info.group)
+        if info.procs > 1:
+            dist.barrier()
     return None, None
 
 
 def load(path: Path, policy, optimizer, info) -> dict:
     """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
     trainer_state = json.loads((path / "trainer_state.json").read_text())
-    rng_file = path / f"rng_rank{info.rank}.pt"
+    rng_file = path / f"rng_rank{info.global_rank}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}

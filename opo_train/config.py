@@ -104,7 +104,8 @@ class Config:
     top_p: float = 1.0  # nucleus sampling
     vllm_gpu_memory_utilization: float = 0.4  # vLLM: share of GPU memory for its weights and KV cache
     vllm_sleep: bool = True        # free the KV cache between rollout and training
-    tensor_parallel_size: int = 1  # vLLM: ranks per engine (torchrun; must divide the world)
+    tensor_parallel_size: int = 1  # ranks that split the loss head's vocabulary (and engine=vllm:
+    #                                make one engine); torchrun, must divide the number of processes
 
     # -- rewards --------------------------------------------------------------------------------
     rewards: list = field(default_factory=lambda: ["auto"])  # auto (the task's: toy, math) | toy |
@@ -234,6 +235,14 @@ class Config:
                     "sft_batch_size", "max_prompt_length", "toy_digits", "tensor_parallel_size"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
+        if self.tensor_parallel_size > 1:  # the vocabulary-split head (the model's rules: preflight)
+            if self.loss_impl != "fused":
+                bad("loss_impl", "tensor_parallel_size > 1 splits the head's vocabulary, which "
+                                 "only the fused loss takes (naive needs the whole head)")
+            if not self.fsdp:
+                bad("fsdp", "tensor_parallel_size > 1 needs fsdp=true (several processes)")
+            if self.lora_r:
+                bad("lora_r", "LoRA is not supported with tensor_parallel_size > 1")
         for key in ("cpu_threads", "max_steps", "save_every", "val_every", "sft_steps", "warmup_steps",
                     "keep_checkpoints", "val_size", "weight_decay", "grad_clip", "epochs",
                     "reward_max_failed_steps", "zero_signal_steps", "lora_r",
@@ -410,12 +419,14 @@ def apply(cfg: Config, updates: dict, source: str = "", errors: list | None = No
 
 def _per_device_batch(cfg: Config, errors: list) -> None:
     """TRL's ``per_device_train_batch_size`` B (completions per device per optimizer step):
-    prompts_per_step = B x processes x minibatches / group_size, which must be whole."""
+    prompts_per_step = B x data-parallel processes x minibatches / group_size, which must be whole."""
     b = cfg.__dict__.pop("_per_device_batch", None)
     if b is None:
         return
     import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.tensor_parallel_size > 1 and world % cfg.tensor_parallel_size == 0:
+        world //= cfg.tensor_parallel_size  # a tensor-parallel group works on the same completions
     n = b * world * cfg.minibatches
     if b < 1 or cfg.group_size < 1 or n % cfg.group_size:
         errors.append(f"config key {_PER_DEVICE_BATCH!r}: {b} completions x {world} process(es) x "

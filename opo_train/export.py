@@ -37,7 +37,7 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None,
     if not cfg_file.exists():
         raise ConfigError(f"export: no run config at {str(cfg_file)!r}; pass --config")
     cfg = load_config(str(cfg_file), ["fsdp=false", "device=cpu", "activation_checkpointing=false",
-                                      "resume=false", "overwrite=false"])
+                                      "resume=false", "overwrite=false", "tensor_parallel_size=1"])
     with quiet_third_party():
         policy = Policy(build_hf_model(cfg, torch.device("cpu")))
         state = {"model": policy.state_dict()}

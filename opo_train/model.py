@@ -9,6 +9,15 @@ FSDP2 layout: ``fully_shard`` on every decoder block, on the loss head, and on t
 head is its own FSDP unit *because* it reads ``lm_head.weight`` inside its own ``forward``:
 FSDP's pre-forward hook has unsharded the weight by then and its post-backward hook
 reduce-scatters the weight's gradient, exactly as for an ``nn.Linear`` call.
+
+With ``tensor_parallel_size`` k > 1 (a (dp, tp) mesh, see ``distributed.setup``) the head is
+split along the vocabulary instead (:func:`split_head`), and the decoder stays under FSDP2 over
+*every* process. The k ranks of a tensor-parallel group hold the same data, and after the loss
+their hidden-state gradients are the same (the loss sums them over the group), so their decoder
+gradients are the same too: FSDP's average over all processes is then the average over the
+data-parallel ranks, exactly what FSDP over the data-parallel group alone would give, while the
+decoder's parameters and optimizer state are sharded over all processes (k times less memory
+each) and one copy of them exists, which no replica can drift away from.
 """
 from __future__ import annotations
 
@@ -126,23 +135,35 @@ class LossHead(nn.Module):
     def __init__(self, lm_head: nn.Linear):
         super().__init__()
         self.lm_head = lm_head
+        # Set by split_head: this rank's rows of a vocabulary-split head, and the compute dtype
+        # its fp32 shard is cast to (no FSDP unit does it for the split head).
+        self.vocab_parallel = None
+        self.compute_dtype = None
 
     def forward(self, hidden, targets, mask, *, mode: str, advantages=None, old_logps=None,
                 loss_kwargs: dict | None = None, impl: str = "fused", backend: str = "auto",
                 temperature: float = 1.0, cu_seqlens=None):
         import opo_kernels as ok
         weight, bias = self.lm_head.weight, self.lm_head.bias
+        split = {}
+        if self.vocab_parallel is not None:
+            # Megatron's layout: the local rows [start, stop) and the tensor-parallel group;
+            # to_local() keeps autograd, so the shard's gradient lands on the DTensor parameter.
+            weight, bias = (None if t is None else t.to_local().to(self.compute_dtype)
+                            for t in (weight, bias))
+            split["vocab_parallel"] = self.vocab_parallel
         if impl == "naive":
             return self._naive(hidden, weight, bias, targets, mask, mode, advantages, old_logps,
                                loss_kwargs, temperature, cu_seqlens)
         if mode == "logprobs":
             logp, ent = ok.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                           return_entropy=True, backend=backend, cu_seqlens=cu_seqlens)
+                                           return_entropy=True, backend=backend, cu_seqlens=cu_seqlens,
+                                           **split)
             # Not views: FSDP's pre-backward hook on a returned view is lost by in-place ops.
             return logp.clone(), ent.clone()
         return ok.fused_policy_loss(hidden, weight, targets, advantages, old_logps, mask, bias=bias,
                                     temperature=temperature, backend=backend, cu_seqlens=cu_seqlens,
-                                    **(loss_kwargs or {}))
+                                    **split, **(loss_kwargs or {}))
 
     @staticmethod
     def _naive(hidden, weight, bias, targets, mask, mode, advantages, old_logps, loss_kwargs,
@@ -282,15 +303,64 @@ def build_policy(cfg: Config, info, seed: int) -> Policy:
     policy.train()
     if cfg.fsdp:
         shard(policy, cfg, info)
-    elif info.world > 1:
+    elif info.procs > 1:
         raise ConfigError("config key 'fsdp': false is only allowed in a single process")
     return policy
+
+
+def head_rows(vocab_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of tensor-parallel rank ``tp_rank``: DTensor's ``Shard(0)`` split
+    (``torch.chunk``: ceil(V / k) rows each, the last ones fewer)."""
+    size = -(-vocab_size // tp_size)
+    start = min(tp_rank * size, vocab_size)
+    return start, min(start + size, vocab_size)
+
+
+def split_head(policy: Policy, cfg: Config, info) -> set:
+    """Split the LM head's weight (and bias) by rows over the tensor-parallel group: each becomes
+    a DTensor on the (dp, tp) mesh placed ``(Replicate(), Shard(0))``, so rank (d, t) holds rows
+    ``head_rows(V, k, t)`` (the same on every data-parallel rank d), the optimizer steps that
+    shard, and checkpoints store the whole (V, H) tensor. The shard's gradient is averaged over
+    the data-parallel group as soon as it is accumulated (FSDP's average, for the decoder, is
+    over the same data-parallel ranks). Returns the head's parameters (FSDP leaves them alone)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from opo_kernels import VocabParallel
+    head = policy.head
+    lm = head.lm_head
+    V = lm.weight.shape[0]
+    start, stop = head_rows(V, info.tp_size, info.tp_rank)
+
+    def dp_mean(p):  # every backward: the data-parallel ranks' shard gradients, averaged
+        g = p.grad.to_local()
+        dist.all_reduce(g, group=info.group)
+        g.div_(info.world)
+
+    params = set()
+    for name in ("weight", "bias"):
+        p = getattr(lm, name)
+        if p is None:
+            continue
+        d = nn.Parameter(distribute_tensor(p.detach(), info.mesh, [Replicate(), Shard(0)]),
+                         requires_grad=p.requires_grad)
+        if d.to_local().shape[0] != stop - start:
+            raise RuntimeError(f"lm_head.{name}: local shard has {d.to_local().shape[0]} rows, "
+                               f"expected rows [{start}, {stop})")
+        if info.world > 1 and d.requires_grad:
+            d.register_post_accumulate_grad_hook(dp_mean)
+        setattr(lm, name, d)
+        params.add(d)
+    head.vocab_parallel = VocabParallel(info.tp_group, start, stop)
+    head.compute_dtype = resolve_dtype(cfg, info.device)
+    return params
 
 
 def shard(policy: Policy, cfg: Config, info) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(info.device.type, (info.world,))
+    # Over every process (with tensor parallelism too: see the module's docstring).
+    mesh = init_device_mesh(info.device.type, (info.procs,))
     dtype = resolve_dtype(cfg, info.device)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # The root and the head receive the advantages and the anchor log-probs, which must stay
@@ -299,6 +369,11 @@ def shard(policy: Policy, cfg: Config, info) -> None:
                                    cast_forward_inputs=False)
     for layer in policy.backbone.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
+    if info.tp_size > 1:
+        # The vocabulary-split head: its own DTensor shards, outside every FSDP unit.
+        head = split_head(policy, cfg, info)
+        fully_shard(policy, mesh=mesh, mp_policy=mp_keep, ignored_params=head)
+        return
     if getattr(policy.hf_config, "tie_word_embeddings", False):
         # A tied head shares its weight with the embedding, which the root unit owns; the head
         # then runs inside the root's forward, whose pre-forward hook has unsharded that weight

@@ -80,6 +80,8 @@ class HFEngine:
     def generate(self, prompt_ids: list[list[int]], n: int, *, seed: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> list[list[Sample]]:
         cfg, tok = self.cfg, self.tok
+        if not prompt_ids:  # a tensor-parallel rank's empty part of its group's prompts
+            return []
         max_new = max_new_tokens or cfg.max_new_tokens
         L = max(len(p) for p in prompt_ids)
         pad = tok.pad_token_id

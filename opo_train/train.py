@@ -267,10 +267,35 @@ def reshard(policy) -> None:
 
 
 def grad_norm_and_clip(policy, max_norm: float) -> float:
+    if getattr(getattr(policy, "head", None), "vocab_parallel", None) is not None:
+        return _split_grad_norm_and_clip(policy, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _split_grad_norm_and_clip(policy, max_norm: float) -> float:
+    """``clip_grad_norm_`` for a policy whose parameters live on two meshes (the decoder's FSDP
+    shards over every process, the vocabulary-split head's on the (dp, tp) mesh), which torch's
+    cannot stack: each rank's squared local gradients, divided by how many ranks hold the same
+    copy (the mesh dimensions a tensor is replicated over), summed over every process in one
+    all-reduce (float64)."""
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        copies = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements)
+                           if pl.is_replicate())
+        sq += g.to_local().detach().double().pow(2).sum().cpu() / copies
+    if torch.distributed.get_backend() != "gloo":
+        sq = sq.to(grads[0].device if grads else "cuda")
+    torch.distributed.all_reduce(sq)
+    norm = float(sq.sqrt())
+    coef = max_norm / (norm + 1e-6)  # torch's clip_grad_norm_ rule
+    if max_norm > 0 and coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def update_policy(policy, optimizer, batches: list[dict], anchors: list[torch.Tensor], cfg: Config,
@@ -401,11 +426,13 @@ def step_seed(cfg: Config, step: int, rank: int, salt: int = 0) -> int:
 
 def validate(engine, rows: list[dict], tok, runner: RewardRunner, cfg: Config, info: DistInfo,
              step: int, limit: int | None = None) -> dict:
-    """Greedy decoding on this rank's share of the validation rows; accuracy = reward >= 1."""
-    share = rows[info.rank * len(rows) // info.world:(info.rank + 1) * len(rows) // info.world]
+    """Greedy decoding on this process's share of the validation rows (split over every
+    process, tensor-parallel ranks included); accuracy = reward >= 1."""
+    r, n = info.global_rank, info.procs
+    share = rows[r * len(rows) // n:(r + 1) * len(rows) // n]
     hits = total = reward_sum = 0.0
     if share:
-        samples = engine.generate(format_prompts(share, tok, cfg, limit), 1, seed=step_seed(cfg, step, info.rank, 7),
+        samples = engine.generate(format_prompts(share, tok, cfg, limit), 1, seed=step_seed(cfg, step, r, 7),
                                   greedy=True)
         comps = as_completions(share, [tok.decode(g[0].tokens, skip_special_tokens=True) for g in samples])
         cols = {k: [r.get(k) for r in share] for k in share[0] if k != "prompt"}
@@ -415,7 +442,7 @@ def validate(engine, rows: list[dict], tok, runner: RewardRunner, cfg: Config, i
             total += 1
             reward_sum += r or 0.0
             hits += (r is not None and r >= 1.0 - 1e-9)
-    hits, total, reward_sum = all_reduce_sum([hits, total, reward_sum], info)
+    hits, total, reward_sum = all_reduce_sum([hits, total, reward_sum], info, every_process=True)
     return {"val_accuracy": hits / max(total, 1), "val_reward": reward_sum / max(total, 1)}
 
 
@@ -446,7 +473,7 @@ def warm_start(policy, tok, cfg: Config, info: DistInfo, packed: bool, output_di
         # Sum over local tokens / global count, times world (FSDP averages gradients).
         loss = -(logp * b["mask"]).sum() / n_total * info.world
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        grad_norm_and_clip(policy, 1.0)
         lr = cfg.sft_lr * min(1.0, (k + 1) / 20) * (0.5 + 0.5 * math.cos(math.pi * k / cfg.sft_steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -518,7 +545,8 @@ class StopOnSignal:
     def requested(self) -> bool:
         """Collective: whether any rank was asked to stop (all ranks then stop together)."""
         import signal
-        flag, = all_reduce_sum([1.0 if self.signum is not None else 0.0], self.info)
+        flag, = all_reduce_sum([1.0 if self.signum is not None else 0.0], self.info,
+                               every_process=True)
         if flag > 0 and self.signum is None:  # another rank's signal: stop alike
             self.signum = signal.SIGTERM
         return flag > 0
@@ -537,7 +565,7 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def resume_hint(cfg: Config, info: DistInfo) -> str:
-    launch = (f"torchrun --nproc_per_node {info.world} -m opo_train" if info.world > 1
+    launch = (f"torchrun --nproc_per_node {info.procs} -m opo_train" if info.procs > 1
               else "opo-train")
     return f"{launch} --config {Path(cfg.output_dir) / 'config.yaml'} resume=true"
 
@@ -602,7 +630,7 @@ def train(config: Config | str | dict | None = None, reward_fns=None, dataset=No
         cfg = apply(dataclasses.replace(cfg), {"reward_weights": list(reward_weights)})
     with quiet_third_party():
         train_data, val_rows, fns, limit = preflight(cfg, reward_fns, dataset, val_dataset)
-        info = setup(cfg.device)
+        info = setup(cfg.device, cfg.tensor_parallel_size)
         threads = torch.get_num_threads()
         if info.device.type == "cpu" and cfg.cpu_threads:
             # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP
@@ -720,7 +748,7 @@ def rollout(run: Run, step: int, round: int = 0) -> Experience:
     if counts:
         log.warning("%d prompt(s) longer than %d tokens were cut on the %s (truncate=%s)",
                     counts["truncated"], run.prompt_limit, cfg.truncate, cfg.truncate)
-    out = run.engine.generate(ids, G, seed=step_seed(cfg, step, info.rank, salt=101 * round))
+    out = tp_generate(run, ids, G, seed=step_seed(cfg, step, info.global_rank, salt=101 * round))
     run.engine.sleep()
     for g, p, smp in zip(groups, ids, out):
         exp.prompt_ids[g], exp.samples[g] = p, smp
@@ -730,11 +758,33 @@ def rollout(run: Run, step: int, round: int = 0) -> Experience:
     return exp
 
 
+def tp_generate(run: Run, ids: list[list[int]], n: int, seed: int) -> list[list[Sample]]:
+    """``run.engine.generate(ids, n)``; the ranks of a tensor-parallel group hold the same
+    prompts: each samples its contiguous part of them, and they swap the samples (so they hold
+    the same ones whatever the engine's determinism)."""
+    info = run.info
+    if info.tp_size == 1:
+        return run.engine.generate(ids, n, seed=seed)
+    lo, hi = tp_part(len(ids), info)
+    parts = [None] * info.tp_size
+    torch.distributed.all_gather_object(parts, run.engine.generate(ids[lo:hi], n, seed=seed),
+                                        group=info.tp_group)
+    return [s for part in parts for s in part]
+
+
+def tp_part(n: int, info: DistInfo) -> tuple[int, int]:
+    """This tensor-parallel rank's contiguous part ``[lo, hi)`` of ``n`` items its group shares."""
+    return n * info.tp_rank // info.tp_size, n * (info.tp_rank + 1) // info.tp_size
+
+
 def score(run: Run, exp: Experience) -> None:
     """2. Rewards of this rank's completions (contained, see ``RewardRunner``), DAPO's overlong
-    shaping, then every rank gets every reward (``all_gather``)."""
+    shaping, then every rank gets every reward (``all_gather``). The ranks of a tensor-parallel
+    group share their completions: each scores its part of them (so they agree on every
+    reward, even one a timeout would take away)."""
     cfg, G = run.cfg, run.cfg.group_size
     flat = [(g, k) for g in exp.groups for k in range(G)]
+    flat = flat[slice(*tp_part(len(flat), run.info))]
     rows = [exp.rows[g] for g, _ in flat]
     columns = {c: [r.get(c) for r in rows] for c in (rows[0] if rows else {}) if c != "prompt"}
     raw = run.runner([r["prompt"] for r in rows],
@@ -751,7 +801,7 @@ def score(run: Run, exp: Experience) -> None:
     n = cfg.prompts_per_step * G
     exp.raw_rewards, exp.rewards = [None] * n, [None] * n
     exp.lengths, exp.truncated, exp.fn_rewards = [0] * n, [False] * n, [()] * n
-    for part in all_gather_objects(local, run.info):
+    for part in all_gather_objects(local, run.info, every_process=True):
         for i, r, shaped, length, trunc, per_fn in part:
             exp.raw_rewards[i], exp.rewards[i], exp.lengths[i], exp.truncated[i] = r, shaped, length, trunc
             exp.fn_rewards[i] = per_fn
@@ -907,7 +957,9 @@ def _loop(run: Run, t_start: float, stop: StopOnSignal) -> dict:
         write_run_config(cfg, out_dir)
         lora = (f" (LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable_params(run.policy)) / 1e6:.3f}M "
                 f"trainable)" if cfg.lora_r else "")
-        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params{lora}, {info.world} process(es) on "
+        tp = f" (tensor_parallel_size={info.tp_size})" if info.tp_size > 1 else ""
+        print(f"opo-train: {param_count(run.policy) / 1e6:.2f}M params{lora}, {info.procs} "
+              f"process(es){tp} on "
               f"{info.device.type}, loss={cfg.loss} ({cfg.loss_impl}), {max_steps} steps x "
               f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
               f"{'packed' if run.packed else 'padded'} batches, engine={cfg.engine} -> {out_dir}",
@@ -956,7 +1008,8 @@ def _loop(run: Run, t_start: float, stop: StopOnSignal) -> dict:
         row["elapsed"] = time.time() - t_start
         row["step_time"] = time.perf_counter() - t_step
         row["eta_s"] = (time.time() - t_steps) / (step + 1 - start_step) * (max_steps - step - 1)
-        row["peak_mem_gb"] = max(all_gather_objects(peak_memory_gb(info.device), info))
+        row["peak_mem_gb"] = max(all_gather_objects(peak_memory_gb(info.device), info,
+                                                    every_process=True))
         if cfg.val_every and run.val_rows and (step + 1) % cfg.val_every == 0:
             run.sync_engine()  # score the weights after this step's updates
             run.engine.wake()
@@ -1101,6 +1154,8 @@ def machine_problems(cfg: Config):
             log.warning("lora_r=%d on model=tiny: LoRA trains small updates of a base that is "
                         "random here, and a random-init model cannot learn the task from them; "
                         "use lora_r=0 (full training) or a trained model", cfg.lora_r)
+    if cfg.tensor_parallel_size > 1:
+        errors += tensor_parallel_problems(cfg, conf)
     if cfg.engine == "vllm":
         try:
             import vllm  # noqa: F401
@@ -1121,6 +1176,31 @@ def machine_problems(cfg: Config):
     if errors:
         raise ConfigError.of(errors)
     return tok, conf
+
+
+def tensor_parallel_problems(cfg: Config, conf) -> list[str]:
+    """What a vocabulary-split head (``tensor_parallel_size`` k > 1) asks of the launch and the
+    model: k dividing the processes, a vocabulary that gives each of the k ranks rows, an output
+    embedding of its own."""
+    import os
+
+    from .model import head_rows
+    k, errors = cfg.tensor_parallel_size, []
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    if procs % k:
+        errors.append(f"config key 'tensor_parallel_size': must divide the number of processes "
+                      f"({procs}; torchrun --nproc_per_node sets it), got {k}")
+    if conf is None:
+        return errors
+    V = getattr(conf, "vocab_size", None) or 0
+    if head_rows(V, k, k - 1)[0] >= V:
+        errors.append(f"config key 'tensor_parallel_size': {k} shards of the model's {V}-token "
+                      f"vocabulary ({-(-V // k)} rows each) leave a rank without rows, got {k}")
+    if getattr(conf, "tie_word_embeddings", False):
+        errors.append(f"config key 'tensor_parallel_size': the model ties its LM head to the input "
+                      f"embedding (tie_word_embeddings), and a vocabulary shard of the head cannot "
+                      f"be the embedding; tensor_parallel_size must be 1 for it, got {k}")
+    return errors
 
 
 def reward_functions(cfg: Config, reward_fns) -> list:
@@ -1187,7 +1267,8 @@ RESUME_MAY_CHANGE = frozenset({
     "kernel_backend", "activation_checkpointing", "attn_implementation", "packed", "log_every",
     "save_every", "keep_checkpoints", "export_hf", "plot", "tensorboard", "report_to",
     "wandb_project", "log_completions_every", "log_completions_count", "val_every", "val_size",
-    "val_file", "val_levels", "reward_timeout", "reward_max_failed_steps", "zero_signal_steps"})
+    "val_file", "val_levels", "reward_timeout", "reward_max_failed_steps", "zero_signal_steps",
+    "tensor_parallel_size"})
 
 
 def write_run_config(cfg: Config, out_dir: Path) -> None:
@@ -1232,8 +1313,8 @@ def claim_output_dir(cfg: Config, info: DistInfo, policy, optimizer, max_steps: 
     if cfg.overwrite:
         if info.is_main and there:
             ckpt.remove_run(out_dir)
-        if info.world > 1:
-            torch.distributed.barrier(group=info.group)
+        if info.procs > 1:
+            torch.distributed.barrier()
         return None, None
     if not cfg.resume:
         if there:
@@ -1249,8 +1330,8 @@ def claim_output_dir(cfg: Config, info: DistInfo, policy, optimizer, max_steps: 
                   f"nothing to resume, starting at step 0", flush=True)
             if ckpt.existing_run(out_dir):
                 ckpt.remove_run(out_dir)  # what a run that saved nothing left: not mixed with this
-        if info.world > 1:
-            torch.distributed.barrier(group=info.group)
+        if info.procs > 1:
+            torch.distributed.barrier()
         return None, None
     if ckpt.step_of(latest) > max_steps:
         raise ConfigError(

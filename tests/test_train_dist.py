@@ -21,13 +21,17 @@ def _worker(out_path: str) -> None:
     from opo_train.config import load_config
     from opo_train.distributed import setup, teardown
     from opo_train.model import build_policy
-    from opo_train.train import Seq, anchor_logprobs, collate, rank_share, update_policy
+    from opo_train.train import (Seq, anchor_logprobs, collate, grad_norm_and_clip, rank_share,
+                                 update_policy)
 
     # OPO_DIST_OVERRIDES: extra config overrides (tests/test_train_offpolicy.py: the loss terms)
     extra = os.environ.get("OPO_DIST_OVERRIDES", "").split()
+    # OPO_DIST_TP: tensor_parallel_size (the loss head's vocabulary split over that many ranks)
+    tp = int(os.environ.get("OPO_DIST_TP", "1"))
     cfg = load_config(None, ["prompts_per_step=4", "group_size=4", "minibatches=2", "lr=0.1",
-                             "grad_clip=0", "sft_steps=0", "max_steps=1", *extra])
-    info = setup("cpu")
+                             "grad_clip=0", "sft_steps=0", "max_steps=1",
+                             f"tensor_parallel_size={tp}", *extra])
+    info = setup("cpu", cfg.tensor_parallel_size)
     policy = build_policy(cfg, info, seed=0)
     # SGD: the weights move by lr · gradient, so their difference is bounded by the gradients'
     # (Adam's g / (|g| + eps) turns fp32 noise in a near-zero gradient into a step of ~lr). lr
@@ -66,12 +70,24 @@ def _worker(out_path: str) -> None:
 
     stats = update_policy(policy, opt, batches, anchors, cfg, info, cfg.lr, grad_hook=hook, refs=refs)
     params = {n: p.detach().full_tensor().clone() for n, p in policy.named_parameters()}
-    if info.rank == 0:
+    # grad_norm_and_clip on gradients that are the same in every layout (seeded, global shapes)
+    from torch.distributed.tensor import distribute_tensor
+    gen = torch.Generator().manual_seed(5)
+    for p in policy.parameters():
+        p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), p.device_mesh, p.placements)
+    clip_norm = grad_norm_and_clip(policy, 1.0)
+    clipped = {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
+    vp = policy.head.vocab_parallel  # each tensor-parallel rank's rows of the head
+    head_split = [None] * info.tp_size
+    if vp is not None:
+        torch.distributed.all_gather_object(head_split, (vp.start, vp.stop), group=info.tp_group)
+    if info.is_main:
         # written whole or not at all: a rank aborted at exit must not leave half a file behind
         tmp = out_path + ".tmp"
         torch.save({"loss": [s["loss"] for s in stats], "grad_norm": [s["grad_norm"] for s in stats],
-                    "grads": grads, "params": params, "before": before, "world": info.world,
-                    "lr": cfg.lr, "logp_max": logp_max}, tmp)
+                    "grads": grads, "params": params, "before": before, "world": info.procs,
+                    "lr": cfg.lr, "logp_max": logp_max, "head_split": head_split,
+                    "clip_norm": clip_norm, "clipped": clipped}, tmp)
         os.replace(tmp, out_path)
     teardown(info)
 
@@ -95,10 +111,11 @@ def _assert_ran(r) -> None:
         r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def _run(nproc: int, out: Path, reverse: bool = False):
+def _run(nproc: int, out: Path, reverse: bool = False, tp: int = 1):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     env["OPO_DIST_REVERSE"] = "1" if reverse else "0"
+    env["OPO_DIST_TP"] = str(tp)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", __file__, str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -183,16 +200,44 @@ def assert_processes_match(one: dict, rev: dict, two: dict) -> None:
         assert err <= moved[n], (n, err, moved[n])
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process run and its reordered twin (the bound), shared by the comparisons."""
+    d = tmp_path_factory.mktemp("one")
+    return _run(1, d / "one.pt"), _run(1, d / "rev.pt", reverse=True)
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    one = _run(1, tmp_path / "one.pt")
-    rev = _run(1, tmp_path / "rev.pt", reverse=True)
+def test_two_processes_match_one(tmp_path, one_process):
+    one, rev = one_process
     two = _run(2, tmp_path / "two.pt")
     assert (one["world"], rev["world"], two["world"]) == (1, 1, 2)
     # The loss is exactly 0 on the on-policy first mini-batch (Δ = 0), ~0.02 on the second.
     assert_processes_match(one, rev, two)
     # The update did something, so the comparison is not vacuous.
     assert max(float(g.abs().max()) for g in one["grads"][1].values()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [4, 2])
+def test_tensor_parallel_head_matches_one_process(tmp_path, nproc, one_process):
+    """tensor_parallel_size=2: the loss head's vocabulary split over 2 ranks, with 2
+    data-parallel ranks (4 processes, a 2 x 2 mesh) or 1 (2 processes), against 1 process."""
+    one, rev = one_process
+    tp = _run(nproc, tmp_path / "tp.pt", tp=2)
+    assert tp["world"] == nproc and tp["head_split"] == [(0, 64), (64, 128)]
+    assert_processes_match(one, rev, tp)
+    assert float(one["grads"][1]["head.lm_head.weight"].abs().max()) > 0
+    # Clipping the same gradients to norm 1: the norm is one fp32 sum of squares over ~10^6
+    # entries in torch's clip_grad_norm_ (≤ 32 ulps relative, pairwise summation) and a float64
+    # one with the split head; the clipped gradients differ by that relative error of the scale
+    # plus the rounding of each product (2 ulps).
+    n1, n2 = one["clip_norm"], tp["clip_norm"]
+    assert n1 > 100 and abs(n2 - n1) <= 32 * EPS32 * n1, (n1, n2)
+    for n, g1 in one["clipped"].items():
+        bound = (32 + 2) * EPS32 * float(g1.abs().max())
+        assert float((tp["clipped"][n] - g1).abs().max()) <= bound, n
+    assert abs(_norm(tp["clipped"]) - 1.0) < 1e-4  # clipped to max_norm 1 (less torch's 1e-6 guard)
 
 
 if __name__ == "__main__":
