@@ -479,20 +479,12 @@ def _opo_grad(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     if o.level == "sequence":
         L = plan.seq_len[s0:s1]
         raw = _reduce_seq(segment_sum((logp - old) * mask, plan.lengths[s0:s1]), L, o.seq_reduce)
-        g = _opo_slope(plan, raw, plan.omega[s0:s1]) * (L > 0).float()
-        if sw is not None:
-            g = g * sw
-        g = g / plan.seq_denom
-        if o.seq_reduce == "mean":
-            g = g / L.clamp_min(1)
-        g = g[seq - s0] * mask
-        return g if tw is None else g * tw
-    g = _opo_slope(plan, (logp - old) * mask, plan.omega[seq]) * mask
-    if tw is not None:
-        g = g * tw
-    if sw is not None:
-        g = g * sw[seq - s0]
-    return g / plan.tok_denom
+        g = _opo_slope(plan, raw, plan.omega[s0:s1])
+        div = L.clamp_min(1)[seq - s0] if o.seq_reduce == "mean" else None
+        return _weighted(g[seq - s0], mask, tw, None if sw is None else sw[seq - s0], div,
+                         plan.seq_denom)
+    g = _opo_slope(plan, (logp - old) * mask, plan.omega[seq])
+    return _weighted(g, mask, tw, None if sw is None else sw[seq - s0], None, plan.tok_denom)
 
 
 def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
