@@ -157,7 +157,8 @@ def summarize(res: dict, window: int) -> dict:
 def _md(meta: dict, res: dict, summ: dict) -> str:
     a = meta["args"]
     lines = [f"# bf16 weight-gradient accumulation: drift of a short OPO run (CPU)", "",
-             f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, {meta['seconds']:.0f} s.", "",
+             f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, {meta['threads']} thread(s), "
+             f"{meta['seconds']:.0f} s ({meta['cpu_seconds']:.0f} s CPU).", "",
              f"P = {a['p']} prompts × G = {a['g']} completions × T = {a['t']} tokens "
              f"(N = {a['p'] * a['g'] * a['t']} tokens per step, in {a['chunks']} chunks), H = {a['h']}, "
              f"V = {a['v']}, peaked initial inputs, paper-mode OPO, {a['epochs']} Adam steps (lr {a['lr']}) "
@@ -179,6 +180,10 @@ def _md(meta: dict, res: dict, summ: dict) -> str:
     for seed in res["seeds"]:
         lines.append(f"| {seed} | {summ['entropy_bf16sum_minus_fp32sum'][seed]:+.4e} | "
                      f"{summ['entropy_fp32sum_minus_fp32'][seed]:+.4e} |")
+    d, d_ref = summ["entropy_bf16sum_minus_fp32sum"].values(), summ["entropy_fp32sum_minus_fp32"].values()
+    lines += ["", f"bf16 sum − fp32 sum: mean {sum(d) / len(d):+.4f} nats (from {min(d):+.4f} to "
+              f"{max(d):+.4f}); fp32 sum − fp32: mean {sum(d_ref) / len(d_ref):+.4f} (from "
+              f"{min(d_ref):+.4f} to {max(d_ref):+.4f})."]
     step_marks = sorted({0, *range(0, a["steps"], max(1, a["steps"] // 8)), a["steps"] - 1})
     lines += ["", "Entropy trajectory (mean over seeds):", "",
               "| step | " + " | ".join(RUNS) + " |", "|---" * (len(RUNS) + 1) + "|"]
@@ -190,6 +195,15 @@ def _md(meta: dict, res: dict, summ: dict) -> str:
     for s in step_marks:
         vals = [sum(t[run]["loss"][s] for t in res["seeds"].values()) / len(res["seeds"]) for run in RUNS]
         lines.append(f"| {s} | " + " | ".join(f"{v:.4g}" for v in vals) + " |")
+    lines += ["", "Head-weight distance between runs (mean over seeds), relative to ‖W_fp32 − W₀‖: once "
+              "a sampled token differs the runs see different batches and part:", "",
+              "| step | bf16/fp32 sum vs fp32 | bf16/bf16 sum vs fp32 | bf16/bf16 sum vs bf16/fp32 sum |",
+              "|---|---|---|---|"]
+    for s in step_marks:
+        def dist(run, key):
+            return sum(t[run][key][s] for t in res["seeds"].values()) / len(res["seeds"])
+        lines.append(f"| {s} | {dist('bf16 / fp32 sum', 'w_dist'):.3e} | {dist('bf16 / bf16 sum', 'w_dist'):.3e} | "
+                     f"{dist('bf16 / bf16 sum', 'w_dist_fp32sum'):.3e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,12 +228,12 @@ def main(argv=None):
     seeds = [int(s) for s in a.seeds.split(",") if s != ""]
     torch.set_num_threads(a.threads)
     a.window = max(1, min(a.window, a.steps))
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     res = run_all(a.p, a.g, a.t, a.h, a.v, a.steps, a.chunks, a.lr, seeds, a.epochs)
     meta = {"command": "python -m bench.accum_drift " + shlex.join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "seconds": time.time() - t0, "args": {**vars(a), "seeds": seeds}}
+            "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0, "args": {**vars(a), "seeds": seeds}}
     summ = summarize(res, a.window)
     md = _md(meta, res, summ)
     print(md)
