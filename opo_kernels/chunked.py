@@ -332,26 +332,18 @@ class _Acc:
 
     def loss_grads(self, lp, ent, a, b, s0, s1, lengths, need_any):
         """Adds the loss of tokens [a, b) (sequences [s0, s1)); returns d/d logp and d/d entropy
-        (None when nothing needs a gradient; the latter None without an entropy term)."""
+        (None when nothing needs a gradient; the latter None without an entropy term), in closed
+        form (:meth:`~opo_kernels.losses.LossPlan.chunk_grads`)."""
         la, plan = self.la, self.la.plan
-        want_ent = plan.wants_entropy
         old = None if la.old is None else la.old[a:b]
-        with torch.enable_grad():
-            x = lp.detach().requires_grad_(need_any)
-            xe = ent.detach().requires_grad_(need_any and want_ent)
-            part, s = plan.chunk_loss(x, old, la.mask[a:b], la.seq[a:b], s0, s1, a, xe, lengths)
-        self.loss += part.detach()
+        args = (lp, old, la.mask[a:b], la.seq[a:b], s0, s1, a, ent, lengths)
+        if need_any:
+            part, s, gl, ge = plan.chunk_grads(*args)
+        else:
+            part, s = plan.chunk_loss(*args)
+            gl = ge = None
+        self.loss += part
         self.sums = plan.combine(self.sums, s)
-        if not need_any:
-            return None, None
-        gl, ge = None, None
-        if part.requires_grad:
-            gl, ge = torch.autograd.grad(part, [x, xe] if want_ent else [x], allow_unused=True) + \
-                ((None,) if not want_ent else ())
-        if gl is None:
-            gl = torch.zeros_like(lp)
-        if want_ent and ge is None:
-            ge = torch.zeros_like(lp)
         return gl, ge
 
 

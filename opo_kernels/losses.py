@@ -229,6 +229,25 @@ class LossPlan:
         (only for a :attr:`piece_separable` loss). Returns ``(loss, sums)``, ``sums`` a
         (N_SUMS,) fp32 tensor (see :meth:`combine`).
         """
+        return self._chunk(logp, old, mask, seq, s0, s1, t0, ent, lengths, False)[:2]
+
+    def chunk_grads(self, logp, old, mask, seq, s0: int, s1: int, t0: int = 0, ent=None,
+                    lengths=None):
+        """:meth:`chunk_loss` (same arguments) and its gradients in closed form, no autograd:
+        ``(loss, sums, g_logp, g_ent)`` with g_logp (n,) fp32 d(loss)/d logp and g_ent (n,) fp32
+        d(loss)/d entropy (None without an entropy term). No host synchronization (the one-pass
+        path calls it once per chunk)."""
+        with torch.no_grad():
+            return self._chunk(logp.detach(), old, mask, seq, s0, s1, t0,
+                               None if ent is None else ent.detach(), lengths, True)
+
+    def _formula(self):
+        """The policy-term formula of the loss; :data:`_GRADIENTS` holds its gradient."""
+        formula = self.opts.kind.formula
+        return _group_softmax_loss if formula == "group_softmax" else _POLICY_TERMS[formula]
+
+    def _chunk(self, logp, old, mask, seq, s0, s1, t0, ent, lengths, grads: bool):
+        """(loss, sums, g_logp, g_ent) of :meth:`chunk_loss`; the gradients None unless ``grads``."""
         if old is None:
             old = logp.detach()
         o = self.opts
@@ -242,21 +261,26 @@ class LossPlan:
         if self.ent_mask is not None:
             em = self.ent_mask[sl]
             tw = em if tw is None else tw * em
-        formula = o.kind.formula
-        if formula == "group_softmax":
-            loss, s = _group_softmax_loss(self, logp, old, mask, seq, s0, s1)
-        else:
-            loss, s = _POLICY_TERMS[formula](self, logp, old, mask, seq, s0, s1, tw, sw)
+        f = self._formula()
+        # group_softmax reads no RL term (the options refuse them): no token or sequence weights
+        args = (self, logp, old, mask, seq, s0, s1) + (() if f is _group_softmax_loss else (tw, sw))
+        loss, s = f(*args)
+        g_logp = _GRADIENTS[f](*args) if grads else None
+        g_ent = None
         sums[:4] = s
         if self.ref is not None:
             kl_loss, kl_sum = _kl_term(self, logp, old, mask, seq, s0, s1, sl, lengths)
             sums[S_KL] = kl_sum
             if o.beta > 0:
                 loss = loss + o.beta * kl_loss
+                if grads:
+                    g_logp = g_logp + o.beta * _kl_grad(self, logp, old, mask, seq, s0, s1, sl)
         if o.entropy_coef > 0:
             eff = mask if self.ent_mask is None else mask * self.ent_mask[sl]
             loss = loss - o.entropy_coef * (ent * eff).sum() / self.ent_denom
-        return loss, sums
+            if grads:
+                g_ent = eff * -o.entropy_coef / self.ent_denom
+        return loss, sums, g_logp, g_ent
 
     def _off_policy_keep(self, logp, old, mask, s0, s1, sl):
         """(s1 − s0,) 1.0 for the sequences that keep their policy term: advantage >= 0, or mean
@@ -427,6 +451,36 @@ def _opo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
+def _opo_slope(plan: LossPlan, raw, omega):
+    """d(−ω·v + (μ/2)·v²)/dΔ at the unclamped log-ratio ``raw``: (−ω + μv)·v′(Δ), 0 where
+    ``max_log_ratio`` clamps Δ (the clamp passes the gradient on its bounds, as torch.clamp)."""
+    o = plan.opts
+    delta = _clamp_ratio(plan, raw)
+    v = torch.expm1(delta) if o.ratio == "exact" else delta
+    g = o.mu * v - omega
+    if o.ratio == "exact":
+        g = g * (v + 1.0)  # d expm1(Δ)/dΔ = e^Δ = v + 1
+    c = o.max_log_ratio
+    if c is not None:
+        g = torch.where((raw >= -c) & (raw <= c), g, 0.0)
+    return g
+
+
+def _opo_grad(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
+    """d(:func:`_opo_loss`)/d logp (n,) fp32: the slope of the sequence's (or token's) term in Δ
+    times dΔ/d logp_t (mask · token weight, / L for a sequence mean)."""
+    o = plan.opts
+    if o.level == "sequence":
+        L = plan.seq_len[s0:s1]
+        raw = _reduce_seq(segment_sum((logp - old) * mask, plan.lengths[s0:s1]), L, o.seq_reduce)
+        g = _opo_slope(plan, raw, plan.omega[s0:s1])
+        div = L.clamp_min(1)[seq - s0] if o.seq_reduce == "mean" else None
+        return _weighted(g[seq - s0], mask, tw, None if sw is None else sw[seq - s0], div,
+                         plan.seq_denom)
+    g = _opo_slope(plan, (logp - old) * mask, plan.omega[seq])
+    return _weighted(g, mask, tw, None if sw is None else sw[seq - s0], None, plan.tok_denom)
+
+
 def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
     """Per-token policy terms (n,) of the clipped family and sapo, and the clipped-token count.
 
@@ -446,6 +500,20 @@ def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
                            -4.0 / t * adv_tok)
         return term * mask, lr.new_zeros(())
     lo, hi = o.clip()
+    rc, rho, live = _clip_branch(plan, r, adv_tok)
+    rl = torch.exp(torch.where(live, lr, 0.0))
+    term = torch.where(live, -adv_tok * rl, torch.where(adv_tok == 0, 0.0, -adv_tok * rho))
+    # as TRL counts them: a ratio capped by clip_delta is not clipped above
+    is_clipped = (((rc < 1.0 - lo) & (adv_tok < 0)) | ((rc > 1.0 + hi) & (adv_tok > 0))).float() * mask
+    return term * mask, is_clipped.sum()
+
+
+def _clip_branch(plan: LossPlan, r, adv_tok):
+    """The branch each token's clipped term takes: ``(rc, rho, live)`` (n,) — rc = min(r,
+    clip_delta), rho the ratio the term is −A·rho of, live where that is r itself (the term's
+    only branch with a gradient)."""
+    o = plan.opts
+    lo, hi = o.clip()
     # max(−A·ρ, −A·clip(r)) with ρ = min(r, clip_delta) (TRL's two-sided clip), then for A < 0
     # the dual clip min(·, −A·c). The branch taken is r itself ("live") or a constant.
     rc = r if o.clip_delta is None else torch.clamp(r, max=o.clip_delta)
@@ -453,12 +521,24 @@ def _clip_terms(plan: LossPlan, lr, adv_tok, mask):
     rho = torch.where(adv_tok > 0, torch.minimum(rc, cl), torch.maximum(rc, cl))
     if o.clip_ratio_c is not None:  # dual clip (verl): negative advantages bounded by −A·c
         rho = torch.where(adv_tok < 0, torch.clamp(rho, max=o.clip_ratio_c), rho)
-    live = (rho == r) & (adv_tok != 0)
-    rl = torch.exp(torch.where(live, lr, 0.0))
-    term = torch.where(live, -adv_tok * rl, torch.where(adv_tok == 0, 0.0, -adv_tok * rho))
-    # as TRL counts them: a ratio capped by clip_delta is not clipped above
-    is_clipped = (((rc < 1.0 - lo) & (adv_tok < 0)) | ((rc > 1.0 + hi) & (adv_tok > 0))).float() * mask
-    return term * mask, is_clipped.sum()
+    return rc, rho, (rho == r) & (adv_tok != 0)
+
+
+def _clip_terms_grad(plan: LossPlan, lr, adv_tok):
+    """d(term)/d lr (n,) of :func:`_clip_terms`'s terms (before the mask): exactly 0 where the term
+    is constant (clipped, dual-clipped, A = 0, sapo's sigmoid saturated or e^lr past fp32's
+    range), else the formula's derivative (∞ where −A·e^lr itself overflows)."""
+    o = plan.opts
+    r = torch.exp(lr)
+    if o.kind.formula == "sapo":
+        t = torch.where(adv_tok > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        live = torch.isfinite(r) & (adv_tok != 0)
+        rl = torch.where(live, r, 1.0)
+        sg = torch.sigmoid(t * (rl - 1.0))
+        # d/dlr −(4/t)·A·σ(t(e^lr − 1)) = −4A·σ(1 − σ)·e^lr
+        return torch.where(live, -4.0 * adv_tok * (sg * (1.0 - sg)) * rl, 0.0)
+    _, _, live = _clip_branch(plan, r, adv_tok)
+    return torch.where(live, -adv_tok * r, 0.0)
 
 
 def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
@@ -486,16 +566,8 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
         term = term * tw
     if sw is not None:
         term = term * sw[seq - s0]
-    agg = o.kind.aggregate
-    if agg is Agg.SEQ_MEAN:
-        L = plan.seq_len[seq]
-        loss = (term / L.clamp_min(1)).sum() / plan.seq_denom
-    elif agg is Agg.SEQ_SUM:  # each sequence's token sum, mean over sequences (TRL's LUSPO)
-        loss = term.sum() / plan.seq_denom
-    elif agg is Agg.TOKEN_MEAN:
-        loss = term.sum() / plan.tok_denom
-    else:  # MAX_LENGTH
-        loss = term.sum() / plan.dr_denom
+    div, den = _clip_norm(plan, seq)
+    loss = (term if div is None else term / div).sum() / den
     if log_s is not None:  # metrics per sequence, as gspo's
         ok = (plan.seq_len[s0:s1] > 0).float()
         ls, v = log_s * ok, torch.expm1(log_s) * ok
@@ -504,6 +576,48 @@ def _clip_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     v = (r - 1.0) * mask
     sums = torch.stack([dd.sum(), dd.abs().sum(), (v * v).sum(), n_clip])
     return loss, sums
+
+
+def _clip_norm(plan: LossPlan, seq):
+    """How :func:`_clip_loss` aggregates its token terms: ``(divisor (n,) or None, denominator)``,
+    loss = Σ term / divisor / denominator."""
+    agg = plan.opts.kind.aggregate
+    if agg is Agg.SEQ_MEAN:
+        return plan.seq_len[seq].clamp_min(1), plan.seq_denom
+    if agg is Agg.SEQ_SUM:  # each sequence's token sum, mean over sequences (TRL's LUSPO)
+        return None, plan.seq_denom
+    if agg is Agg.TOKEN_MEAN:
+        return None, plan.tok_denom
+    return None, plan.dr_denom  # MAX_LENGTH
+
+
+def _clip_grad(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
+    """d(:func:`_clip_loss`)/d logp (n,) fp32: each token's d term/d lr (its own log-prob's
+    gradient also at ``ratio_level="sequence"``) times its weights and aggregation."""
+    o = plan.opts
+    lr = (logp - old) * mask
+    if o.ratio_level == "sequence":
+        log_s = segment_sum(lr, plan.lengths[s0:s1]) / plan.seq_len[s0:s1].clamp_min(1)
+        lr = log_s[seq - s0] * mask
+    adv_tok = plan.adv[seq]
+    if o.kind.formula == "cispo":  # −sg(min(r, ε_high)) · A · logp
+        g = -torch.clamp(torch.exp(lr), max=o.clip()[1]) * adv_tok
+    else:
+        g = _clip_terms_grad(plan, lr, adv_tok)
+    div, den = _clip_norm(plan, seq)
+    return _weighted(g, mask, tw, None if sw is None else sw[seq - s0], div, den)
+
+
+def _weighted(g, mask, tw, sw_tok, div, den):
+    """A token term's gradient ``g`` (n,) times the weight the loss gives the term, mask · tw ·
+    sw / div / den (None: 1). A token of weight 0 gets exactly 0, also where ``g`` is ∞ (an
+    overflowing e^lr of a masked or cut token: no 0 · ∞ = NaN)."""
+    w = mask
+    for f in (tw, sw_tok):
+        if f is not None:
+            w = w * f
+    w = (w if div is None else w / div) / den
+    return torch.where(w != 0, g * w, 0.0)
 
 
 def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
@@ -529,20 +643,22 @@ def _gspo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
+def _gspo_grad(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
+    """d(:func:`_gspo_loss`)/d logp (n,) fp32: each token's d term/d lr at the sequence ratio
+    (the token form passes its own log-prob's gradient), weighted, / L / the sequence count."""
+    L = plan.seq_len[s0:s1]
+    log_s = segment_sum((logp - old) * mask, plan.lengths[s0:s1]) / L.clamp_min(1)
+    g = _clip_terms_grad(plan, log_s[seq - s0], plan.adv[seq])
+    return _weighted(g, mask, tw, None if sw is None else sw[seq - s0], L.clamp_min(1)[seq - s0],
+                     plan.seq_denom)
+
+
 def _vespo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     """VESPO (TRL's): −sg(φ(w_i)) · A_i · logp per token, summed over the batch's tokens / the token
     normalizer; w_i = exp(Σ_t clamp(Δ_t, ±20)) the sequence ratio (log clamped to [log 1e-8, 20]),
     φ(w) = e^(λ + k log w − λw) with (k, λ) by the advantage's sign. The metric slot of the clip
     fraction holds Σ φ over the sequences (``vespo_phi_mean``)."""
-    o = plan.opts
-    lengths = plan.lengths[s0:s1]
-    d_tok = ((logp - old) * mask).detach()
-    log_w = torch.clamp(segment_sum(torch.clamp(d_tok, -20.0, 20.0) * mask, lengths), math.log(1e-8), 20.0)
-    a = plan.adv[s0:s1]
-    pos = a >= 0
-    k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg)
-    lam = torch.where(pos, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
-    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    log_w, phi = _vespo_phi(plan, logp, old, mask, s0, s1)
     term = -phi[seq - s0] * plan.adv[seq] * logp * mask
     if tw is not None:
         term = term * tw
@@ -556,6 +672,29 @@ def _vespo_loss(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
     return loss, sums
 
 
+def _vespo_phi(plan: LossPlan, logp, old, mask, s0, s1):
+    """VESPO's (log w, φ(w)) of sequences [s0, s1), (s1 − s0,) each, no gradient."""
+    o = plan.opts
+    d_tok = ((logp - old) * mask).detach()
+    log_w = torch.clamp(segment_sum(torch.clamp(d_tok, -20.0, 20.0) * mask, plan.lengths[s0:s1]),
+                        math.log(1e-8), 20.0)
+    pos = plan.adv[s0:s1] >= 0
+    k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg)
+    lam = torch.where(pos, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return log_w, phi
+
+
+def _vespo_grad(plan: LossPlan, logp, old, mask, seq, s0, s1, tw=None, sw=None):
+    """d(:func:`_vespo_loss`)/d logp (n,) fp32: −φ(w_i)·A_i per valid token (φ is a constant)."""
+    g = -_vespo_phi(plan, logp, old, mask, s0, s1)[1][seq - s0] * plan.adv[seq] * mask
+    if tw is not None:
+        g = g * tw
+    if sw is not None:
+        g = g * sw[seq - s0]
+    return g / plan.tok_denom
+
+
 def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
     """TRL's k3 KL to the reference, aggregated as the loss aggregates its policy term.
     Returns ``(kl loss without β, Σ of the per-token KL over valid tokens (detached))``.
@@ -565,7 +704,7 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
     x = (ref - logp) * mask
     kl = (torch.exp(x) - x - 1.0) * mask
     if o.use_bias_correction_kl:
-        if o.kind.formula == "gspo" or o.ratio_level == "sequence":
+        if _kl_sequence_ratio(o):
             lengths = plan.lengths[s0:s1]
             L = plan.seq_len[s0:s1]
             log_s = segment_sum(((logp - old) * mask), lengths) / L.clamp_min(1)
@@ -575,28 +714,77 @@ def _kl_term(plan: LossPlan, logp, old, mask, seq, s0, s1, sl, lengths=None):
         kl = kl * coef
     lengths = plan.lengths[s0:s1] if lengths is None else lengths
     L = plan.seq_len[s0:s1]
-    agg = o.kind.aggregate
-    if agg is Agg.SEQ_MEAN:
+    per_seq, by_len, den = _kl_norm(plan)
+    if per_seq:
         per_seq = segment_sum(kl, lengths)
-        if o.seq_reduce != "sum":  # OPO's seq_reduce="sum" (the other losses keep "mean")
+        if by_len:
             per_seq = per_seq / L.clamp_min(1)
-        loss = per_seq.sum() / plan.seq_denom
-    elif agg is Agg.MAX_LENGTH:
-        loss = kl.sum() / plan.dr_denom
-    elif agg is Agg.SEQ_SUM:
-        loss = kl.sum() / plan.seq_denom
+        loss = per_seq.sum() / den
     else:
-        loss = kl.sum() / plan.tok_denom
+        loss = kl.sum() / den
     return loss, kl.detach().sum()
 
 
-# the policy-term formula of each LossType.formula (group_softmax: whole groups, no token weights)
-_POLICY_TERMS = {"opo": _opo_loss, "gspo": _gspo_loss, "vespo": _vespo_loss, "ppo_clip": _clip_loss,
-                 "cispo": _clip_loss, "sapo": _clip_loss}
+def _kl_sequence_ratio(o: LossOptions) -> bool:
+    """The bias-corrected KL weighs by the sequence ratio (else by the token's own ratio)."""
+    return o.kind.formula == "gspo" or o.ratio_level == "sequence"
+
+
+def _kl_norm(plan: LossPlan):
+    """How :func:`_kl_term` aggregates the per-token KL: ``(per sequence, / L, denominator)`` —
+    as the loss aggregates its policy term."""
+    o = plan.opts
+    agg = o.kind.aggregate
+    if agg is Agg.SEQ_MEAN:  # OPO's seq_reduce="sum" sums each sequence (the other losses: "mean")
+        return True, o.seq_reduce != "sum", plan.seq_denom
+    if agg is Agg.MAX_LENGTH:
+        return False, False, plan.dr_denom
+    if agg is Agg.SEQ_SUM:
+        return False, False, plan.seq_denom
+    return False, False, plan.tok_denom
+
+
+def _kl_grad(plan: LossPlan, logp, old, mask, seq, s0, s1, sl):
+    """d(:func:`_kl_term`'s loss, without β)/d logp (n,) fp32."""
+    o = plan.opts
+    x = (plan.ref[sl] - logp) * mask
+    ex = torch.exp(x)
+    g = (1.0 - ex) * mask  # d(e^x − x − 1)/d logp with dx/d logp = −mask
+    if o.use_bias_correction_kl:
+        kl = (ex - x - 1.0) * mask
+        if _kl_sequence_ratio(o):
+            # kl_u · e^(log s): log s = Σ Δ / L moves with every token of the sequence
+            lengths = plan.lengths[s0:s1]
+            L = plan.seq_len[s0:s1].clamp_min(1)
+            coef = torch.exp(segment_sum((logp - old) * mask, lengths) / L)[seq - s0]
+            g = (g + (segment_sum(kl, lengths) / L)[seq - s0] * mask) * coef
+        else:
+            g = (g + kl * mask) * torch.exp((logp - old) * mask)
+    _, by_len, den = _kl_norm(plan)
+    if by_len:
+        g = g / plan.seq_len[seq].clamp_min(1)
+    return g / den
 
 
 def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
     """The authors' released weighting (docs/contract.md); needs the whole batch (s0 = 0, s1 = B)."""
+    o = plan.opts
+    G = o.group_size
+    seqlogp, raw, ok, g, cnt, has = _group_softmax_parts(plan, logp, old, mask, s0, s1)
+    delta = _clamp_ratio(plan, raw)
+    d2 = (delta * ok).view(-1, G) ** 2
+    per_group = -(1.0 / o.alpha) * (g * (seqlogp * ok).view(-1, G)).sum(dim=1) \
+        + 0.5 * o.mu * d2.sum(dim=1) / cnt.squeeze(1).clamp_min(1)
+    loss = (per_group * has).sum() / has.sum().clamp_min(1)
+    dd = delta.detach() * ok
+    sums = torch.stack([dd.sum(), dd.abs().sum(), (dd * dd).sum(), dd.new_zeros(())])
+    return loss, sums
+
+
+def _group_softmax_parts(plan: LossPlan, logp, old, mask, s0, s1):
+    """``(seqlogp, raw Δ, ok, g, cnt, has)`` of :func:`_group_softmax_loss`: the sequences' mean
+    log-probs and unclamped Δ (B,) (differentiable), ok (B,) bool, the centred weights g
+    (B/G, G) and the valid count (B/G, 1) of each group (constants), has (B/G,) fp32."""
     o = plan.opts
     G = o.group_size
     lengths = plan.lengths[s0:s1]  # the chunk holds all their tokens
@@ -604,7 +792,8 @@ def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
     ok = L > 0
     seqlogp = segment_sum(logp * mask, lengths) / L.clamp_min(1)
     old_seqlogp = segment_sum(old * mask, lengths) / L.clamp_min(1)
-    delta = _clamp_ratio(plan, seqlogp - old_seqlogp)
+    raw = seqlogp - old_seqlogp
+    delta = _clamp_ratio(plan, raw)
     a = plan.adv[s0:s1]
     n_ok = ok.float().sum().clamp_min(1)
     tau_eff = torch.tensor(float(o.tau), device=logp.device)
@@ -628,14 +817,33 @@ def _group_softmax_loss(plan: LossPlan, logp, old, mask, seq, s0, s1):
     cnt = okg.float().sum(dim=1, keepdim=True)
     w = torch.nan_to_num(w)  # groups with no valid sequence: all-zero weights, excluded below
     g = (w - (w * okg).sum(dim=1, keepdim=True) / cnt.clamp_min(1)) * okg
-    d2 = (delta * ok).view(-1, G) ** 2
-    per_group = -(1.0 / o.alpha) * (g * (seqlogp * ok).view(-1, G)).sum(dim=1) \
-        + 0.5 * o.mu * d2.sum(dim=1) / cnt.squeeze(1).clamp_min(1)
     has = (cnt.squeeze(1) > 0).float()
-    loss = (per_group * has).sum() / has.sum().clamp_min(1)
-    dd = delta.detach() * ok
-    sums = torch.stack([dd.sum(), dd.abs().sum(), (dd * dd).sum(), dd.new_zeros(())])
-    return loss, sums
+    return seqlogp, raw, ok, g, cnt, has
+
+
+def _group_softmax_grad(plan: LossPlan, logp, old, mask, seq, s0, s1):
+    """d(:func:`_group_softmax_loss`)/d logp (n,) fp32: per sequence −g/α + μΔ/count (the
+    weights g are constants), over the groups with a valid sequence, spread as mask / L."""
+    o = plan.opts
+    G = o.group_size
+    _, raw, ok, g, cnt, has = _group_softmax_parts(plan, logp, old, mask, s0, s1)
+    okf = ok.to(raw.dtype)
+    slope = _clamp_ratio(plan, raw) * okf
+    c = o.max_log_ratio
+    if c is not None:
+        slope = torch.where((raw >= -c) & (raw <= c), slope, 0.0)
+    per = g * okf.view(-1, G) * -(1.0 / o.alpha) + o.mu * slope.view(-1, G) / cnt.clamp_min(1)
+    per = per * has[:, None] / has.sum().clamp_min(1)
+    return (per.reshape(-1) / plan.seq_len[s0:s1].clamp_min(1))[seq - s0] * mask
+
+
+# The gradient d(formula)/d logp of each policy-term formula, in closed form (same arguments).
+# the policy-term formula of each LossType.formula (group_softmax: whole groups, no token weights)
+_POLICY_TERMS = {"opo": _opo_loss, "gspo": _gspo_loss, "vespo": _vespo_loss, "ppo_clip": _clip_loss,
+                 "cispo": _clip_loss, "sapo": _clip_loss}
+# the closed-form d(policy term)/d logp of each formula
+_GRADIENTS = {_opo_loss: _opo_grad, _clip_loss: _clip_grad, _gspo_loss: _gspo_grad,
+              _vespo_loss: _vespo_grad, _group_softmax_loss: _group_softmax_grad}
 
 
 def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor) -> dict:
