@@ -297,11 +297,6 @@ def check_triton_device(device: torch.device, what: str, interpreted: bool | Non
                      f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
 
 
-def check_entropy_for_grad(entropy, grad_entropy) -> None:
-    if grad_entropy is not None and entropy is None:
-        raise ValueError("entropy must be given when grad_entropy is given")
-
-
 # Log-probs are ≤ 0; fp32 rounding of z_t − logsumexp(z) can leave a confident token's value a
 # few ulp of |logits| above 0. 2^-9 is 2 ulp of fp32 at |logits| < 2^13: anything larger is not
 # a log-prob (e.g. an NLL passed with the wrong sign).
@@ -335,20 +330,6 @@ def check_logps(logps, mask_valid) -> None:
             raise ValueError("logps must be finite at valid positions, got NaN/inf")
         if pos:
             _raise_positive_logps("logps", logps, mask_valid)
-
-
-def check_rows(name: str, t, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor:
-    """A per-row (n,) vector of a kernel's inputs, returned contiguous."""
-    check_tensor(name, t)
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
-    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if not integer and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    return t.contiguous()
 
 
 def _shape(t):

@@ -147,8 +147,12 @@ class ReferenceBackend(Backend):
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend ``backend`` (possibly "auto") means for tensors on ``device``."""
     checks.check_choice("backend", backend, BACKENDS)
-    if backend in ("triton", "fused"):
-        checks.check_triton_device(device, f"backend={backend!r}")
+    if backend == "triton":
+        from .vocab_triton import INTERPRETED  # whether its kernels were built for the interpreter
+        checks.check_triton_device(device, "backend='triton'", INTERPRETED)
+        return backend
+    if backend == "fused":
+        checks.check_triton_device(device, "backend='fused'")
         return backend
     if backend != "auto":
         return backend
