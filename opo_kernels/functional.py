@@ -51,16 +51,23 @@ def _masked_old(old_logps, m):
 
 
 def _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-            num_seqs_in_batch) -> Extras:
-    """The RL-term inputs (contract: "RL terms"), validated and masked (masked positions: 0, whatever they held)."""
-    checks.check_completion_length(opts, m, lay.lengths_t)
-    ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=omega, ref_logps=ref_logps,
-                                    rollout_logps=rollout_logps, num_items_in_batch=num_items_in_batch,
+            num_seqs_in_batch, dc):
+    """The RL-term inputs (contract: "RL terms"), checked (value rules added to ``dc``) and
+    masked (masked positions: 0, whatever they held). Returns the function that, given
+    ``dc.read()``'s list, gives the :class:`Extras`."""
+    checks.check_completion_length(opts, m, lay.lengths_t, dc)
+    counts = checks.check_rl_inputs(opts, targets, m > 0, lay.B, dc, omega=omega,
+                                    ref_logps=ref_logps, rollout_logps=rollout_logps,
+                                    num_items_in_batch=num_items_in_batch,
                                     num_seqs_in_batch=num_seqs_in_batch)
     if omega is not None:
-        checks.check_omega_values(omega, segment_sum(m, lay.lengths_t) > 0)
-    return Extras(omega=omega, ref=_masked_old(ref_logps, m), rollout=_masked_old(rollout_logps, m),
-                  num_items=ni, num_seqs=ns)
+        checks.check_omega_values(omega, segment_sum(m, lay.lengths_t) > 0, dc)
+
+    def extras(res) -> Extras:
+        ni, ns = counts(res)
+        return Extras(omega=omega, ref=_masked_old(ref_logps, m),
+                      rollout=_masked_old(rollout_logps, m), num_items=ni, num_seqs=ns)
+    return extras
 
 
 def _mask_rows(h2, tg, keep):
@@ -130,7 +137,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     be, V = _backend(backend, h2, keep, weight, vp, lay.lengths, temperature=temperature,
                      chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
                      accum_fp32=accum_fp32)
-    any_masked = checks.check_targets(tg, V, keep)
+    dc = checks.DeviceChecks(tg.device)
+    masked = checks.check_targets(tg, V, keep, dc)
+    any_masked = dc.read()[masked]  # the call's one host synchronization
     if any_masked:
         h2, tg = _mask_rows(h2, tg, keep)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -227,16 +236,20 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     opts = _options("fused_policy_loss", loss, options, lay)
     H = weight.shape[1]
     tg = targets.reshape(-1)
-    m = checks.valid_mask(targets, mask, ignore_index)
+    dc = checks.DeviceChecks(tg.device)
+    m = checks.valid_mask(targets, mask, ignore_index, dc)
     h2 = hidden.reshape(-1, H)
     be, V = _backend(backend, h2, m > 0, weight, vp, lay.lengths, temperature=temperature,
                      chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
                      accum_fp32=accum_fp32)
-    if checks.check_values(tg, V, m, advantages, old_logps, lay):
+    masked = checks.check_values(tg, V, m, advantages, old_logps, lay, dc)
+    extras = _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+                     num_seqs_in_batch, dc)
+    res = dc.read()  # every value rule at once: the call's one host synchronization
+    if res[masked]:
         h2, tg = _mask_rows(h2, tg, m > 0)
     old = _masked_old(old_logps, m)
-    ex = _extras(opts, targets, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-                 num_seqs_in_batch)
+    ex = extras(res)
     plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, ex)
     want_grad = _needs_grad(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -279,29 +292,31 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     ``logps``) for the metrics. vocab_size: needed by ``escort="group_softmax"`` with adaptive τ.
     Options as :func:`fused_policy_loss`. Returns ``(loss, metrics)``.
     """
-    checks.check_logps(logps, None)
+    checks.check_logps(logps)
     checks.check_loss_tensors(advantages, old_logps, logps)
     checks.check_process_group(process_group)
     lay = checks.layout(logps, advantages.shape[0], seq_ids, cu_seqlens)
     opts = _options("policy_loss", loss, options, lay)
     if opts.escort == "group_softmax" and opts.adaptive_tau and vocab_size is None:
         raise ValueError("escort='group_softmax' with adaptive_tau needs vocab_size (for H / log V)")
-    m = torch.ones(logps.numel(), dtype=torch.float32, device=logps.device) if mask is None else \
-        checks.valid_mask(torch.zeros_like(logps, dtype=torch.int64), mask, -1)
-    checks.check_logps(logps, m > 0)
-    lp = logps.reshape(-1).float()
-    checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
-    lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
-    old = _masked_old(old_logps, m)
-    ex = _extras(opts, logps, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
-                 num_seqs_in_batch)
-    ent = None
-    if entropy is not None:
-        checks.check_entropy_tensor(entropy, logps, m > 0)
-        ent = torch.where(m > 0, entropy.reshape(-1).float(), 0.0)
-    elif opts.entropy_coef > 0 or opts.top_entropy_quantile < 1.0:
+    if entropy is None and (opts.entropy_coef > 0 or opts.top_entropy_quantile < 1.0):
         raise ValueError("entropy_coef > 0 and top_entropy_quantile < 1 need entropy (the per-token "
                          "entropies, like logps)")
+    dc = checks.DeviceChecks(logps.device)
+    m = torch.ones(logps.numel(), dtype=torch.float32, device=logps.device) if mask is None else \
+        checks.valid_mask(torch.zeros_like(logps, dtype=torch.int64), mask, -1, dc)
+    checks.add_logp_rules("logps", logps, m > 0, dc)
+    lp = logps.reshape(-1).float()
+    checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay, dc)
+    extras = _extras(opts, logps, m, lay, omega, ref_logps, rollout_logps, num_items_in_batch,
+                     num_seqs_in_batch, dc)
+    if entropy is not None:
+        checks.check_entropy_tensor(entropy, logps, m > 0, dc)
+    res = dc.read()  # every value rule at once: the call's one host synchronization
+    lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
+    old = _masked_old(old_logps, m)
+    ex = extras(res)
+    ent = None if entropy is None else torch.where(m > 0, entropy.reshape(-1).float(), 0.0)
     plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group, ex)
     plan_full_batch(plan, lp, m, process_group, ent)
     out, sums = plan.chunk_loss(lp, old, m, lay.seq, 0, lay.B, 0, ent)
