@@ -574,18 +574,24 @@ def check_escort_inputs(advantages, valid, anchor_seq_logps) -> None:
             raise ValueError(f"valid must be a (B,) = ({B},) tensor, got "
                              f"{_shape(valid) if isinstance(valid, torch.Tensor) else type(valid).__name__}")
         ok = valid.to(torch.bool)
-    bad = ok & ~torch.isfinite(advantages.float())
+    dc = DeviceChecks(advantages.device)
     if anchor_seq_logps is not None:
         if not isinstance(anchor_seq_logps, torch.Tensor) or _shape(anchor_seq_logps) != (B,):
             raise ValueError(f"anchor_seq_logps must be a (B,) = ({B},) tensor, got "
                              f"{_shape(anchor_seq_logps) if isinstance(anchor_seq_logps, torch.Tensor) else type(anchor_seq_logps).__name__}")
         bad_l = ok & ~torch.isfinite(anchor_seq_logps.float())
-        if bool(bad_l.any()):
+
+        def bad_anchor():
             raise ValueError(f"anchor_seq_logps must be finite for valid sequences, got e.g. "
                              f"{anchor_seq_logps[bad_l][:5].tolist()}")
-    if bool(bad.any()):
+        dc.add(bad_l.any(), bad_anchor)
+    bad = ok & ~torch.isfinite(advantages.float())
+
+    def bad_advantages():
         raise ValueError(f"advantages must be finite for valid sequences, got e.g. "
                          f"{advantages[bad][:5].tolist()}")
+    dc.add(bad.any(), bad_advantages)
+    dc.read()
 
 
 def check_rewards(rewards, group_size, scale) -> None:

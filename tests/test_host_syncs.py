@@ -172,3 +172,11 @@ def test_cuda_sync_debug_mode():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len([w for w in rec if "synchroniz" in str(w.message)]) <= 1
+
+
+def test_escort_weights_reads_back_once(syncs):
+    from opo_kernels import escort_weights
+    valid = torch.tensor([True, True, False, True, True, True])
+    with syncs:
+        escort_weights(torch.randn(6), valid=valid, anchor_seq_logps=-torch.rand(6))
+    assert syncs.seen == ["tolist"], syncs.seen
