@@ -620,7 +620,7 @@ def _count(name, v, dc: DeviceChecks):
     """A global count (int, float or one-element tensor) ≥ 0, or None. Returns a function of
     ``dc.read()``'s list giving it as a float (a tensor's value is read back with the rules)."""
     if v is None:
-        return lambda res: None
+        return lambda _res: None
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {_shape(v)}")
@@ -629,7 +629,7 @@ def _count(name, v, dc: DeviceChecks):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number or a one-element tensor, got {type(v).__name__} {v!r}")
     v = _count_value(name, v)
-    return lambda res: v
+    return lambda _res: v
 
 
 _ESCORT_OPTIONS = ("alpha", "tau", "normalize", "norm_scope", "ref_correction")

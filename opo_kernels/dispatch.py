@@ -87,10 +87,9 @@ class FusedBackend(Backend):
 
     name = "fused"
 
-    def __init__(self, temperature, filter_eps, deterministic, accum_fp32):
+    def __init__(self, temperature, filter_eps, accum_fp32):
         super().__init__(temperature)
-        self.filter_eps, self.deterministic = filter_eps, deterministic
-        self.accum_fp32 = accum_fp32
+        self.filter_eps, self.accum_fp32 = filter_eps, accum_fp32
 
     def logprobs(self, hidden, weight, bias, targets):
         from .fused_linear import fused_linear_forward
@@ -102,8 +101,7 @@ class FusedBackend(Backend):
         return fused_linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
                                      self.temperature, need_hidden=need_hidden,
                                      need_weight=need_weight, need_bias=need_bias,
-                                     filter_eps=self.filter_eps, deterministic=self.deterministic,
-                                     accum_fp32=self.accum_fp32)
+                                     filter_eps=self.filter_eps, accum_fp32=self.accum_fp32)
 
 
 class ReferenceBackend(Backend):
@@ -171,7 +169,8 @@ def get_backend(backend: str, device: torch.device, *, temperature: float, V: in
     name = resolve(backend, device)
     checks.check_backend_options(name, chunk_size, filter_eps, deterministic, accum_fp32)
     if name == "fused":
-        return FusedBackend(temperature, filter_eps, deterministic, accum_fp32)
+        # deterministic=True is checked above and holds as it is: the fused backward is atomics-free
+        return FusedBackend(temperature, filter_eps, accum_fp32)
     if name == "reference":
         return ReferenceBackend(temperature)
     if name == "triton":

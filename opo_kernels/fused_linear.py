@@ -504,8 +504,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           grad_entropy: torch.Tensor | None, temperature: float = 1.0, *,
                           need_hidden: bool = True,
                           need_weight: bool = True, need_bias: bool = True,
-                          filter_eps: float | None = None, deterministic: bool = False,
-                          accum_fp32: bool = True):
+                          filter_eps: float | None = None, accum_fp32: bool = True):
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. hidden, weight, bias.
 
     Inputs as :func:`fused_linear_forward`, plus ``lse`` (N,) fp32 from it, ``entropy`` (N,) fp32
@@ -513,8 +512,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     Returns ``(dhidden (N, H) | None, dweight (V, H) | None, dbias (V,) | None)`` in the dtypes of
     hidden, weight and bias; ``need_*`` turn each off (dbias is None when bias is None).
     ``filter_eps``: see the module docstring (None or 0.0 = exact, the default). The backward has
-    no atomics and is bitwise reproducible whatever ``deterministic`` says (kept for callers that
-    state the requirement). ``accum_fp32=False`` accumulates dweight in its own dtype (no fp32
+    no atomics and is bitwise reproducible (what the public ``deterministic=True`` asks for). ``accum_fp32=False`` accumulates dweight in its own dtype (no fp32
     V x H buffer).
     """
     N, H = hidden.shape

@@ -68,7 +68,6 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from opo_kernels import escort_weights, fused_policy_loss, policy_loss  # noqa: E402
 from opo_kernels.checks import LossOptions, counts_read  # noqa: E402
-from opo_kernels.losses import segment_sum  # noqa: E402
 
 __all__ = ["OPOConfig", "OPOTrainer"]
 
