@@ -91,7 +91,7 @@ class OPOConfig(GRPOConfig):
     opo_backend: opo's backend ("auto": Triton on CUDA, native C++ on CPU).
     """
 
-    loss_type: str = field(default="opo", metadata={"help": "'opo' or one of TRL's: grpo, dapo, bnpo, dr_grpo."})
+    loss_type: str = field(default="opo", metadata={"help": "'opo' or one of TRL's: grpo, dapo, bnpo, dr_grpo, cispo, sapo, luspo, vespo."})
     opo_alpha: float = field(default=0.4, metadata={"help": "OPO escort exponent α."})
     opo_mu: float = field(default=1.0, metadata={"help": "OPO χ² strength μ."})
     opo_tau: float = field(default=1.0, metadata={"help": "OPO escort temperature τ."})
