@@ -143,58 +143,66 @@ def check_triton_device(device: torch.device, what: str, interpreted: bool | Non
                      f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})")
 
 
-def check_entropy_for_grad(entropy, grad_entropy) -> None:
-    if grad_entropy is not None and entropy is None:
-        raise ValueError("entropy must be given when grad_entropy is given")
-
-
 # Log-probs are ≤ 0; fp32 rounding of z_t − logsumexp(z) can leave a confident token's value a
 # few ulp of |logits| above 0. 2^-9 is 2 ulp of fp32 at |logits| < 2^13: anything larger is not
 # a log-prob (e.g. an NLL passed with the wrong sign).
 LOGP_TOL = 2.0 ** -9
 
 
-def _logp_flags(t, valid):
-    """(any non-finite, any > LOGP_TOL) at valid positions of log-probs ``t``, as 0-d bool
-    tensors (no device sync)."""
+class DeviceChecks:
+    """The value rules of one call, evaluated on the device and read back with one host
+    synchronization (:meth:`read`).
+
+    :meth:`add` takes a 0-d tensor on any device — a rule's flag (set: the rule is broken) with
+    the function raising its error, or, with ``fail=None``, a value the caller wants on the host —
+    and returns its index in :meth:`read`'s list. :meth:`read` raises the error of the first
+    broken rule, in the order they were added; an error function may read the tensors again to
+    show example values (a second synchronization, on the failure path only).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._vals, self._fails = [], []
+
+    def add(self, t: torch.Tensor, fail=None) -> int:
+        self._vals.append(t.detach().reshape(()).to(self.device, torch.float64))
+        self._fails.append(fail)
+        return len(self._vals) - 1
+
+    def read(self) -> list[float]:
+        res = torch.stack(self._vals).tolist() if self._vals else []
+        for r, fail in zip(res, self._fails):
+            if fail is not None and r:
+                fail()
+        return res
+
+
+def _raiser(exc: Exception):
+    def fail():
+        raise exc
+    return fail
+
+
+def add_logp_rules(name: str, t: torch.Tensor, valid: torch.Tensor, dc: DeviceChecks) -> None:
+    """Log-probs ``t`` finite and ≤ LOGP_TOL wherever ``valid`` (N,) bool."""
     x = t.detach().reshape(-1).float()
-    return (valid & ~torch.isfinite(x)).any(), (valid & (x > LOGP_TOL)).any()
+
+    def positive():
+        vals = x[valid & (x > LOGP_TOL)][:5].tolist()
+        raise ValueError(f"{name} must be log-probs (<= 0, up to rounding {LOGP_TOL:g}) at valid "
+                         f"positions, got e.g. {vals} (negative log-likelihoods passed as log-probs?)")
+    dc.add((valid & ~torch.isfinite(x)).any(),
+           _raiser(ValueError(f"{name} must be finite at valid positions, got NaN/inf")))
+    dc.add((valid & (x > LOGP_TOL)).any(), positive)
 
 
-def _raise_positive_logps(name, t, valid):
-    x = t.detach().reshape(-1).float()
-    vals = x[valid & (x > LOGP_TOL)][:5].tolist()
-    raise ValueError(f"{name} must be log-probs (<= 0, up to rounding {LOGP_TOL:g}) at valid "
-                     f"positions, got e.g. {vals} (negative log-likelihoods passed as log-probs?)")
-
-
-def check_logps(logps, mask_valid) -> None:
-    """The per-token log-probs of :func:`opo_kernels.policy_loss`: float, (B, T) or (N,), finite
-    where valid (``mask_valid`` (N,) bool or None)."""
+def check_logps(logps) -> None:
+    """The per-token log-probs of :func:`opo_kernels.policy_loss`: a float (B, T) or (N,) tensor
+    (its values: :func:`add_logp_rules`)."""
     if not isinstance(logps, torch.Tensor) or not logps.is_floating_point():
         raise TypeError(f"logps must be a float tensor, got {getattr(logps, 'dtype', type(logps).__name__)}")
     if logps.dim() not in (1, 2):
         raise ValueError(f"logps must be (B, T) or (N,), got {tuple(logps.shape)}")
-    if mask_valid is not None:
-        bad, pos = torch.stack(_logp_flags(logps, mask_valid)).tolist()
-        if bad:
-            raise ValueError("logps must be finite at valid positions, got NaN/inf")
-        if pos:
-            _raise_positive_logps("logps", logps, mask_valid)
-
-
-def check_rows(name: str, t, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor:
-    """A per-row (n,) vector of a kernel's inputs, returned contiguous."""
-    check_tensor(name, t)
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
-    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if not integer and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    return t.contiguous()
 
 
 def _shape(t):
@@ -289,15 +297,21 @@ def layout(targets: torch.Tensor, n_adv: int | None, seq_ids, cu_seqlens) -> Lay
         if _shape(seq_ids) != (N,):
             raise ValueError(f"seq_ids must be (N,) = ({N},), got {_shape(seq_ids)}")
         B = n_adv if n_adv is not None else (int(seq_ids.max()) + 1 if N else 0)
+        lengths = [0] * B
         if N:
+            # the rules and the lengths in one read-back
             ids = seq_ids.to(torch.int64)
-            bad = torch.stack([(ids < 0).any(), (ids >= B).any(), (ids[1:] < ids[:-1]).any()]).tolist()
-            if bad[0] or bad[1]:
+            counts = torch.zeros(B, dtype=torch.int64, device=dev)
+            if B:
+                counts.index_add_(0, ids.clamp(0, B - 1), torch.ones_like(ids))
+            res = torch.cat([torch.stack([(ids < 0).any(), (ids >= B).any(),
+                                          (ids[1:] < ids[:-1]).any()]).long(), counts]).tolist()
+            if res[0] or res[1]:
                 raise ValueError(f"seq_ids must lie in [0, B={B}) (B = len(advantages)), got values in "
                                  f"[{int(ids.min())}, {int(ids.max())}]")
-            if bad[2]:
+            if res[2]:
                 raise ValueError("seq_ids must be non-decreasing (each sequence one run of tokens)")
-        lengths = torch.bincount(seq_ids.to(torch.int64), minlength=B).tolist() if N else [0] * B
+            lengths = res[3:]
     else:
         if n_adv is not None and n_adv != 1:
             raise ValueError(f"packed (N, H) inputs need seq_ids or cu_seqlens to split {n_adv} "
@@ -311,8 +325,9 @@ def layout(targets: torch.Tensor, n_adv: int | None, seq_ids, cu_seqlens) -> Lay
     return Layout(N=N, B=B, lengths=lengths, lengths_t=lengths_t, seq=seq, T=None)
 
 
-def valid_mask(targets: torch.Tensor, mask, ignore_index: int) -> torch.Tensor:
-    """(N,) fp32 0/1: ``mask`` (if given) and ``targets != ignore_index``."""
+def valid_mask(targets: torch.Tensor, mask, ignore_index: int, dc: DeviceChecks) -> torch.Tensor:
+    """(N,) fp32 0/1: ``mask`` (if given) and ``targets != ignore_index``; the rule on the mask's
+    values goes to ``dc``."""
     m = targets != ignore_index
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -324,8 +339,12 @@ def valid_mask(targets: torch.Tensor, mask, ignore_index: int) -> torch.Tensor:
         if mask.dtype != torch.bool:
             if mask.is_floating_point() or mask.dtype in (torch.int8, torch.int16, torch.int32,
                                                           torch.int64, torch.uint8):
-                if not ((mask == 0) | (mask == 1)).all():
-                    raise ValueError("mask must hold only 0 and 1 (or be bool), got other values")
+                other = (mask != 0) & (mask != 1)
+
+                def bad_mask():
+                    raise ValueError(f"mask must hold only 0 and 1 (or be bool), got e.g. "
+                                     f"{mask[other][:5].tolist()}")
+                dc.add(other.any(), bad_mask)
             else:
                 raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
         m = m & mask.to(torch.bool)
@@ -337,42 +356,33 @@ def _bad_targets(t, V, valid):
     raise ValueError(f"targets must be in [0, V={V}) at valid positions, got e.g. {vals}")
 
 
-def check_targets(targets, V: int, valid) -> bool:
-    """targets (N,) in [0, V) wherever ``valid`` (N,) bool; returns whether any position is not
-    valid. One device sync."""
-    res = torch.stack([(valid & ((targets < 0) | (targets >= V))).any(), (~valid).any()]).tolist()
-    if res[0]:
-        _bad_targets(targets, V, valid)
-    return bool(res[1])
+def check_targets(targets, V: int, valid, dc: DeviceChecks) -> int:
+    """targets (N,) in [0, V) wherever ``valid`` (N,) bool, a rule on ``dc``; returns the index
+    of the flag "some position is not valid" in ``dc.read()``."""
+    dc.add((valid & ((targets < 0) | (targets >= V))).any(), lambda: _bad_targets(targets, V, valid))
+    return dc.add((~valid).any())
 
 
-def check_values(targets, V, mask, advantages, old_logps, lay: Layout) -> bool:
-    """Value checks at valid positions, with one device sync for all of them.
+def check_values(targets, V, mask, advantages, old_logps, lay: Layout, dc: DeviceChecks) -> int:
+    """The value rules at valid positions (targets, advantages, old_logps), added to ``dc``.
 
-    Returns whether any position is masked (the caller then keeps those rows out of the GEMMs).
+    Returns the index of the flag "some position is masked" in ``dc.read()`` (the caller then
+    keeps those rows out of the GEMMs).
     """
     t = targets.reshape(-1)
     valid = mask > 0
-    bad_t = (valid & ((t < 0) | (t >= V))).any()
-    seq_valid = torch.zeros(lay.B, dtype=torch.bool, device=t.device)
-    if lay.N:
-        seq_valid.index_fill_(0, lay.seq[valid], True)
-    bad_a = (seq_valid & ~torch.isfinite(advantages.float())).any()
-    flags = [bad_t, bad_a]
+    masked = check_targets(t, V, valid, dc)
+    seq_valid = torch.zeros(lay.B, dtype=torch.float32, device=t.device).index_add_(
+        0, lay.seq, mask) > 0
+    bad_a = seq_valid & ~torch.isfinite(advantages.float())
+
+    def bad_advantages():
+        raise ValueError(f"advantages must be finite for sequences with valid tokens, got e.g. "
+                         f"{advantages[bad_a][:5].tolist()}")
+    dc.add(bad_a.any(), bad_advantages)
     if old_logps is not None:
-        flags.extend(_logp_flags(old_logps, valid))
-    flags.append((~valid).any())
-    res = torch.stack(flags).tolist()
-    if res[0]:
-        _bad_targets(t, V, valid)
-    if res[1]:
-        vals = advantages[seq_valid & ~torch.isfinite(advantages.float())][:5].tolist()
-        raise ValueError(f"advantages must be finite for sequences with valid tokens, got e.g. {vals}")
-    if old_logps is not None and res[2]:
-        raise ValueError("old_logps must be finite at valid positions, got NaN/inf")
-    if old_logps is not None and res[3]:
-        _raise_positive_logps("old_logps", old_logps, valid)
-    return bool(res[-1])
+        add_logp_rules("old_logps", old_logps, valid, dc)
+    return masked
 
 
 def check_loss_tensors(advantages, old_logps, targets) -> None:
@@ -410,18 +420,24 @@ def check_escort_inputs(advantages, valid, anchor_seq_logps) -> None:
             raise ValueError(f"valid must be a (B,) = ({B},) tensor, got "
                              f"{_shape(valid) if isinstance(valid, torch.Tensor) else type(valid).__name__}")
         ok = valid.to(torch.bool)
-    bad = ok & ~torch.isfinite(advantages.float())
+    dc = DeviceChecks(advantages.device)
     if anchor_seq_logps is not None:
         if not isinstance(anchor_seq_logps, torch.Tensor) or _shape(anchor_seq_logps) != (B,):
             raise ValueError(f"anchor_seq_logps must be a (B,) = ({B},) tensor, got "
                              f"{_shape(anchor_seq_logps) if isinstance(anchor_seq_logps, torch.Tensor) else type(anchor_seq_logps).__name__}")
         bad_l = ok & ~torch.isfinite(anchor_seq_logps.float())
-        if bool(bad_l.any()):
+
+        def bad_anchor():
             raise ValueError(f"anchor_seq_logps must be finite for valid sequences, got e.g. "
                              f"{anchor_seq_logps[bad_l][:5].tolist()}")
-    if bool(bad.any()):
+        dc.add(bad_l.any(), bad_anchor)
+    bad = ok & ~torch.isfinite(advantages.float())
+
+    def bad_advantages():
         raise ValueError(f"advantages must be finite for valid sequences, got e.g. "
                          f"{advantages[bad][:5].tolist()}")
+    dc.add(bad.any(), bad_advantages)
+    dc.read()
 
 
 def check_rewards(rewards, group_size, scale) -> None:
@@ -440,26 +456,35 @@ def check_rewards(rewards, group_size, scale) -> None:
         raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
 
 
-def _count(name, v):
-    """A global count (int, float or 0-d tensor) ≥ 0, returned as a float, or None."""
-    if v is None:
-        return None
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {_shape(v)}")
-        v = float(v.reshape(()).item())
-    elif isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(v).__name__} {v!r}")
+def _count_value(name, v):
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
     return float(v)
 
 
-def check_rl_inputs(o, targets, mask_valid, n_seqs: int, *, omega=None, ref_logps=None,
-                    rollout_logps=None, num_items_in_batch=None, num_seqs_in_batch=None):
+def _count(name, v, dc: DeviceChecks):
+    """A global count (int, float or one-element tensor) ≥ 0, or None. Returns a function of
+    ``dc.read()``'s list giving it as a float (a tensor's value is read back with the rules)."""
+    if v is None:
+        return lambda _res: None
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {_shape(v)}")
+        i = dc.add(v)
+        return lambda res: _count_value(name, res[i])
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(v).__name__} {v!r}")
+    v = _count_value(name, v)
+    return lambda _res: v
+
+
+def check_rl_inputs(o, targets, mask_valid, n_seqs: int, dc: DeviceChecks, *, omega=None,
+                    ref_logps=None, rollout_logps=None, num_items_in_batch=None,
+                    num_seqs_in_batch=None):
     """The per-call inputs of the RL terms (docs/contract.md, "RL terms"): shapes, dtypes, devices,
-    finite values at valid positions (``mask_valid`` (N,) bool), and what goes with what.
-    Returns ``(num_items, num_seqs)`` as floats or None."""
+    finite values at valid positions (``mask_valid`` (N,) bool; rules added to ``dc``), and what
+    goes with what. Returns the function that, given ``dc.read()``'s list, checks the global
+    counts and returns ``(num_items, num_seqs)`` as floats or None."""
     for name, t in (("ref_logps", ref_logps), ("rollout_logps", rollout_logps)):
         if t is None:
             continue
@@ -470,11 +495,7 @@ def check_rl_inputs(o, targets, mask_valid, n_seqs: int, *, omega=None, ref_logp
             raise ValueError(f"{name} shape {_shape(t)} must equal targets shape {_shape(targets)}")
         if t.device != targets.device:
             raise ValueError(f"{name} is on {t.device}, targets on {targets.device}")
-        bad, pos = torch.stack(_logp_flags(t, mask_valid)).tolist()
-        if bad:
-            raise ValueError(f"{name} must be finite at valid positions, got NaN/inf")
-        if pos:
-            _raise_positive_logps(name, t, mask_valid)
+        add_logp_rules(name, t, mask_valid, dc)
     if o.beta > 0 and ref_logps is None:
         raise ValueError(f"beta={o.beta!r} > 0 needs ref_logps (the reference model's log-probs)")
     if o.is_correction is not None and rollout_logps is None:
@@ -495,31 +516,37 @@ def check_rl_inputs(o, targets, mask_valid, n_seqs: int, *, omega=None, ref_logp
         if changed:
             raise ValueError(f"omega is given, so the escort options {changed} have no effect (they are "
                              "escort_weights' arguments): leave them at their defaults")
-    ni = _count("num_items_in_batch", num_items_in_batch)
-    ns = _count("num_seqs_in_batch", num_seqs_in_batch)
-    if (ni is not None or ns is not None) and o.kind.divides_by is None:
-        raise ValueError(f"num_items_in_batch / num_seqs_in_batch do not apply to {o.kind.describe(o)} "
-                         "(its weights and adaptive τ need whole groups in one call)")
-    reads = counts_read(o)
-    for name, v, read in (("num_items_in_batch", ni, reads[0]), ("num_seqs_in_batch", ns, reads[1])):
-        if v is not None and not read:
-            what = f"{o.kind.describe(o)}, entropy_coef={o.entropy_coef!r}"
-            raise ValueError(f"{name}={v!r} has no effect with {what} (no mean of the loss divides "
-                             f"by it): leave it None")
-    return ni, ns
+    items = _count("num_items_in_batch", num_items_in_batch, dc)
+    seqs = _count("num_seqs_in_batch", num_seqs_in_batch, dc)
+
+    def counts(res):
+        ni, ns = items(res), seqs(res)
+        if (ni is not None or ns is not None) and o.kind.divides_by is None:
+            raise ValueError(f"num_items_in_batch / num_seqs_in_batch do not apply to {o.kind.describe(o)} "
+                             "(its weights and adaptive τ need whole groups in one call)")
+        reads = counts_read(o)
+        for name, v, read in (("num_items_in_batch", ni, reads[0]), ("num_seqs_in_batch", ns, reads[1])):
+            if v is not None and not read:
+                what = f"{o.kind.describe(o)}, entropy_coef={o.entropy_coef!r}"
+                raise ValueError(f"{name}={v!r} has no effect with {what} (no mean of the loss divides "
+                                 f"by it): leave it None")
+        return ni, ns
+    return counts
 
 
-def check_completion_length(o, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+def check_completion_length(o, mask: torch.Tensor, lengths: torch.Tensor, dc: DeviceChecks) -> None:
     """A loss type that divides by ``max_completion_length`` (dr_grpo): no sequence may have more
-    valid tokens than that. mask (N,) fp32 0/1; lengths (B,) int64 tokens per sequence (one device
-    sync)."""
+    valid tokens than that (a rule on ``dc``). mask (N,) fp32 0/1; lengths (B,) int64 tokens per
+    sequence."""
     if o.kind.aggregate is not Agg.MAX_LENGTH or o.max_completion_length is None or mask.numel() == 0:
         return
-    longest = int(torch.segment_reduce(mask, "sum", lengths=lengths, unsafe=True).max())
-    if longest > o.max_completion_length:
+    longest = torch.segment_reduce(mask, "sum", lengths=lengths, unsafe=True).max()
+
+    def too_long():
         raise ValueError(f"max_completion_length={o.max_completion_length!r} is shorter than a "
-                         f"sequence of the batch ({longest} valid tokens); dr_grpo divides by "
+                         f"sequence of the batch ({int(longest)} valid tokens); dr_grpo divides by "
                          "B · max_completion_length, the longest completion the sampler may produce")
+    dc.add(longest > o.max_completion_length, too_long)
 
 
 def check_process_group(process_group) -> None:
@@ -532,19 +559,20 @@ def check_process_group(process_group) -> None:
                         f"{type(process_group).__name__} {process_group!r}")
 
 
-def check_omega_values(omega, seq_valid) -> None:
-    """omega finite for sequences with a valid token (``seq_valid`` (B,) bool)."""
-    if omega is not None and bool((seq_valid & ~torch.isfinite(omega.float())).any()):
-        raise ValueError("omega must be finite for sequences with valid tokens, got NaN/inf")
+def check_omega_values(omega, seq_valid, dc: DeviceChecks) -> None:
+    """omega finite for sequences with a valid token (``seq_valid`` (B,) bool), a rule on ``dc``."""
+    if omega is not None:
+        dc.add((seq_valid & ~torch.isfinite(omega.float())).any(),
+               _raiser(ValueError("omega must be finite for sequences with valid tokens, got NaN/inf")))
 
 
-def check_entropy_tensor(entropy, logps, mask_valid) -> None:
+def check_entropy_tensor(entropy, logps, mask_valid, dc: DeviceChecks) -> None:
     """The per-token entropies of :func:`opo_kernels.policy_loss`: float, like ``logps``, finite
-    where valid."""
+    where valid (a rule on ``dc``)."""
     if not isinstance(entropy, torch.Tensor) or not entropy.is_floating_point():
         raise TypeError(f"entropy must be a float tensor or None, got "
                         f"{getattr(entropy, 'dtype', type(entropy).__name__)}")
     if _shape(entropy) != _shape(logps):
         raise ValueError(f"entropy shape {_shape(entropy)} must equal logps shape {_shape(logps)}")
-    if bool((mask_valid & ~torch.isfinite(entropy.reshape(-1).float())).any()):
-        raise ValueError("entropy must be finite at valid positions, got NaN/inf")
+    dc.add((mask_valid & ~torch.isfinite(entropy.reshape(-1).float())).any(),
+           _raiser(ValueError("entropy must be finite at valid positions, got NaN/inf")))

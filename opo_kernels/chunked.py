@@ -15,7 +15,7 @@ driven by a :class:`opo_kernels.dispatch.ChunkedBackend` ``be`` (its ``vocab_for
   allows (per-token losses; sequence losses whose token gradients share one scale per sequence),
   else in four (see :func:`one_pass_loss`).
 
-Batch invariance: every logits GEMM runs on exactly :func:`gemm_rows` rows (the last block of
+Batch invariance: every logits GEMM runs on exactly :data:`GEMM_ROWS` rows (the last block of
 the batch padded with zero rows), whatever the chunk, the batch or the row's position. A BLAS
 picks its sgemm kernel, and so its summation order, by the row count; with a fixed count a row's
 logits are bitwise the same alone, in any batch and under any ``chunk_size``, so an anchor taken by
@@ -28,12 +28,10 @@ from dataclasses import dataclass
 import torch
 
 
-def gemm_rows(device: torch.device) -> int:
-    """Rows of every logits GEMM: a constant, never a function of the batch (the device is an
-    argument so that a device may get its own)."""
-    # 512 rows keep the CPU sgemm at its full-batch speed (N = 1024, H = 512, fp32: 128-row
-    # blocks ran 1.07x the three-GEMM floor at V = 65536, 512-row blocks 0.99x).
-    return 512
+# Rows of every logits GEMM: a constant, never a function of the batch. 512 rows keep the CPU
+# sgemm at its full-batch speed (N = 1024, H = 512, fp32: 128-row blocks ran 1.07x the
+# three-GEMM floor at V = 65536, 512-row blocks 0.99x).
+GEMM_ROWS = 512
 
 
 def default_chunk_tokens(V: int, device: torch.device) -> int:
@@ -49,7 +47,7 @@ def default_chunk_tokens(V: int, device: torch.device) -> int:
     took 109 ms (bench/results/2026-11-27-h200-notes.md).
     """
     budget = (64 << 20) if device.type == "cpu" else (2048 << 20)
-    rows = max(gemm_rows(device), budget // (4 * max(V, 1)))
+    rows = max(GEMM_ROWS, budget // (4 * max(V, 1)))
     return 1 << (rows.bit_length() - 1)
 
 
@@ -91,7 +89,7 @@ class Head:
         self.w = weight.float() if self.upcast else weight
         self.b = None if bias is None else bias.float()
         self.N = hidden.shape[0]
-        self.R = gemm_rows(hidden.device)
+        self.R = GEMM_ROWS
         # One logits buffer for every chunk (whole GEMM blocks): a fresh chunk-sized allocation
         # per chunk costs its page faults again (on CPU about as much as the vocabulary pass).
         self.rows = self.R * -(-min(chunk, max(self.N, 1)) // self.R)

@@ -114,7 +114,6 @@ class FusedBackend(Backend):
                                      up.g_ent, self.temperature, need_hidden=needs.hidden,
                                      need_weight=needs.weight, need_bias=needs.bias,
                                      filter_eps=self.options.filter_eps,
-                                     deterministic=self.options.deterministic,
                                      accum_fp32=self.options.accum_fp32)
 
 
@@ -159,8 +158,12 @@ class ReferenceBackend(Backend):
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend ``backend`` (one of BACKENDS, checked at the public boundary; possibly
     "auto") means for tensors on ``device``."""
-    if backend in ("triton", "fused"):
-        checks.check_triton_device(device, f"backend={backend!r}")
+    if backend == "triton":
+        from .vocab_triton import INTERPRETED  # whether its kernels were built for the interpreter
+        checks.check_triton_device(device, "backend='triton'", INTERPRETED)
+        return backend
+    if backend == "fused":
+        checks.check_triton_device(device, "backend='fused'")
         return backend
     if backend != "auto":
         return backend
@@ -180,6 +183,7 @@ def get_backend(device: torch.device, options: BackendOptions, *, V: int,
     name = resolve(options.backend, device)
     checks.check_backend_options(options, name)
     if name == "fused":
+        # deterministic=True is checked above and holds as it is: the fused backward is atomics-free
         return FusedBackend(options)
     if name == "reference":
         return ReferenceBackend(options)

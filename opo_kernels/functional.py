@@ -53,18 +53,23 @@ def _constant_logps(logps, m):
     return torch.where(m > 0, logps.detach().reshape(-1).float(), 0.0)
 
 
-def _rl_inputs(opts, targets, m, lay, given: RLInputs) -> RLInputs:
-    """The RL-term inputs as the caller gave them (contract: "RL terms"), validated and masked
-    (masked positions: 0, whatever they held)."""
-    checks.check_completion_length(opts, m, lay.lengths_t)
-    ni, ns = checks.check_rl_inputs(opts, targets, m > 0, lay.B, omega=given.omega,
+def _rl_inputs(opts, targets, m, lay, given: RLInputs, dc):
+    """The RL-term inputs as the caller gave them (contract: "RL terms"), checked (value rules
+    added to ``dc``) and masked (masked positions: 0, whatever they held). Returns the function
+    that, given ``dc.read()``'s list, gives the checked :class:`RLInputs`."""
+    checks.check_completion_length(opts, m, lay.lengths_t, dc)
+    counts = checks.check_rl_inputs(opts, targets, m > 0, lay.B, dc, omega=given.omega,
                                     ref_logps=given.ref, rollout_logps=given.rollout,
                                     num_items_in_batch=given.num_items,
                                     num_seqs_in_batch=given.num_seqs)
     if given.omega is not None:
-        checks.check_omega_values(given.omega, segment_sum(m, lay.lengths_t) > 0)
-    return RLInputs(omega=given.omega, ref=_constant_logps(given.ref, m),
-                    rollout=_constant_logps(given.rollout, m), num_items=ni, num_seqs=ns)
+        checks.check_omega_values(given.omega, segment_sum(m, lay.lengths_t) > 0, dc)
+
+    def rl_inputs(res) -> RLInputs:
+        ni, ns = counts(res)
+        return RLInputs(omega=given.omega, ref=_constant_logps(given.ref, m),
+                        rollout=_constant_logps(given.rollout, m), num_items=ni, num_seqs=ns)
+    return rl_inputs
 
 
 def _mask_rows(h2, tg, keep):
@@ -133,7 +138,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, return_entropy=False,
     keep = tg != ignore_index
     h2 = hidden.reshape(-1, H)
     be, V = _backend(bo, h2, keep, weight, vp, lay.lengths)
-    any_masked = checks.check_targets(tg, V, keep)
+    dc = checks.DeviceChecks(tg.device)
+    masked = checks.check_targets(tg, V, keep, dc)
+    any_masked = dc.read()[masked]  # the call's one host synchronization
     if any_masked:
         h2, tg = _mask_rows(h2, tg, keep)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -225,15 +232,18 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     opts = _options(lo, lay)
     H = weight.shape[1]
     tg = targets.reshape(-1)
-    m = checks.valid_mask(targets, mask, ignore_index)
+    dc = checks.DeviceChecks(tg.device)
+    m = checks.valid_mask(targets, mask, ignore_index, dc)
     h2 = hidden.reshape(-1, H)
     be, V = _backend(bo, h2, m > 0, weight, vp, lay.lengths)
-    if checks.check_values(tg, V, m, advantages, old_logps, lay):
+    masked = checks.check_values(tg, V, m, advantages, old_logps, lay, dc)
+    rl_inputs = _rl_inputs(opts, targets, m, lay, RLInputs(omega, ref_logps, rollout_logps,
+                                                           num_items_in_batch, num_seqs_in_batch), dc)
+    res = dc.read()  # every value rule at once: the call's one host synchronization
+    if res[masked]:
         h2, tg = _mask_rows(h2, tg, m > 0)
     old = _constant_logps(old_logps, m)
-    rl = _rl_inputs(opts, targets, m, lay, RLInputs(omega, ref_logps, rollout_logps,
-                                                    num_items_in_batch, num_seqs_in_batch))
-    plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, rl)
+    plan = make_plan(opts, advantages, m, lay.lengths_t, old, V, process_group, rl_inputs(res))
     want_grad = _needs_grad(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):
         if be.one_pass and not plan.needs_full_batch:
@@ -275,30 +285,32 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss="opo", entropy=
     ``logps``) for the metrics. vocab_size: needed by ``escort="group_softmax"`` with adaptive τ.
     Options as :func:`fused_policy_loss`. Returns ``(loss, metrics)``.
     """
-    checks.check_logps(logps, None)
+    checks.check_logps(logps)
     checks.check_loss_tensors(advantages, old_logps, logps)
     checks.check_process_group(process_group)
     lay = checks.layout(logps, advantages.shape[0], seq_ids, cu_seqlens)
     opts = _options(split_options("policy_loss", options, loss=loss, backend=False)[0], lay)
     if opts.escort == "group_softmax" and opts.adaptive_tau and vocab_size is None:
         raise ValueError("escort='group_softmax' with adaptive_tau needs vocab_size (for H / log V)")
-    m = torch.ones(logps.numel(), dtype=torch.float32, device=logps.device) if mask is None else \
-        checks.valid_mask(torch.zeros_like(logps, dtype=torch.int64), mask, -1)
-    checks.check_logps(logps, m > 0)
-    lp = logps.reshape(-1).float()
-    checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay)
-    lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
-    old = _constant_logps(old_logps, m)
-    rl = _rl_inputs(opts, logps, m, lay, RLInputs(omega, ref_logps, rollout_logps,
-                                                  num_items_in_batch, num_seqs_in_batch))
-    ent = None
-    if entropy is not None:
-        checks.check_entropy_tensor(entropy, logps, m > 0)
-        ent = torch.where(m > 0, entropy.reshape(-1).float(), 0.0)
-    elif opts.entropy_coef > 0 or opts.top_entropy_quantile < 1.0:
+    if entropy is None and (opts.entropy_coef > 0 or opts.top_entropy_quantile < 1.0):
         raise ValueError("entropy_coef > 0 and top_entropy_quantile < 1 need entropy (the per-token "
                          "entropies, like logps)")
-    plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group, rl)
+    dc = checks.DeviceChecks(logps.device)
+    m = torch.ones(logps.numel(), dtype=torch.float32, device=logps.device) if mask is None else \
+        checks.valid_mask(torch.zeros_like(logps, dtype=torch.int64), mask, -1, dc)
+    checks.add_logp_rules("logps", logps, m > 0, dc)
+    lp = logps.reshape(-1).float()
+    checks.check_values(torch.zeros_like(lp, dtype=torch.int64), 1, m, advantages, old_logps, lay, dc)
+    rl_inputs = _rl_inputs(opts, logps, m, lay, RLInputs(omega, ref_logps, rollout_logps,
+                                                         num_items_in_batch, num_seqs_in_batch), dc)
+    if entropy is not None:
+        checks.check_entropy_tensor(entropy, logps, m > 0, dc)
+    res = dc.read()  # every value rule at once: the call's one host synchronization
+    lp = torch.where(m > 0, lp, 0.0)  # masked positions may hold NaN: keep it out of every sum
+    old = _constant_logps(old_logps, m)
+    ent = None if entropy is None else torch.where(m > 0, entropy.reshape(-1).float(), 0.0)
+    plan = make_plan(opts, advantages, m, lay.lengths_t, old, vocab_size or 1, process_group,
+                     rl_inputs(res))
     plan_full_batch(plan, lp, m, process_group, ent)
     out, sums = plan.chunk_loss(lp, old, m, lay.seq, 0, lay.B, 0, ent)
     ent_sum = torch.zeros((), device=lp.device) if ent is None else ent.detach().sum()

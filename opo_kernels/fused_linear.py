@@ -64,6 +64,9 @@ interpreter mis-multiplies bf16; the fp32 products of bf16 values are exact, as 
 fp32 -> bf16 conversions round to nearest as on the GPU (``_round``: the interpreter truncates).
 Batch invariance of the GPU path itself is checked by ``bench/gpu_check_fused.py``. Only Triton
 language features of Triton <= 3.6 are used.
+
+The launchers check nothing: the public functions validated every input once (docs/contract.md,
+"Public API"); ``splits``, a knob of this module only, is the one argument checked here.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, chunked
+from . import chunked
 
 __all__ = ["fused_linear_forward", "fused_linear_backward", "num_splits", "skipped_tile_fraction"]
 
@@ -427,16 +430,9 @@ def num_splits(V: int, block_v: int, splits: int | None = None) -> tuple[int, in
     return math.ceil(V / per), per
 
 
-def _check_inputs(hidden, weight, bias, targets, temperature):
-    checks.check_linear(hidden, weight, bias, targets)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be (N, H), got shape {tuple(hidden.shape)}")
-    checks.check_triton_device(hidden.device, "backend='fused'")
-    checks.check_positive("temperature", temperature)
-
-
-def _row_vec(name, t, N, device):
-    return checks.check_rows(name, t, N, device).detach().to(torch.float32)
+def _row_vec(t):
+    """A per-row (N,) input as the kernels read it: fp32, contiguous, no autograd."""
+    return t.detach().to(torch.float32).contiguous()
 
 
 def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -451,7 +447,6 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     fp32 rounding, and are bitwise reproducible for a fixed value). No autograd: see
     :func:`fused_linear_backward`.
     """
-    _check_inputs(hidden, weight, bias, targets, temperature)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -480,9 +475,8 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return logp, lse, ent
 
 
-def resolve_filter_eps(filter_eps: float | None, dtype: torch.dtype) -> float:
+def resolve_filter_eps(filter_eps: float | None) -> float:
     """The threshold actually used: ``None`` -> 0.0 (exact) for every dtype."""
-    checks.check_filter_eps(filter_eps)
     return 0.0 if filter_eps is None else float(filter_eps)
 
 
@@ -510,8 +504,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           grad_entropy: torch.Tensor | None, temperature: float = 1.0, *,
                           need_hidden: bool = True,
                           need_weight: bool = True, need_bias: bool = True,
-                          filter_eps: float | None = None, deterministic: bool = False,
-                          accum_fp32: bool = True):
+                          filter_eps: float | None = None, accum_fp32: bool = True):
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. hidden, weight, bias.
 
     Inputs as :func:`fused_linear_forward`, plus ``lse`` (N,) fp32 from it, ``entropy`` (N,) fp32
@@ -519,24 +512,22 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     Returns ``(dhidden (N, H) | None, dweight (V, H) | None, dbias (V,) | None)`` in the dtypes of
     hidden, weight and bias; ``need_*`` turn each off (dbias is None when bias is None).
     ``filter_eps``: see the module docstring (None or 0.0 = exact, the default). The backward has
-    no atomics and is bitwise reproducible whatever ``deterministic`` says (kept for callers that
-    state the requirement). ``accum_fp32=False`` accumulates dweight in its own dtype (no fp32
+    no atomics and is bitwise reproducible (what the public ``deterministic=True`` asks for). ``accum_fp32=False`` accumulates dweight in its own dtype (no fp32
     V x H buffer).
     """
-    _check_inputs(hidden, weight, bias, targets, temperature)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    lse = _row_vec("lse", lse, N, dev)
-    g = _row_vec("grad_logp", grad_logp, N, dev)
-    checks.check_entropy_for_grad(entropy, grad_entropy)
+    lse = _row_vec(lse)
+    g = _row_vec(grad_logp)
     has_ent = grad_entropy is not None
+    assert entropy is not None or not has_ent, "grad_entropy needs entropy"
     if has_ent:
-        ge = _row_vec("grad_entropy", grad_entropy, N, dev)
-        ent = _row_vec("entropy", entropy, N, dev)
+        ge = _row_vec(grad_entropy)
+        ent = _row_vec(entropy)
     else:
         ge = ent = lse  # dummy pointers, never read
-    eps = resolve_filter_eps(filter_eps, hidden.dtype)
+    eps = resolve_filter_eps(filter_eps)
     need_bias = need_bias and bias is not None
     hidden, weight = hidden.detach(), weight.detach()
     targets = targets.detach().to(torch.int64).contiguous()
@@ -625,19 +616,18 @@ def skipped_tile_fraction(hidden, weight, bias, targets, lse, entropy, grad_logp
                           temperature: float = 1.0, *, filter_eps: float | None = None) -> float:
     """Fraction of the (token tile, vocab tile) pairs whose gradient dots the filtered backward
     skips (all of the tile's dz below the threshold) at the shipped tiles; 0.0 when exact."""
-    _check_inputs(hidden, weight, bias, targets, temperature)
     N = hidden.shape[0]
     V = weight.shape[0]
-    eps = resolve_filter_eps(filter_eps, hidden.dtype)
+    eps = resolve_filter_eps(filter_eps)
     if eps == 0.0 or N == 0:
         return 0.0
     dev = hidden.device
-    lse = _row_vec("lse", lse, N, dev)
-    g = _row_vec("grad_logp", grad_logp, N, dev)
-    checks.check_entropy_for_grad(entropy, grad_entropy)
+    lse = _row_vec(lse)
+    g = _row_vec(grad_logp)
     has_ent = grad_entropy is not None
-    ge = _row_vec("grad_entropy", grad_entropy, N, dev) if has_ent else lse
-    ent = _row_vec("entropy", entropy, N, dev) if has_ent else lse
+    assert entropy is not None or not has_ent, "grad_entropy needs entropy"
+    ge = _row_vec(grad_entropy) if has_ent else lse
+    ent = _row_vec(entropy) if has_ent else lse
     cfg = _config(dev, hidden.dtype, "det")
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     live = torch.empty((grid[0], triton.cdiv(V, cfg["BLOCK_V"])), dtype=torch.float32,

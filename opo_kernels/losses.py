@@ -852,9 +852,15 @@ def finish_metrics(plan: LossPlan, sums: torch.Tensor, entropy_sum: torch.Tensor
     n_items = (plan.n_tokens if plan.token_separable else plan.n_seqs).clamp_min(1)
     om = plan.omega
     ok = plan.seq_len > 0
-    if om is not None and ok.any():
-        omv = om[ok]
-        om_stats = (omv.min(), omv.max(), omv.std(unbiased=False))
+    if om is not None:
+        # over the sequences with a valid token (0 if none), without a host synchronization
+        n = ok.float().sum()
+        mean = torch.where(ok, om, 0.0).sum() / n.clamp_min(1)
+        var = torch.where(ok, (om - mean) ** 2, 0.0).sum() / n.clamp_min(1)
+        has = n > 0
+        om_stats = (torch.where(has, torch.where(ok, om, math.inf).min(), 0.0),
+                    torch.where(has, torch.where(ok, om, -math.inf).max(), 0.0),
+                    torch.where(has, var.sqrt(), 0.0))
     else:
         z = sums.new_zeros(())
         om_stats = (z, z, z)

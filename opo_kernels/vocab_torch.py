@@ -78,8 +78,9 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
                 dz -= ge * torch.where(p > 0, p * (s - lse[r0:r1, None] + entropy[r0:r1, None]), 0.0)
         t = targets[r0:r1]
         valid = (t >= 0) & (t < V)
-        rows = torch.nonzero(valid).squeeze(-1)
-        dz[rows, t[rows]] += g[rows, 0]
+        # the one-hot term, without a host synchronization (no nonzero): rows whose target is
+        # outside [0, V) add 0 to column 0
+        dz.scatter_add_(1, torch.where(valid, t, 0)[:, None], torch.where(valid[:, None], g, 0.0))
         if temperature != 1.0:
             dz /= temperature
         if dz.data_ptr() != o.data_ptr():

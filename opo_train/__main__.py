@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                "  torchrun --nproc_per_node 2 -m opo_train loss=grpo\n"
                "  opo-train --config exp1_qwen3_1p7b_math model=/models/Qwen3-1.7B "
                "train_file=/data/math_l3.jsonl\n"
-               "  opo-train task=hf train_file=x.jsonl rewards=[mymod:correct,mymod:fmt] "
-               "reward_weights=[1.0,0.5] max_steps=100\n\n" + keys_help(),
+               "  opo-train task=hf train_file=x.jsonl sft_steps=0 val_every=0 "
+               "rewards=[mymod:correct,mymod:fmt] reward_weights=[1.0,0.5] max_steps=100\n\n" + keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML file or shipped config name (default: toy)")

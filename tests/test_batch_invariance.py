@@ -15,7 +15,7 @@ import reference as ref
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from opo_kernels import fused_policy_loss, linear_logprobs
 from opo_kernels import chunked
-from opo_kernels.chunked import gemm_rows
+from opo_kernels.chunked import GEMM_ROWS
 
 CHUNKED = ref.backends("torch", "native")
 
@@ -28,7 +28,7 @@ def _data(N, H, V=2000, seed=0):
 
 
 def test_every_logits_gemm_has_the_same_row_count(monkeypatch):
-    """Alone, in a batch, with any chunk_size: the logits GEMMs all see gemm_rows() rows."""
+    """Alone, in a batch, with any chunk_size: the logits GEMMs all see GEMM_ROWS rows."""
     h, w, t = _data(300, 64, V=500)
     seen = []
     mm, addmm = torch.mm, torch.addmm
@@ -49,7 +49,7 @@ def test_every_logits_gemm_has_the_same_row_count(monkeypatch):
         for n, chunk in ((7, None), (300, None), (300, 32), (300, 200), (1, 5)):
             linear_logprobs(h[:n], w, t[:n], backend="torch", chunk_size=chunk)
             linear_logprobs(h[:n], w, t[:n], bias=torch.zeros(500), backend="torch", chunk_size=chunk)
-    assert seen and set(seen) == {gemm_rows(torch.device("cpu"))}, sorted(set(seen))
+    assert seen and set(seen) == {GEMM_ROWS}, sorted(set(seen))
 
 
 @pytest.mark.parametrize("H", [1024, 2048])
@@ -90,6 +90,6 @@ def test_default_chunk_does_not_shrink_with_the_vocabulary(V):
     logits stays a small fraction of the materializing loss (N x V fp32, twice) at N = 1024."""
     cpu = torch.device("cpu")
     chunk = chunked.default_chunk_tokens(V, cpu)
-    assert chunk >= 512 and chunk % chunked.gemm_rows(cpu) == 0
+    assert chunk >= 512 and chunk % chunked.GEMM_ROWS == 0
     assert chunk & (chunk - 1) == 0
     assert chunk * V * 4 <= 0.25 * (2 * 1024 * V * 4)
