@@ -244,8 +244,13 @@ def check_group_size(group_size, B: int) -> None:
                          f"group_size={group_size!r}")
 
 
-def check_vocab_options(temperature, ignore_index) -> None:
+def check_vocab_options(temperature, ignore_index, logit_scale=1.0, softcap=None) -> None:
+    """The vocabulary-pass options: ``temperature`` and ``logit_scale`` finite > 0, ``softcap``
+    None or finite > 0, ``ignore_index`` an int."""
     check_positive("temperature", temperature)
+    check_positive("logit_scale", logit_scale)
+    if softcap is not None:
+        check_positive("softcap", softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 

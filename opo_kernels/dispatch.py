@@ -32,14 +32,28 @@ from . import checks, chunked
 from .checks import BACKENDS  # noqa: F401  (imported from here by callers)
 
 
+def pass_params(temperature: float, logit_scale: float = 1.0, softcap=None):
+    """The vocabulary pass's ``(temperature, softcap)`` for the public options.
+
+    The public transform of logits z is ``s = c·tanh(scale·z / c) / T`` (softcap c) or
+    ``s = scale·z / T``. Every vocabulary pass computes it as ``u = z / t`` then
+    ``s = k·tanh(u / k)`` (k not None) with ``t = T / scale`` and ``k = c / T``: the same s, with
+    the scale folded into the temperature (exact in real arithmetic), so a pass without softcap
+    is the plain temperature pass."""
+    t = float(temperature) / float(logit_scale)
+    return t, (None if softcap is None else float(softcap) / float(temperature))
+
+
 class Backend:
-    """Base class; see the module docstring. ``temperature`` divides the logits."""
+    """Base class; see the module docstring. The pass's logits are ``s = z / temperature``, then
+    ``s = softcap·tanh(s / softcap)`` when ``softcap`` is not None (:func:`pass_params`)."""
 
     name = "?"
     one_pass = False
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, softcap=None):
         self.temperature = float(temperature)
+        self.softcap = softcap
 
     def logprobs(self, hidden, weight, bias, targets):
         """``(logp, lse, entropy)``: three fp32 (N,) tensors."""
@@ -63,8 +77,8 @@ class ChunkedBackend(Backend):
 
     one_pass = True
 
-    def __init__(self, name, vocab, temperature, chunk: int, chunks: list):
-        super().__init__(temperature)
+    def __init__(self, name, vocab, temperature, softcap, chunk: int, chunks: list):
+        super().__init__(temperature, softcap)
         self.name = name
         self.vocab_forward, self.vocab_backward = vocab.vocab_forward, vocab.vocab_backward
         self.chunk, self.chunks = chunk, chunks
@@ -87,20 +101,22 @@ class FusedBackend(Backend):
 
     name = "fused"
 
-    def __init__(self, temperature, filter_eps, deterministic, accum_fp32):
-        super().__init__(temperature)
+    def __init__(self, temperature, softcap, filter_eps, deterministic, accum_fp32):
+        super().__init__(temperature, softcap)
         self.filter_eps, self.deterministic = filter_eps, deterministic
         self.accum_fp32 = accum_fp32
 
     def logprobs(self, hidden, weight, bias, targets):
         from .fused_linear import fused_linear_forward
-        return fused_linear_forward(hidden, weight, bias, targets, self.temperature)
+        return fused_linear_forward(hidden, weight, bias, targets, self.temperature,
+                                    softcap=self.softcap)
 
     def grads(self, hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
               need_hidden, need_weight, need_bias):
         from .fused_linear import fused_linear_backward
         return fused_linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
-                                     self.temperature, need_hidden=need_hidden,
+                                     self.temperature, softcap=self.softcap,
+                                     need_hidden=need_hidden,
                                      need_weight=need_weight, need_bias=need_bias,
                                      filter_eps=self.filter_eps, deterministic=self.deterministic,
                                      accum_fp32=self.accum_fp32)
@@ -115,7 +131,10 @@ class ReferenceBackend(Backend):
         z = hidden.float() @ weight.float().t()
         if bias is not None:
             z = z + bias.float()
-        return z / self.temperature
+        s = z / self.temperature
+        if self.softcap is not None:
+            s = self.softcap * torch.tanh(s / self.softcap)
+        return s
 
     def logprobs(self, hidden, weight, bias, targets):
         s = self._scaled_logits(hidden, weight, bias)
@@ -137,6 +156,8 @@ class ReferenceBackend(Backend):
         dz.scatter_add_(1, targets[:, None], g_logp[:, None])
         if g_ent is not None:
             dz -= g_ent[:, None] * torch.where(p > 0, p * (s - lse[:, None] + entropy[:, None]), 0.0)
+        if self.softcap is not None:  # ds/du = 1 − tanh²(u / softcap)
+            dz *= 1.0 - (s / self.softcap).square()
         dz /= self.temperature
         dh = (dz @ weight.float()).to(hidden.dtype) if need_hidden else None
         dw = (dz.t() @ hidden.float()).to(weight.dtype) if need_weight else None
@@ -161,15 +182,17 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def get_backend(backend: str, device: torch.device, *, temperature: float, V: int,
-                lengths: list[int], chunk_size=None, filter_eps=None,
-                deterministic=False, accum_fp32=True) -> Backend:
-    """Validate the backend options and build the backend for one call."""
+                lengths: list[int], logit_scale=1.0, softcap=None, chunk_size=None,
+                filter_eps=None, deterministic=False, accum_fp32=True) -> Backend:
+    """Validate the backend options and build the backend for one call (the vocabulary options
+    ``temperature``, ``logit_scale``, ``softcap`` are checked by the caller)."""
     name = resolve(backend, device)
     checks.check_backend_options(name, chunk_size, filter_eps, deterministic, accum_fp32)
+    t, cap = pass_params(temperature, logit_scale, softcap)
     if name == "fused":
-        return FusedBackend(temperature, filter_eps, deterministic, accum_fp32)
+        return FusedBackend(t, cap, filter_eps, deterministic, accum_fp32)
     if name == "reference":
-        return ReferenceBackend(temperature)
+        return ReferenceBackend(t, cap)
     if name == "triton":
         from . import vocab_triton as vocab
     elif name == "native":
@@ -182,4 +205,4 @@ def get_backend(backend: str, device: torch.device, *, temperature: float, V: in
     else:
         from . import vocab_torch as vocab
     chunk = chunk_size or chunked.default_chunk_tokens(V, device)
-    return ChunkedBackend(name, vocab, temperature, chunk, chunked.plan_chunks(lengths, chunk))
+    return ChunkedBackend(name, vocab, t, cap, chunk, chunked.plan_chunks(lengths, chunk))

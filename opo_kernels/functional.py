@@ -80,14 +80,15 @@ def _logprobs(be, h2, weight, bias, targets, want_grad: bool):
     return logp, ent
 
 
-def _check_head(hidden, weight, bias, targets, temperature, ignore_index, vocab_parallel):
+def _check_head(hidden, weight, bias, targets, temperature, ignore_index, vocab_parallel,
+                logit_scale, softcap):
     """The head's tensors (local shards of a vocabulary-parallel head), checked, and the
     vocabulary-parallel group with this rank's rows (None when the head is whole)."""
     checks.check_tensor("hidden", hidden)
     hidden, weight, bias, *vp = local_head(hidden, weight, bias, vocab_parallel)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     checks.check_linear(hidden, weight, bias, targets)
-    checks.check_vocab_options(temperature, ignore_index)
+    checks.check_vocab_options(temperature, ignore_index, logit_scale, softcap)
     return hidden, weight, bias, vp
 
 
@@ -106,8 +107,13 @@ def _backend(backend, h2, keep, weight, vp, lengths, **backend_options):
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
                     ignore_index=-100, backend="auto", chunk_size=None, seq_ids=None,
                     cu_seqlens=None, filter_eps=None, deterministic=False, accum_fp32=True,
-                    vocab_parallel=None):
-    """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+                    vocab_parallel=None, logit_scale=1.0, softcap=None):
+    """Log-probs of ``targets`` under ``softmax(s)``, ``s = (hidden @ weight.T + bias) / temperature``.
+
+    ``logit_scale`` (finite > 0) multiplies the logits and ``softcap`` (None or finite > 0) caps
+    them, as Cohere's and Gemma-2's heads do: ``s = softcap·tanh(logit_scale·z / softcap) /
+    temperature``, or ``s = logit_scale·z / temperature`` without softcap (z = hidden @ weight.T
+    + bias). Log-probs, entropy and gradients are those of this distribution.
 
     hidden: (B, T, H) or (N, H), fp32/bf16/fp16. weight: (V, H), same dtype. targets: (B, T) or
     (N,) int64; positions equal to ``ignore_index`` get log-prob 0 and entropy 0, and take no
@@ -121,14 +127,14 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     vocabulary-sharded head, as :func:`fused_policy_loss`.
     """
     hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, temperature, ignore_index,
-                                           vocab_parallel)
+                                           vocab_parallel, logit_scale, softcap)
     H = weight.shape[1]
     lay = checks.layout(targets, None, seq_ids, cu_seqlens)
     tg = targets.reshape(-1)
     keep = tg != ignore_index
     h2 = hidden.reshape(-1, H)
     be, V = _backend(backend, h2, keep, weight, vp, lay.lengths, temperature=temperature,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
+                     logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
                      accum_fp32=accum_fp32)
     any_masked = checks.check_targets(tg, V, keep)
     if any_masked:
@@ -161,7 +167,8 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
                       process_group=None, backend="auto", seq_ids=None, cu_seqlens=None,
                       chunk_size=None, filter_eps=None, deterministic=False, accum_fp32=True,
                       omega=None, ref_logps=None, rollout_logps=None, num_items_in_batch=None,
-                      num_seqs_in_batch=None, vocab_parallel=None, **options):
+                      num_seqs_in_batch=None, vocab_parallel=None, logit_scale=1.0, softcap=None,
+                      **options):
     """A policy loss fused with the LM head: ``loss="opo"`` (default) or a baseline.
 
     Args:
@@ -192,6 +199,10 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             the denominators of the token / sequence means (gradient accumulation); each only
             for a loss that divides by it (:func:`opo_kernels.checks.counts_read`), else
             ValueError.
+        temperature, logit_scale, softcap: the logits the policy samples from,
+            ``s = softcap·tanh(logit_scale·z / softcap) / temperature`` (``logit_scale·z /
+            temperature`` with ``softcap=None``), z = hidden @ weight.T + bias; see
+            :func:`linear_logprobs`.
         backend: "auto" | "triton" | "native" | "torch" | "fused" | "reference".
         chunk_size: tokens per logits chunk (chunked backends; default from V).
         filter_eps, deterministic, accum_fp32: ``backend="fused"`` only. ``filter_eps``: gradient
@@ -220,7 +231,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     ``top_entropy_quantile < 1`` and the ``fused``/``reference`` backends take two phases.
     """
     hidden, weight, bias, vp = _check_head(hidden, weight, bias, targets, temperature, ignore_index,
-                                           vocab_parallel)
+                                           vocab_parallel, logit_scale, softcap)
     checks.check_loss_tensors(advantages, old_logps, targets)
     checks.check_process_group(process_group)
     lay = checks.layout(targets, advantages.shape[0], seq_ids, cu_seqlens)
@@ -230,7 +241,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
     m = checks.valid_mask(targets, mask, ignore_index)
     h2 = hidden.reshape(-1, H)
     be, V = _backend(backend, h2, m > 0, weight, vp, lay.lengths, temperature=temperature,
-                     chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
+                     logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size, filter_eps=filter_eps, deterministic=deterministic,
                      accum_fp32=accum_fp32)
     if checks.check_values(tg, V, m, advantages, old_logps, lay):
         h2, tg = _mask_rows(h2, tg, m > 0)

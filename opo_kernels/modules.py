@@ -8,7 +8,7 @@ from .checks import LossOptions
 from .functional import fused_policy_loss
 
 # Keyword arguments of fused_policy_loss that are neither tensors of one batch nor loss options.
-_CALL_OPTIONS = ("temperature", "ignore_index", "process_group", "backend", "chunk_size",
+_CALL_OPTIONS = ("temperature", "logit_scale", "softcap", "ignore_index", "process_group", "backend", "chunk_size",
                  "filter_eps", "deterministic", "accum_fp32", "vocab_parallel")
 
 
@@ -20,7 +20,8 @@ def _check_module_options(loss: str, options: dict) -> None:
                         f"{sorted(set(checks.OPTION_NAMES) - {'loss'}) + list(_CALL_OPTIONS)}")
     checks.check_options(LossOptions(loss=loss, **{k: v for k, v in options.items()
                                                    if k in checks.OPTION_NAMES}))
-    checks.check_vocab_options(options.get("temperature", 1.0), options.get("ignore_index", -100))
+    checks.check_vocab_options(options.get("temperature", 1.0), options.get("ignore_index", -100),
+                               options.get("logit_scale", 1.0), options.get("softcap"))
     checks.check_backend_options(options.get("backend", "auto"), options.get("chunk_size"),
                                  options.get("filter_eps"), options.get("deterministic", False),
                                  options.get("accum_fp32", True))
