@@ -300,8 +300,8 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
         dz -= ge[:, None] * tl.where(p > 0.0, p * (s - lse[:, None] + ent[:, None]), 0.0)
         scale += tl.abs(ge)
     if SOFTCAP:
-        th = s / cap  # ds/du = 1 − tanh² (≤ 1: the filter's bound below still holds)
-        dz = dz * (1.0 - th * th)
+        th = s * (1.0 / cap)  # ds/du = 1 − tanh² (≤ 1: the filter's bound below still holds)
+        dz = dz - dz * (th * th)
     dz = dz * inv_temp
     # where() (not multiply) so that junk in padding rows/cols (possibly inf/nan) cannot leak.
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)

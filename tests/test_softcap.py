@@ -146,6 +146,21 @@ def _ids(c):
 @pytest.mark.parametrize("case", _grid(), ids=[_ids(c) for c in _grid()])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_entropy_and_grads(device, backend, case):
+    _logprobs_case(device, backend, case)
+
+
+FILTER_EPS = 1e-9
+
+
+@pytest.mark.parametrize("case", [(2.0, 3.0, 0.7, torch.float32), (30.0, 0.0625, 1.0, torch.bfloat16)],
+                         ids=_ids)
+def test_fused_filtered_backward(device, case):
+    """The fused backend's filtered kernels (``filter_eps`` > 0, own-dtype accumulation) with the
+    transform: within the bound plus the filter's (each dropped |dz| ≤ ε·(|g| + |e|)/(t·V))."""
+    _logprobs_case(device, "fused", case, filter_eps=FILTER_EPS, accum_fp32=False)
+
+
+def _logprobs_case(device, backend, case, **backend_options):
     cap, scale, temp, dtype = case
     h, w, b, tg, mask = _inputs(dtype)
     (hd, wd, bd), rlp, rent = _reference(h, w, b, tg, mask, scale, cap, temp)
@@ -157,11 +172,18 @@ def test_logprobs_entropy_and_grads(device, backend, case):
     hx, wx, bx = (x.to(device).requires_grad_() for x in (h, w, b))
     targets = torch.where(mask, tg, -100).to(device)
     lp, ent = linear_logprobs(hx, wx, targets, bias=bx, temperature=temp, logit_scale=scale,
-                              softcap=cap, return_entropy=True, backend=backend)
+                              softcap=cap, return_entropy=True, backend=backend, **backend_options)
     ((lp.reshape(-1).double() * gl.to(device)).sum()
      + (ent.reshape(-1).double() * ge.to(device)).sum()).backward()
 
     b_lp, b_ent, b_dh, b_dw, b_db = _bounds(h, w, b, tg, mask, scale, cap, temp, dtype, gl, ge)
+    eps = backend_options.get("filter_eps")
+    if eps:  # the dropped elements: at most V per row, each ≤ thr_t = ε·(|g_t| + |e_t|)/(t·V)
+        thr = eps * (gl.abs() + ge.abs()) * scale / temp / V
+        hd_ = torch.where(mask[..., None], h.double(), 0.0).reshape(-1, H)
+        b_dh = b_dh + (V * thr)[:, None] * w.double().abs().amax(0)[None, :]
+        b_dw = b_dw + thr @ hd_.abs()
+        b_db = b_db + thr.sum()
     _check("logp", lp.cpu(), rlp, b_lp)
     _check("entropy", ent.cpu(), rent, b_ent)
     assert bool((lp.cpu()[~mask] == 0).all()) and bool((ent.cpu()[~mask] == 0).all())
