@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import require
+from . import head_transform, require
 
 _trl = require("trl", "1.16", "trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -239,36 +239,6 @@ class OPOConfig(GRPOConfig):
         run(lambda: check_vocab_options(self.temperature, -100), [("temperature", self.temperature)])
         run(lambda: check_backend_options(self.opo_backend, None, None, False),
             [("opo_backend", self.opo_backend)])
-
-
-# The text-config fields by which a model's forward transforms hidden @ lm_head.weight into its
-# logits: multipliers (scale → softcap → TRL's temperature); True: the forward divides by it.
-_HEAD_MULTIPLIERS = (("logit_scale", False), ("lm_head_multiplier", False), ("output_multiplier", False),
-                     ("logits_scaling", True))
-
-
-def head_transform(text_config) -> dict:
-    """``{"logit_scale": ..., "softcap": ...}`` for opo's vocabulary pass from a model's text config, so
-    that opo's logits are the model's own (``softcap·tanh(scale·z / softcap)``, then ``/ temperature``).
-    Raises ValueError naming the model's field when its value is not a finite number > 0."""
-    import math
-
-    def value(attr):
-        v = getattr(text_config, attr, None)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"OPOTrainer: the model's {attr}={v!r} transforms the logits and opo applies it "
-                             "only as a finite number > 0; fix the model config or train this model with "
-                             "stock GRPOTrainer")
-        return float(v)
-
-    scale = 1.0
-    for attr, divides in _HEAD_MULTIPLIERS:
-        v = value(attr)
-        if v is not None:
-            scale = scale / v if divides else scale * v
-    return {"logit_scale": scale, "softcap": value("final_logit_softcapping")}
 
 
 class OPOTrainer(GRPOTrainer):
