@@ -280,3 +280,34 @@ def test_bad_options(device, name, value, exc):
         fused_policy_loss(h, w, tg, adv, None, mask, backend="torch", **{name: value})
     with pytest.raises(exc, match=name):
         FusedPolicyLoss("grpo", **{name: value})
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_trainer_policy_applies_the_models_transform(impl):
+    """opo_train's Policy on a model whose forward soft-caps its logits (a tiny Gemma-2 built from
+    its config): log-probs and entropies are those of the model's own logits / temperature."""
+    transformers = pytest.importorskip("transformers")
+    from opo_train.model import Policy
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=16, final_logit_softcapping=0.5, pad_token_id=0,
+                                    eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)  # logits of order 1: the cap saturates for some
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        lsm = torch.log_softmax(hf.double()(input_ids=ids, attention_mask=att).logits / 0.7, -1)
+        hf.float()
+    targets = torch.roll(ids, -1, -1)
+    rlp = lsm.gather(-1, targets[..., None]).squeeze(-1)
+    rent = -(lsm.exp() * lsm).sum(-1)
+    batch = {"input_ids": ids, "attention_mask": att, "targets": targets,
+             "mask": torch.ones_like(ids, dtype=torch.bool)}
+    with torch.no_grad():
+        lp, ent = Policy(hf)(batch, mode="logprobs", impl=impl, backend="torch", temperature=0.7)
+    # fp32 model against float64, |logits| < 0.5 / 0.7: a few hundred ulps of the backbone
+    torch.testing.assert_close(lp.double(), rlp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), rent, rtol=0, atol=1e-5)
