@@ -27,6 +27,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # real compilation, whatever the caller's environment
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -84,15 +85,17 @@ def variants(fwd=None, dz=None, det=None):
                 out.append((f"fused_bwd_dz_{dt}_ent{int(ent)}{sc}", dt, fl._bwd_dz_kernel,
                             _signature(fl._bwd_dz_kernel, {**inputs, "dz_ptr": dt}, fused_floats),
                             {**base, **tiles(cz), "HAS_ENT": ent, "NEED_DB": True}, opts(cz), gate))
+            cdc = fl.det_config(cd, 1.0 if cap else None,  # the filtered kernels' tiles
+                                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
             for acc in sorted({"fp32", dt}):
                 grads = {**inputs, "dh_ptr": acc, "dw_ptr": acc, "db_ptr": acc}
-                c = {**base, **tiles(cd), "HAS_ENT": True, "FILTER": True}
+                c = {**base, **tiles(cdc), "HAS_ENT": True, "FILTER": True}
                 out.append((f"fused_bwd_dh_{dt}_acc{acc}{sc}", dt, fl._bwd_dh_kernel,
                             _signature(fl._bwd_dh_kernel, grads, fused_floats),
-                            {**c, "STATS": False}, opts(cd), gate))
+                            {**c, "STATS": False}, opts(cdc), gate))
                 out.append((f"fused_bwd_dw_{dt}_acc{acc}{sc}", dt, fl._bwd_dw_kernel,
                             _signature(fl._bwd_dw_kernel, grads, fused_floats),
-                            {**c, "NEED_DW": True, "NEED_DB": True}, opts(cd), gate))
+                            {**c, "NEED_DW": True, "NEED_DB": True}, opts(cdc), gate))
             # The vocabulary pass at its largest block (the one every V >= 4096 uses).
             block = vt._GPU_MAX_BLOCK
             warps = max(1, min(8, block // 512))

@@ -300,8 +300,8 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
         dz -= ge[:, None] * tl.where(p > 0.0, p * (s - lse[:, None] + ent[:, None]), 0.0)
         scale += tl.abs(ge)
     if SOFTCAP:
-        th = s * (1.0 / cap)  # ds/du = 1 − tanh² (≤ 1: the filter's bound below still holds)
-        dz = dz - dz * (th * th)
+        th = s / cap  # ds/du = 1 − tanh² (≤ 1: the filter's bound below still holds)
+        dz = dz * (1.0 - th * th)
     dz = dz * inv_temp
     # where() (not multiply) so that junk in padding rows/cols (possibly inf/nan) cannot leak.
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
@@ -425,6 +425,16 @@ def _config(device: torch.device, dtype: torch.dtype, kind: str) -> dict:
     return {"fwd": GPU_FWD_CONFIG_FP32 if fp32 else GPU_FWD_CONFIG,
             "dz": GPU_DZ_CONFIG_FP32 if fp32 else GPU_DZ_CONFIG,
             "det": GPU_DET_CONFIG_FP32 if fp32 else GPU_DET_CONFIG}[kind]
+
+
+def det_config(cfg: dict, softcap, dtype: torch.dtype) -> dict:
+    """The filtered backward's tiles: with a softcap its kernels hold one more tile-sized value
+    per element (the tanh factor); bf16/fp16 halve the token tile to stay spill-free
+    (``bench.compile_check`` compiles them so; fp32's tiles are small enough already). A function
+    of the flag and the dtype only, never of N."""
+    if softcap is None or cfg.get("INTERP") or dtype == torch.float32:
+        return cfg
+    return {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
 
 
 def num_splits(V: int, block_v: int, splits: int | None = None) -> tuple[int, int]:
@@ -623,7 +633,7 @@ def _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature,
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = _config(dev, hidden.dtype, "det")
+    cfg = det_config(_config(dev, hidden.dtype, "det"), softcap, hidden.dtype)
     args = _bwd_args(hidden, weight, temperature, softcap, eps)
     opts = _launch(cfg, hidden.dtype, FILTER=True, **common)
     acc = torch.float32 if accum_fp32 else hidden.dtype
@@ -657,7 +667,7 @@ def skipped_tile_fraction(hidden, weight, bias, targets, lse, entropy, grad_logp
     has_ent = grad_entropy is not None
     ge = _row_vec("grad_entropy", grad_entropy, N, dev) if has_ent else lse
     ent = _row_vec("entropy", entropy, N, dev) if has_ent else lse
-    cfg = _config(dev, hidden.dtype, "det")
+    cfg = det_config(_config(dev, hidden.dtype, "det"), softcap, hidden.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     live = torch.empty((grid[0], triton.cdiv(V, cfg["BLOCK_V"])), dtype=torch.float32,
                        device=dev)

@@ -41,11 +41,10 @@ _INTERPRETER_MAX_BLOCK = 16384
 @triton.jit
 def softcap_tanh(u, cap):
     """``cap · tanh(u / cap)`` in fp32 from one exp (no libdevice: the same code on every Triton
-    and in the interpreter): tanh(a) = 2 / (1 + e^(−2a)) − 1 for a = |u| / cap ≥ 0, so no
-    overflow; ±inf give ±cap. Absolute error a few fp32 ulps of ``cap``. (This form keeps the
-    fused backward kernels spill-free.)"""
-    e = tl.exp(tl.abs(u) * (-2.0 / cap))
-    r = (2.0 * cap) / (1.0 + e) - cap
+    and in the interpreter): tanh(a) = (1 − e^(−2a)) / (1 + e^(−2a)) for a = |u| / cap ≥ 0, so no
+    overflow; ±inf give ±cap. Absolute error a few fp32 ulps of ``cap``."""
+    e = tl.exp(-2.0 * (tl.abs(u) / cap))
+    r = cap * ((1.0 - e) / (1.0 + e))
     return tl.where(u < 0.0, -r, r)
 
 
