@@ -432,7 +432,7 @@ def det_config(cfg: dict, softcap, dtype: torch.dtype) -> dict:
     per element (the tanh factor); bf16/fp16 halve the token tile to stay spill-free
     (``bench.compile_check`` compiles them so; fp32's tiles are small enough already). A function
     of the flag and the dtype only, never of N."""
-    if softcap is None or cfg.get("INTERP") or dtype == torch.float32:
+    if softcap is None or dtype == torch.float32:
         return cfg
     return {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
 
