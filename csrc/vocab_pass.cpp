@@ -334,14 +334,20 @@ void forward_row(const scalar_t* x, int64_t V, int64_t t, float temp, float* log
   *logp = (t >= 0 && t < V) ? (scaled1<UNIT>(load1(x + t), temp) - acc.M) - log_z : 0.0f;
 }
 
-// The soft-capped row s_j = cap tanh((x_j / T) / cap) into buf (fp32), in the torch backend's order
-// of roundings. The softcap path runs the plain pass (T = 1) on this copy of the row.
+// The soft-capped row s_j = cap tanh((x_j / T) / cap) into buf (fp32); the softcap path runs the
+// plain pass (T = 1) on this copy of the row. tanh(a) = (1 - e) / (1 + e), e = exp(-2|a|) (as the
+// Triton kernels compute it: no overflow, -inf gives -cap; absolute error a few ulps of cap).
 template <typename scalar_t>
 void capped_row(const scalar_t* x, int64_t V, float temp, float cap, float* buf) {
-  for (int64_t j = 0; j < V; ++j) {
-    const float u = temp == 1.0f ? load1(x + j) : load1(x + j) / temp;
-    buf[j] = cap * std::tanh(u / cap);
-  }
+  const int64_t Vv = V - V % W;
+  auto f = [&](vf v) {
+    vf u = temp == 1.0f ? v : v / temp;
+    vf e = vexp(-2.0f * ((u < 0.0f ? -u : u) / cap));
+    vf r = cap * ((1.0f - e) / (1.0f + e));
+    return u < 0.0f ? -r : r;
+  };
+  for (int64_t j = 0; j < Vv; j += W) vstore(buf + j, f(vload(x + j)));
+  if (V > Vv) vstore_tail(buf + Vv, f(vload_tail(x + Vv, V - Vv)), V - Vv);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tensor& logits_in,
@@ -478,11 +484,16 @@ void vocab_backward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_i
             backward_row<true>(s.data(), d.data(), V, tg[r], ls[r], en ? en[r] : 0.0f, gl[r],
                                ge ? ge[r] : 0.0f, with_entropy, 1.0f, 1.0f);
             scalar_t* o = ob + r * os;
-            for (int64_t j = 0; j < V; ++j) {
-              const float th = s[j] / cap;
-              const float v = d[j] * (1.0f - th * th);
-              o[j] = static_cast<scalar_t>(unit ? v : v / temp);
-            }
+            auto f = [&](vf sv, vf dv) {
+              vf th = sv / cap;
+              vf v = dv * (1.0f - th * th);
+              return unit ? v : v / temp;
+            };
+            const int64_t Vv = V - V % W;
+            for (int64_t j = 0; j < Vv; j += W) vstore(o + j, f(vload(s.data() + j), vload(d.data() + j)));
+            if (V > Vv)
+              vstore_tail(o + Vv, f(vload_tail(s.data() + Vv, V - Vv), vload_tail(d.data() + Vv, V - Vv)),
+                          V - Vv);
           }
         });
         return;
