@@ -3,7 +3,8 @@
 Compiles every Triton kernel variant of opo_kernels (the vocabulary pass: forward, backward with
 and without the entropy gradient; the fused GEMM + vocabulary pass: forward partials, merge, the
 exact backward's dz-wave kernel, the filtered backward's dhidden / dweight kernels with fp32 or
-own-dtype accumulation) in bf16, fp16 and fp32, at the tile configurations the installed Triton
+own-dtype accumulation; each with and without logit soft-capping, ``_cap`` in the name) in bf16,
+fp16 and fp32, at the tile configurations the installed Triton
 gets (``opo_kernels.fused_linear.gpu_tables``), for sm_80 and sm_90, with the Triton wheel's
 bundled ``ptxas``. Prints one row per variant (registers, spill bytes, shared memory, whether
 wgmma is used) and exits non-zero on any compile failure or register spill (``--spills warn``:
@@ -26,6 +27,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # real compilation, whatever the caller's environment
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -58,14 +60,13 @@ def variants(fwd=None, dz=None, det=None):
     """(name, dtype, jit fn, signature, constexprs, launch options, gated) for each variant.
     ``fwd``/``dz``/``det`` override the bf16/fp16 tile configs."""
     out = []
-    fused_floats = ("inv_temp", "filter_eps")
+    fused_floats = ("inv_temp", "cap", "filter_eps")
     for dt in ("bf16", "fp16", "fp32"):
         fp32 = dt == "fp32"
         cf = dict(fl.GPU_FWD_CONFIG_FP32 if fp32 else (fwd or fl.GPU_FWD_CONFIG))
         cz = dict(fl.GPU_DZ_CONFIG_FP32 if fp32 else (dz or fl.GPU_DZ_CONFIG))
         cd = dict(fl.GPU_DET_CONFIG_FP32 if fp32 else (det or fl.GPU_DET_CONFIG))
         gate = True
-        base = {"HAS_BIAS": True, "FP32_DOT": fp32, "INTERP": False}
         inputs = {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "t_ptr": "i64"}
 
         def tiles(c):
@@ -74,35 +75,42 @@ def variants(fwd=None, dz=None, det=None):
         def opts(c):
             return {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
 
-        out.append((f"fused_fwd_{dt}", dt, fl._fwd_partials_kernel,
-                    _signature(fl._fwd_partials_kernel, inputs, fused_floats),
-                    {**base, **tiles(cf)}, opts(cf), gate))
-        for ent in (True, False):
-            out.append((f"fused_bwd_dz_{dt}_ent{int(ent)}", dt, fl._bwd_dz_kernel,
-                        _signature(fl._bwd_dz_kernel, {**inputs, "dz_ptr": dt}, fused_floats),
-                        {**base, **tiles(cz), "HAS_ENT": ent, "NEED_DB": True}, opts(cz), gate))
-        for acc in sorted({"fp32", dt}):
-            grads = {**inputs, "dh_ptr": acc, "dw_ptr": acc, "db_ptr": acc}
-            c = {**base, **tiles(cd), "HAS_ENT": True, "FILTER": True}
-            out.append((f"fused_bwd_dh_{dt}_acc{acc}", dt, fl._bwd_dh_kernel,
-                        _signature(fl._bwd_dh_kernel, grads, fused_floats),
-                        {**c, "STATS": False}, opts(cd), gate))
-            out.append((f"fused_bwd_dw_{dt}_acc{acc}", dt, fl._bwd_dw_kernel,
-                        _signature(fl._bwd_dw_kernel, grads, fused_floats),
-                        {**c, "NEED_DW": True, "NEED_DB": True}, opts(cd), gate))
-        # The vocabulary pass at its largest block (the one every V >= 4096 uses).
-        block = vt._GPU_MAX_BLOCK
-        warps = max(1, min(8, block // 512))
-        vopts = {"num_warps": warps, "num_stages": 1}
-        out.append((f"vocab_fwd_{dt}", dt, vt._vocab_forward_kernel,
-                    _signature(vt._vocab_forward_kernel, {"logits_ptr": dt, "targets_ptr": "i64"},
-                               ("inv_temp",)), {"BLOCK_V": block}, vopts, gate))
-        for ent in (True, False):
-            out.append((f"vocab_bwd_{dt}_ent{int(ent)}", dt, vt._vocab_backward_kernel,
-                        _signature(vt._vocab_backward_kernel,
-                                   {"logits_ptr": dt, "out_ptr": dt, "targets_ptr": "i64"},
-                                   ("inv_temp",)),
-                        {"HAS_ENTROPY_GRAD": ent, "BLOCK_V": block}, vopts, gate))
+        for cap in (False, True):
+            sc = "_cap" if cap else ""
+            base = {"HAS_BIAS": True, "SOFTCAP": cap, "FP32_DOT": fp32, "INTERP": False}
+            out.append((f"fused_fwd_{dt}{sc}", dt, fl._fwd_partials_kernel,
+                        _signature(fl._fwd_partials_kernel, inputs, fused_floats),
+                        {**base, **tiles(cf)}, opts(cf), gate))
+            for ent in (True, False):
+                out.append((f"fused_bwd_dz_{dt}_ent{int(ent)}{sc}", dt, fl._bwd_dz_kernel,
+                            _signature(fl._bwd_dz_kernel, {**inputs, "dz_ptr": dt}, fused_floats),
+                            {**base, **tiles(cz), "HAS_ENT": ent, "NEED_DB": True}, opts(cz), gate))
+            cdc = fl.det_config(cd, 1.0 if cap else None,  # the filtered kernels' tiles
+                                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
+            for acc in sorted({"fp32", dt}):
+                grads = {**inputs, "dh_ptr": acc, "dw_ptr": acc, "db_ptr": acc}
+                c = {**base, **tiles(cdc), "HAS_ENT": True, "FILTER": True}
+                out.append((f"fused_bwd_dh_{dt}_acc{acc}{sc}", dt, fl._bwd_dh_kernel,
+                            _signature(fl._bwd_dh_kernel, grads, fused_floats),
+                            {**c, "STATS": False}, opts(cdc), gate))
+                out.append((f"fused_bwd_dw_{dt}_acc{acc}{sc}", dt, fl._bwd_dw_kernel,
+                            _signature(fl._bwd_dw_kernel, grads, fused_floats),
+                            {**c, "NEED_DW": True, "NEED_DB": True}, opts(cdc), gate))
+            # The vocabulary pass at its largest block (the one every V >= 4096 uses).
+            block = vt._GPU_MAX_BLOCK
+            warps = max(1, min(8, block // 512))
+            vopts = {"num_warps": warps, "num_stages": 1}
+            out.append((f"vocab_fwd_{dt}{sc}", dt, vt._vocab_forward_kernel,
+                        _signature(vt._vocab_forward_kernel, {"logits_ptr": dt, "targets_ptr": "i64"},
+                                   ("inv_temp", "cap")), {"SOFTCAP": cap, "BLOCK_V": block}, vopts,
+                        gate))
+            for ent in (True, False):
+                out.append((f"vocab_bwd_{dt}_ent{int(ent)}{sc}", dt, vt._vocab_backward_kernel,
+                            _signature(vt._vocab_backward_kernel,
+                                       {"logits_ptr": dt, "out_ptr": dt, "targets_ptr": "i64"},
+                                       ("inv_temp", "cap")),
+                            {"HAS_ENTROPY_GRAD": ent, "SOFTCAP": cap, "BLOCK_V": block}, vopts,
+                            gate))
     out.append(("fused_merge", "fp32", fl._fwd_merge_kernel,
                 _signature(fl._fwd_merge_kernel, {"t_ptr": "i64"}),
                 {"BLOCK": fl._MERGE_BLOCK}, {"num_warps": 4, "num_stages": 1}, True))

@@ -1,13 +1,15 @@
 // The vocabulary pass of the OPO loss on CPU: per-row log-sum-exp, target log-prob and entropy
 // (forward), and dz = (g (onehot - p) - g_ent p (s - lse + H)) / T written in place (backward),
-// with s = logits / T rounded as the torch backend rounds it.
+// with s = logits / T rounded as the torch backend rounds it. With a softcap c, s = c tanh((logits
+// / T) / c) and dz carries the factor 1 - (s / c)^2 before the division by T.
 //
 // Contract: opo_kernels/vocab_torch.py (the slow PyTorch version of the same thing).
 // Registered as torch ops so that the dispatcher and torch.compile see them:
-//   opo::vocab_forward(Tensor logits, Tensor targets, float temperature) -> (Tensor, Tensor, Tensor)
+//   opo::vocab_forward(Tensor logits, Tensor targets, float temperature, float? softcap=None)
+//       -> (Tensor, Tensor, Tensor)
 //   opo::vocab_backward(Tensor logits, Tensor targets, Tensor lse, Tensor? entropy,
 //                       Tensor grad_logp, Tensor? grad_entropy, float temperature,
-//                       Tensor(a!) out) -> ()
+//                       Tensor(a!) out, float? softcap=None) -> ()
 //
 // Rows are split over threads with at::parallel_for (OpenMP, so torch.set_num_threads applies).
 // Within a row the code works on one-register vectors (16 floats with AVX-512, 8 with AVX2, else
@@ -27,6 +29,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -331,9 +334,26 @@ void forward_row(const scalar_t* x, int64_t V, int64_t t, float temp, float* log
   *logp = (t >= 0 && t < V) ? (scaled1<UNIT>(load1(x + t), temp) - acc.M) - log_z : 0.0f;
 }
 
+// The soft-capped row s_j = cap tanh((x_j / T) / cap) into buf (fp32); the softcap path runs the
+// plain pass (T = 1) on this copy of the row. tanh(a) = (1 - e) / (1 + e), e = exp(-2|a|) (as the
+// Triton kernels compute it: no overflow, -inf gives -cap; absolute error a few ulps of cap).
+template <typename scalar_t>
+void capped_row(const scalar_t* x, int64_t V, float temp, float cap, float* buf) {
+  const int64_t Vv = V - V % W;
+  auto f = [&](vf v) {
+    vf u = temp == 1.0f ? v : v / temp;
+    vf e = vexp(-2.0f * ((u < 0.0f ? -u : u) / cap));
+    vf r = cap * ((1.0f - e) / (1.0f + e));
+    return u < 0.0f ? -r : r;
+  };
+  for (int64_t j = 0; j < Vv; j += W) vstore(buf + j, f(vload(x + j)));
+  if (V > Vv) vstore_tail(buf + Vv, f(vload_tail(x + Vv, V - Vv)), V - Vv);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tensor& logits_in,
                                                                   const at::Tensor& targets_in,
-                                                                  double temperature) {
+                                                                  double temperature,
+                                                                  std::optional<double> softcap) {
   TORCH_CHECK(logits_in.dim() == 2, "vocab_forward: logits must be (n, V), got ", logits_in.sizes());
   at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t n = logits.size(0), V = logits.size(1);
@@ -349,6 +369,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_forward_cpu(const at::Tenso
     const int64_t stride = logits.stride(0);
     const int64_t* tg = targets.data_ptr<int64_t>();
     float *lp = logp.data_ptr<float>(), *ls = lse.data_ptr<float>(), *en = entropy.data_ptr<float>();
+    if (softcap.has_value()) {
+      const float cap = static_cast<float>(*softcap);
+      at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
+        std::vector<float> buf(V);
+        for (int64_t r = r0; r < r1; ++r) {
+          capped_row(base + r * stride, V, temp, cap, buf.data());
+          forward_row<true>(buf.data(), V, tg[r], 1.0f, lp + r, ls + r, en + r);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {  // int64 offsets: n * V may exceed 2^31
         if (unit)
@@ -406,7 +437,7 @@ at::Tensor small_f32(const at::Tensor& t, int64_t n, const char* name) {
 void vocab_backward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in, const at::Tensor& lse_in,
                         const std::optional<at::Tensor>& entropy_in, const at::Tensor& grad_logp_in,
                         const std::optional<at::Tensor>& grad_entropy_in, double temperature,
-                        at::Tensor& out) {
+                        at::Tensor& out, std::optional<double> softcap) {
   TORCH_CHECK(logits_in.dim() == 2, "vocab_backward: logits must be (n, V), got ", logits_in.sizes());
   TORCH_CHECK(out.sizes() == logits_in.sizes(), "vocab_backward: out must be ", logits_in.sizes(),
               ", got ", out.sizes());
@@ -443,6 +474,30 @@ void vocab_backward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_i
     OPO_DISPATCH_VOCAB_TYPES(dst.scalar_type(), "vocab_backward_out", [&] {
       scalar_t* ob = dst.data_ptr<scalar_t>();
       const int64_t os = dst.stride(0);
+      if (softcap.has_value()) {
+        // dz of the capped row (T = 1) into d, then times ds/du = 1 - (s / cap)^2, / T.
+        const float cap = static_cast<float>(*softcap);
+        at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
+          std::vector<float> s(V), d(V);
+          for (int64_t r = r0; r < r1; ++r) {
+            capped_row(xb + r * xs, V, temp, cap, s.data());
+            backward_row<true>(s.data(), d.data(), V, tg[r], ls[r], en ? en[r] : 0.0f, gl[r],
+                               ge ? ge[r] : 0.0f, with_entropy, 1.0f, 1.0f);
+            scalar_t* o = ob + r * os;
+            auto f = [&](vf sv, vf dv) {
+              vf th = sv / cap;
+              vf v = dv * (1.0f - th * th);
+              return unit ? v : v / temp;
+            };
+            const int64_t Vv = V - V % W;
+            for (int64_t j = 0; j < Vv; j += W) vstore(o + j, f(vload(s.data() + j), vload(d.data() + j)));
+            if (V > Vv)
+              vstore_tail(o + Vv, f(vload_tail(s.data() + Vv, V - Vv), vload_tail(d.data() + Vv, V - Vv)),
+                          V - Vv);
+          }
+        });
+        return;
+      }
       at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           if (unit)
@@ -464,10 +519,12 @@ void vocab_backward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_i
 // `opo` namespace (e.g. torch.library.custom_op from Python), and only one TORCH_LIBRARY block
 // per namespace is allowed.
 TORCH_LIBRARY_FRAGMENT(opo, m) {
-  m.def("vocab_forward(Tensor logits, Tensor targets, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "vocab_forward(Tensor logits, Tensor targets, float temperature, float? softcap=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "vocab_backward(Tensor logits, Tensor targets, Tensor lse, Tensor? entropy, Tensor grad_logp, "
-      "Tensor? grad_entropy, float temperature, Tensor(a!) out) -> ()");
+      "Tensor? grad_entropy, float temperature, Tensor(a!) out, float? softcap=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(opo, CPU, m) {

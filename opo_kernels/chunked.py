@@ -2,7 +2,7 @@
 
 Never more than one chunk of logits (``chunk × V`` fp32) exists at a time. The loops here are
 driven by a :class:`opo_kernels.dispatch.ChunkedBackend` ``be`` (its ``vocab_forward`` /
-``vocab_backward``, ``temperature``, ``chunk`` and chunk schedule ``chunks``):
+``vocab_backward``, ``temperature``, ``softcap``, ``chunk`` and chunk schedule ``chunks``):
 
 * :func:`logprobs` / :func:`grads` — the two phases of the differentiable log-prob primitive:
   the forward keeps per-token ``lse`` (and entropy); the backward recomputes each chunk's logits
@@ -216,7 +216,7 @@ def logprobs(be, hidden, weight, bias, targets):
         for a, b in sub_chunks(t0, t1, be.chunk):
             if b > a:
                 logp[a:b], lse[a:b], ent[a:b] = be.vocab_forward(head.logits(a, b), targets[a:b],
-                                                                 be.temperature)
+                                                                 be.temperature, be.softcap)
     return logp, lse, ent
 
 
@@ -235,7 +235,7 @@ def grads(be, hidden, weight, bias, targets, up, needs):
             z = head.logits(a, b)
             dz = be.vocab_backward(z, targets[a:b], lse[a:b], None if g_ent is None else ent[a:b],
                                    g_logp[a:b], None if g_ent is None else g_ent[a:b],
-                                   be.temperature, out=z)
+                                   be.temperature, out=z, softcap=be.softcap)
             _apply_dz(head, dz, a, b, dh, dw, db)
             del z, dz  # one chunk of logits alive at a time
     dw = head.finish_weight(dw)
@@ -324,7 +324,7 @@ class _Acc:
 
     def forward(self, be, z, a, b):
         """(logp, lse, entropy) of rows [a, b) from their logits ``z``; adds the entropies."""
-        lp, lse, ent = be.vocab_forward(z, self.la.targets[a:b], be.temperature)
+        lp, lse, ent = be.vocab_forward(z, self.la.targets[a:b], be.temperature, be.softcap)
         self.ent_sum += (ent * self.la.mask[a:b]).sum()
         return lp, lse, ent
 
@@ -371,7 +371,7 @@ def _chunk_in_one_pass(be, head, acc, g, a, b, s0, s1, lengths):
         return
     # the entropy gradient ∂H/∂z = −p ⊙ (log p + H) is formed in the same vocabulary pass
     dz = be.vocab_backward(z, acc.la.targets[a:b], lse, ent if ge is not None else None, gl, ge,
-                           be.temperature, out=z)
+                           be.temperature, out=z, softcap=be.softcap)
     g.apply(dz, a, b)
 
 
@@ -396,7 +396,7 @@ def _sequence_deferred(be, head, acc, g, subs, t0, t1, s0, s1):
         ct = plan.token_coef(lp.detach() if la.old is None else la.old[a:b], la.mask[a:b], a)
         cs.append(ct)
         dz = be.vocab_backward(z, la.targets[a:b], lse, None, ct.contiguous(), None,
-                               be.temperature, out=z)
+                               be.temperature, out=z, softcap=be.softcap)
         lo = dz if dz.dtype == head.w.dtype else dz.to(head.w.dtype)  # one cast, two GEMMs
         if g.dh is not None:
             head.grad_hidden(lo, g.dh[a:b])
@@ -444,6 +444,6 @@ def _sequence_two_phase(be, head, acc, g, subs, t0, t1, s0, s1):
         dz = be.vocab_backward(z, la.targets[a:b], lses[k], ents[k] if ge is not None else None,
                                gl[a - t0:b - t0].contiguous(),
                                ge[a - t0:b - t0].contiguous() if ge is not None else None,
-                               be.temperature, out=z)
+                               be.temperature, out=z, softcap=be.softcap)
         g.apply(dz, a, b)
         del z, dz

@@ -52,16 +52,31 @@ class UpstreamGrad:
     g_ent: torch.Tensor | None
 
 
+def pass_params(temperature: float, logit_scale: float = 1.0, softcap=None):
+    """The vocabulary pass's ``(temperature, softcap)`` for the public options.
+
+    The public transform of logits z is ``s = c·tanh(scale·z / c) / T`` (softcap c) or
+    ``s = scale·z / T``. Every vocabulary pass computes it as ``u = z / t`` then
+    ``s = k·tanh(u / k)`` (k not None) with ``t = T / scale`` and ``k = c / T``: the same s, with
+    the scale folded into the temperature (exact in real arithmetic), so a pass without softcap
+    is the plain temperature pass."""
+    t = float(temperature) / float(logit_scale)
+    return t, (None if softcap is None else float(softcap) / float(temperature))
+
+
 class Backend:
     """Base class; see the module docstring. ``options``: the call's
-    :class:`opo_kernels.options.BackendOptions` (``temperature`` divides the logits)."""
+    :class:`opo_kernels.options.BackendOptions`. The pass's logits are ``s = z / temperature``,
+    then ``s = softcap·tanh(s / softcap)`` when ``softcap`` is not None, with ``temperature`` and
+    ``softcap`` from :func:`pass_params` (the options' logit_scale folded into the temperature)."""
 
     name = "?"
     one_pass = False
 
     def __init__(self, options: BackendOptions):
         self.options = options
-        self.temperature = float(options.temperature)
+        self.temperature, self.softcap = pass_params(options.temperature, options.logit_scale,
+                                                     options.softcap)
 
     def logprobs(self, hidden, weight, bias, targets):
         """``(logp, lse, entropy)``: three fp32 (N,) tensors."""
@@ -106,12 +121,14 @@ class FusedBackend(Backend):
 
     def logprobs(self, hidden, weight, bias, targets):
         from .fused_linear import fused_linear_forward
-        return fused_linear_forward(hidden, weight, bias, targets, self.temperature)
+        return fused_linear_forward(hidden, weight, bias, targets, self.temperature,
+                                    softcap=self.softcap)
 
     def grads(self, hidden, weight, bias, targets, up, needs):
         from .fused_linear import fused_linear_backward
         return fused_linear_backward(hidden, weight, bias, targets, up.lse, up.entropy, up.g_logp,
-                                     up.g_ent, self.temperature, need_hidden=needs.hidden,
+                                     up.g_ent, self.temperature, softcap=self.softcap,
+                                     need_hidden=needs.hidden,
                                      need_weight=needs.weight, need_bias=needs.bias,
                                      filter_eps=self.options.filter_eps,
                                      accum_fp32=self.options.accum_fp32)
@@ -126,7 +143,10 @@ class ReferenceBackend(Backend):
         z = hidden.float() @ weight.float().t()
         if bias is not None:
             z = z + bias.float()
-        return z / self.temperature
+        s = z / self.temperature
+        if self.softcap is not None:
+            s = self.softcap * torch.tanh(s / self.softcap)
+        return s
 
     def logprobs(self, hidden, weight, bias, targets):
         s = self._scaled_logits(hidden, weight, bias)
@@ -148,6 +168,8 @@ class ReferenceBackend(Backend):
         dz.scatter_add_(1, targets[:, None], up.g_logp[:, None])
         if up.g_ent is not None:
             dz -= up.g_ent[:, None] * torch.where(p > 0, p * (s - lse + up.entropy[:, None]), 0.0)
+        if self.softcap is not None:  # ds/du = 1 − tanh²(u / softcap)
+            dz *= 1.0 - (s / self.softcap).square()
         dz /= self.temperature
         dh = (dz @ weight.float()).to(hidden.dtype) if needs.hidden else None
         dw = (dz.t() @ hidden.float()).to(weight.dtype) if needs.weight else None

@@ -115,7 +115,12 @@ def _backend(bo: BackendOptions, h2, keep, weight, vp, lengths):
 @torch.compiler.disable
 def linear_logprobs(hidden, weight, targets, *, bias=None, return_entropy=False, ignore_index=-100,
                     seq_ids=None, cu_seqlens=None, vocab_parallel=None, **backend_options):
-    """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+    """Log-probs of ``targets`` under ``softmax(s)``, ``s = (hidden @ weight.T + bias) / temperature``.
+
+    ``logit_scale`` (finite > 0) multiplies the logits and ``softcap`` (None or finite > 0) caps
+    them, as Cohere's and Gemma-2's heads do: ``s = softcap·tanh(logit_scale·z / softcap) /
+    temperature``, or ``s = logit_scale·z / temperature`` without softcap (z = hidden @ weight.T
+    + bias). Log-probs, entropy and gradients are those of this distribution.
 
     hidden: (B, T, H) or (N, H), fp32/bf16/fp16. weight: (V, H), same dtype. targets: (B, T) or
     (N,) int64; positions equal to ``ignore_index`` get log-prob 0 and entropy 0, and take no
@@ -196,8 +201,10 @@ def fused_policy_loss(hidden, weight, targets, advantages, old_logps=None, mask=
             for a loss that divides by it (:func:`opo_kernels.options.counts_read`), else
             ValueError.
         Backend options: ``backend``: "auto" | "triton" | "native" | "torch" | "fused" |
-        "reference"; ``temperature`` divides the logits; ``chunk_size``: tokens per logits chunk
-        (chunked backends; default from V).
+        "reference"; ``temperature``, ``logit_scale``, ``softcap``: the logits the policy samples
+        from, ``s = softcap·tanh(logit_scale·z / softcap) / temperature`` (``logit_scale·z /
+        temperature`` with ``softcap=None``), z = hidden @ weight.T + bias; ``chunk_size``: tokens
+        per logits chunk (chunked backends; default from V).
         ``filter_eps``, ``deterministic``, ``accum_fp32``: ``backend="fused"`` only. ``filter_eps``: gradient
             filtering threshold (None or 0: exact, the default; ε > 0 bounds the gradient mass
             each token loses by ε times its gradient scale); the backward is atomics-free and

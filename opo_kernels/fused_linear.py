@@ -1,6 +1,8 @@
 """LM-head GEMM fused with the vocabulary pass (``backend="fused"``): logits never reach memory.
 
-Computes, for ``z = hidden @ weight.T (+ bias)`` and ``s = z / temperature``, the same per-row
+Computes, for ``z = hidden @ weight.T (+ bias)`` and ``s = z / temperature`` (then
+``softcap · tanh(s / softcap)`` with a softcap: a constexpr, so the kernels without it are
+unchanged; ``dz`` below then carries the factor ``1 − (s / softcap)²``), the same per-row
 quantities as the vocabulary pass of :mod:`opo_kernels.vocab_torch` (lse, target log-prob,
 entropy) and their gradients with respect to hidden, weight and bias, without ever writing a
 [tokens x vocab] block to global memory: each program computes a ``BLOCK_N x BLOCK_V`` tile of
@@ -77,6 +79,7 @@ import triton
 import triton.language as tl
 
 from . import chunked
+from .vocab_triton import softcap_tanh
 
 __all__ = ["fused_linear_forward", "fused_linear_backward", "num_splits", "skipped_tile_fraction"]
 
@@ -159,10 +162,11 @@ def _round(x, dtype: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-                 s_hn, s_hk, s_wv, s_wk, inv_temp,
-                 HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
+                 s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 (BLOCK_N, BLOCK_V) tile of s = (h @ W^T + b) * inv_temp; padding rows/cols hold junk."""
+    """fp32 (BLOCK_N, BLOCK_V) tile of s = (h @ W^T + b) * inv_temp, then cap · tanh(s / cap)
+    when SOFTCAP; padding rows/cols hold junk."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -181,14 +185,17 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    return acc * inv_temp
+    acc = acc * inv_temp
+    if SOFTCAP:
+        acc = softcap_tanh(acc, cap)
+    return acc
 
 
 @triton.jit
 def _fwd_partials_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
                          N, V, H, v_per_split,
-                         s_hn, s_hk, s_wv, s_wk, inv_temp,
-                         HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
+                         s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -210,8 +217,8 @@ def _fwd_partials_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
         cols = tl.arange(0, BLOCK_V).to(tl.int64) + v0
         col_ok = cols < v_end
         s = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-                         s_hn, s_hk, s_wv, s_wk, inv_temp,
-                         HAS_BIAS, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
+                         s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                         HAS_BIAS, SOFTCAP, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
         hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
         zt += tl.sum(tl.where(hit, s, 0.0), axis=1)
         # Padding columns get a huge finite negative logit: exp gives 0.
@@ -276,7 +283,8 @@ def _fwd_merge_kernel(part_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, N, V, S, plan
 
 @triton.jit
 def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-             inv_temp, filter_eps, HAS_ENT: tl.constexpr, FILTER: tl.constexpr):
+             inv_temp, cap, filter_eps, HAS_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
+             FILTER: tl.constexpr):
     """fp32 dz tile (zero outside the matrix and, when FILTER, below the row's threshold)."""
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -294,6 +302,9 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
         # p == 0 at -inf logits, whose (s - lse + H) is -inf: their gradient is 0, not nan.
         dz -= ge[:, None] * tl.where(p > 0.0, p * (s - lse[:, None] + ent[:, None]), 0.0)
         scale += tl.abs(ge)
+    if SOFTCAP:
+        th = s / cap  # ds/du = 1 − tanh² (≤ 1: the filter's bound below still holds)
+        dz = dz * (1.0 - th * th)
     dz = dz * inv_temp
     # where() (not multiply) so that junk in padding rows/cols (possibly inf/nan) cannot leak.
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
@@ -307,8 +318,8 @@ def _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, g
 
 @triton.jit
 def _bwd_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dz_ptr, dbp_ptr,
-                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp,
-                   HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
+                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DB: tl.constexpr,
                    FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (token tile, vocab tile) of the wave's dz (N, V) in dz's dtype; with NEED_DB also the
@@ -319,10 +330,10 @@ def _bwd_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
     row_ok = rows < N
     col_ok = cols < V
     s = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-                     s_hn, s_hk, s_wv, s_wk, inv_temp,
-                     HAS_BIAS, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
+                     s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                     HAS_BIAS, SOFTCAP, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
     dz = _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-                  inv_temp, 0.0, HAS_ENT, False)
+                  inv_temp, cap, 0.0, HAS_ENT, SOFTCAP, False)
     tl.store(dz_ptr + rows[:, None] * V + cols[None, :], _round(dz, dz_ptr.dtype.element_ty, INTERP),
              mask=row_ok[:, None] & col_ok[None, :])
     if NEED_DB:
@@ -331,8 +342,8 @@ def _bwd_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
 
 @triton.jit
 def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dh_ptr, live_ptr,
-                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, filter_eps,
-                   HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, FILTER: tl.constexpr,
+                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, cap, filter_eps,
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, FILTER: tl.constexpr,
                    STATS: tl.constexpr, FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per token tile; owns dh[rows, :] (zero-initialized), walks V in order. With
@@ -344,10 +355,10 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
         cols = tl.arange(0, BLOCK_V).to(tl.int64) + v0
         col_ok = cols < V
         s = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-                         s_hn, s_hk, s_wv, s_wk, inv_temp,
-                         HAS_BIAS, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
+                         s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                         HAS_BIAS, SOFTCAP, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
         dz = _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-                      inv_temp, filter_eps, HAS_ENT, FILTER)
+                      inv_temp, cap, filter_eps, HAS_ENT, SOFTCAP, FILTER)
         live = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > 0.0
         if STATS:
             tl.store(live_ptr + pid_n.to(tl.int64) * tl.cdiv(V, BLOCK_V) + v0 // BLOCK_V,
@@ -368,8 +379,8 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
 
 @triton.jit
 def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dw_ptr, db_ptr,
-                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, filter_eps,
-                   HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, FILTER: tl.constexpr,
+                   N, V, H, s_hn, s_hk, s_wv, s_wk, inv_temp, cap, filter_eps,
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, FILTER: tl.constexpr,
                    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                    FP32_DOT: tl.constexpr, INTERP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -381,10 +392,10 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, 
         rows = tl.arange(0, BLOCK_N).to(tl.int64) + n0
         row_ok = rows < N
         s = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H,
-                         s_hn, s_hk, s_wv, s_wk, inv_temp,
-                         HAS_BIAS, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
+                         s_hn, s_hk, s_wv, s_wk, inv_temp, cap,
+                         HAS_BIAS, SOFTCAP, FP32_DOT, INTERP, BLOCK_N, BLOCK_V, BLOCK_K)
         dz = _dz_tile(s, rows, cols, row_ok, col_ok, V, t_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-                      inv_temp, filter_eps, HAS_ENT, FILTER)
+                      inv_temp, cap, filter_eps, HAS_ENT, SOFTCAP, FILTER)
         if NEED_DB:
             db += tl.sum(dz, axis=0)
         if NEED_DW:
@@ -419,6 +430,16 @@ def _config(device: torch.device, dtype: torch.dtype, kind: str) -> dict:
             "det": GPU_DET_CONFIG_FP32 if fp32 else GPU_DET_CONFIG}[kind]
 
 
+def det_config(cfg: dict, softcap, dtype: torch.dtype) -> dict:
+    """The filtered backward's tiles: with a softcap its kernels hold one more tile-sized value
+    per element (the tanh factor); bf16/fp16 halve the token tile to stay spill-free
+    (``bench.compile_check`` compiles them so; fp32's tiles are small enough already). A function
+    of the flag and the dtype only, never of N."""
+    if softcap is None or dtype == torch.float32:
+        return cfg
+    return {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
+
+
 def num_splits(V: int, block_v: int, splits: int | None = None) -> tuple[int, int]:
     """``(splits, columns per split)`` for the forward; a function of V (and the tile) only."""
     if splits is None:
@@ -437,8 +458,9 @@ def _row_vec(t):
 
 def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, temperature: float = 1.0, *,
-                         splits: int | None = None):
-    """Per-row log-prob, log-sum-exp and entropy of ``softmax((hidden @ weight.T + bias) / T)``.
+                         softcap: float | None = None, splits: int | None = None):
+    """Per-row log-prob, log-sum-exp and entropy of ``softmax(s)``, ``s = (hidden @ weight.T +
+    bias) / T`` (then ``softcap · tanh(s / softcap)`` when softcap is not None).
 
     hidden (N, H) fp32/bf16/fp16, weight (V, H) same dtype, bias (V,) float or None,
     targets (N,) integer in [0, V). Returns ``(logp, lse, entropy)``, three fp32 (N,) tensors
@@ -465,8 +487,8 @@ def fused_linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     _fwd_partials_kernel[grid](
         hidden, weight, b, targets, part, N, V, H, per,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        1.0 / float(temperature),
-        HAS_BIAS=bias is not None, FP32_DOT=hidden.dtype == torch.float32,
+        1.0 / float(temperature), _cap_arg(softcap),
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, FP32_DOT=hidden.dtype == torch.float32,
         INTERP=cfg.get("INTERP", False),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -486,10 +508,16 @@ def _wave_rows(V: int, itemsize: int, block_n: int) -> int:
     return max(block_n, WAVE_BYTES // (V * itemsize) // block_n * block_n)
 
 
-def _bwd_args(hidden, weight, temperature, eps=None):
+def _cap_arg(softcap) -> float:
+    """The kernels' ``cap`` argument (unused, 1.0, when SOFTCAP is False)."""
+    return 1.0 if softcap is None else float(softcap)
+
+
+def _bwd_args(hidden, weight, temperature, softcap, eps=None):
     N, H = hidden.shape
     return (N, weight.shape[0], H, hidden.stride(0), hidden.stride(1), weight.stride(0),
-            weight.stride(1), 1.0 / float(temperature)) + (() if eps is None else (eps,))
+            weight.stride(1), 1.0 / float(temperature), _cap_arg(softcap)) + \
+        (() if eps is None else (eps,))
 
 
 def _launch(cfg: dict, dtype: torch.dtype, **constexprs) -> dict:
@@ -502,7 +530,7 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           targets: torch.Tensor, lse: torch.Tensor,
                           entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                           grad_entropy: torch.Tensor | None, temperature: float = 1.0, *,
-                          need_hidden: bool = True,
+                          softcap: float | None = None, need_hidden: bool = True,
                           need_weight: bool = True, need_bias: bool = True,
                           filter_eps: float | None = None, accum_fp32: bool = True):
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. hidden, weight, bias.
@@ -542,20 +570,20 @@ def fused_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     # fp32 dweight for bf16/fp16 weights only when asked (for fp32 weights it is the gradient).
     acc_w = torch.float32 if accum_fp32 else weight.dtype
     dw = torch.zeros((V, H), dtype=acc_w, device=dev) if need_weight else None
-    common = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent)
+    common = dict(HAS_BIAS=bias is not None, HAS_ENT=has_ent, SOFTCAP=softcap is not None)
     if eps > 0.0:
         dh, db = _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature,
-                                    eps, dw, need_hidden, need_bias, accum_fp32, common)
+                                    softcap, eps, dw, need_hidden, need_bias, accum_fp32, common)
     else:
-        dh, db = _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, dw,
-                                need_hidden, need_bias, common)
+        dh, db = _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, softcap,
+                                dw, need_hidden, need_bias, common)
     return (dh.to(hidden.dtype) if need_hidden else None,
             dw.to(weight.dtype) if need_weight else None,
             db.to(bias.dtype) if need_bias else None)
 
 
-def _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, dw, need_hidden,
-                   need_bias, common):
+def _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, softcap, dw,
+                   need_hidden, need_bias, common):
     """Exact backward: per wave of token rows, one kernel writes dz (rows, V) in the GEMM dtype
     (and its column sums in fp32), then dense GEMMs: dh[rows] = dz @ W, dw += dz^T @ h[rows].
     Every sum runs in a fixed order: bitwise reproducible."""
@@ -575,7 +603,7 @@ def _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, dw,
         h, z = hidden[r0:r0 + n], dz[:n]
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
         _bwd_dz_kernel[grid](h, weight, b, targets[r0:], lse[r0:], ent[r0:], g[r0:], ge[r0:],
-                             z, dbp, *_bwd_args(h, weight, temperature), **opts)
+                             z, dbp, *_bwd_args(h, weight, temperature, softcap), **opts)
         if need_hidden:
             torch.mm(z, weight, out=dh[r0:r0 + n])
         if dw is not None:
@@ -588,7 +616,7 @@ def _wave_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, dw,
     return dh, db
 
 
-def _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, eps, dw,
+def _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature, softcap, eps, dw,
                        need_hidden, need_bias, accum_fp32, common):
     """Filtered backward: a dhidden kernel per token tile walking the vocabulary and a dweight /
     dbias kernel per vocab tile walking the tokens, both recomputing the logits tile and skipping
@@ -596,8 +624,8 @@ def _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature,
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = _config(dev, hidden.dtype, "det")
-    args = _bwd_args(hidden, weight, temperature, eps)
+    cfg = det_config(_config(dev, hidden.dtype, "det"), softcap, hidden.dtype)
+    args = _bwd_args(hidden, weight, temperature, softcap, eps)
     opts = _launch(cfg, hidden.dtype, FILTER=True, **common)
     acc = torch.float32 if accum_fp32 else hidden.dtype
     dh = torch.zeros((N, H), dtype=acc, device=dev) if need_hidden else None
@@ -613,7 +641,8 @@ def _filtered_backward(hidden, weight, b, targets, lse, ent, g, ge, temperature,
 
 
 def skipped_tile_fraction(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-                          temperature: float = 1.0, *, filter_eps: float | None = None) -> float:
+                          temperature: float = 1.0, *, softcap: float | None = None,
+                          filter_eps: float | None = None) -> float:
     """Fraction of the (token tile, vocab tile) pairs whose gradient dots the filtered backward
     skips (all of the tile's dz below the threshold) at the shipped tiles; 0.0 when exact."""
     N = hidden.shape[0]
@@ -628,7 +657,7 @@ def skipped_tile_fraction(hidden, weight, bias, targets, lse, entropy, grad_logp
     assert entropy is not None or not has_ent, "grad_entropy needs entropy"
     ge = _row_vec(grad_entropy) if has_ent else lse
     ent = _row_vec(entropy) if has_ent else lse
-    cfg = _config(dev, hidden.dtype, "det")
+    cfg = det_config(_config(dev, hidden.dtype, "det"), softcap, hidden.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     live = torch.empty((grid[0], triton.cdiv(V, cfg["BLOCK_V"])), dtype=torch.float32,
                        device=dev)
@@ -636,7 +665,7 @@ def skipped_tile_fraction(hidden, weight, bias, targets, lse, entropy, grad_logp
     b = bias.detach().contiguous() if bias is not None else hidden
     _bwd_dh_kernel[grid](hidden.detach(), weight.detach(), b, targets.to(torch.int64).contiguous(),
                          lse, ent, g, ge, dh, live,
-                         *_bwd_args(hidden, weight, temperature, eps),
+                         *_bwd_args(hidden, weight, temperature, softcap, eps),
                          **_launch(cfg, hidden.dtype, HAS_BIAS=bias is not None, HAS_ENT=has_ent, FILTER=True,
-                                   STATS=True))
+                                   STATS=True, SOFTCAP=softcap is not None))
     return 1.0 - live.double().mean().item()

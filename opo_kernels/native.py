@@ -122,12 +122,13 @@ def _register_fake() -> None:
     _state["fake"] = True
     try:
         @torch.library.register_fake("opo::vocab_forward")
-        def _(logits, targets, temperature):
+        def _(logits, targets, temperature, softcap=None):
             n = logits.shape[0]
             return tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(3))
 
         @torch.library.register_fake("opo::vocab_backward")
-        def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, out):
+        def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, out,
+              softcap=None):
             return None
     except RuntimeError:  # already registered (e.g. the library was loaded by someone else)
         pass
@@ -168,17 +169,20 @@ def _ops():
     return torch.ops.opo
 
 
-def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  softcap: float | None = None):
     """Per-row ``(logp, lse, entropy)``, each fp32 (n,), of ``logits`` (n, V) fp32/bf16/fp16
     (last dim contiguous) and ``targets`` (n,) int64. See :mod:`opo_kernels.vocab_torch` for the
-    contract and the formulas."""
-    return _ops().vocab_forward(logits, targets, float(temperature))
+    contract and the formulas (``softcap``: s = softcap · tanh(logits / temperature / softcap);
+    that path computes tanh element by element, without the vectorized pass's speed)."""
+    return _ops().vocab_forward(logits, targets, float(temperature),
+                                None if softcap is None else float(softcap))
 
 
 def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                    grad_entropy: torch.Tensor | None, temperature: float = 1.0,
-                   out: torch.Tensor | None = None):
+                   out: torch.Tensor | None = None, softcap: float | None = None):
     """Write dz (n, V) into ``out`` (default: a new tensor of ``logits``' dtype; may be
     ``logits`` itself) and return it. ``lse``, ``entropy``, ``grad_logp``, ``grad_entropy`` are
     (n,); the entropy term is skipped when ``grad_entropy`` is None."""
@@ -187,7 +191,8 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if grad_entropy is None:
         entropy = None
-    ops.vocab_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, float(temperature), out)
+    ops.vocab_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, float(temperature), out,
+                       None if softcap is None else float(softcap))
     return out
 
 

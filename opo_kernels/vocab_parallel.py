@@ -209,10 +209,10 @@ class ChunkedShardBackend(ChunkedBackend):
         self._forward, self._backward = self.__dict__.pop("vocab_forward"), self.__dict__.pop("vocab_backward")
         self.shard = shard
 
-    def vocab_forward(self, logits, targets, temperature=1.0):
+    def vocab_forward(self, logits, targets, temperature=1.0, softcap=None):
         lt = targets - self.shard.start
         owned = (lt >= 0) & (lt < logits.shape[1])
-        return combine(*self._forward(logits, lt, temperature), owned, self.shard.group)
+        return combine(*self._forward(logits, lt, temperature, softcap), owned, self.shard.group)
 
     def vocab_backward(self, logits, targets, *args, **kwargs):
         return self._backward(logits, targets - self.shard.start, *args, **kwargs)
@@ -259,8 +259,13 @@ class VocabParallelBackend(Backend):
         lt, owned = self._local_targets(targets, weight.shape[0])
         dh, dw, db = self.inner.grads(hidden, weight, bias, lt, up, needs)
         # The one-hot term the inner backend added at column 0 of the rows this shard does not
-        # own: dz[r, 0] −= g_r / T.
+        # own: dz[r, 0] −= g_r · (ds/dz)[r, 0], ds/dz = 1/T, times 1 − tanh² with a softcap.
         c = torch.where(owned, 0.0, up.g_logp) / self.temperature
+        if self.softcap is not None:
+            z0 = hidden.float() @ weight[0].float()
+            if bias is not None:
+                z0 = z0 + bias[0].float()
+            c = c * (1.0 - torch.tanh(z0 / self.temperature / self.softcap).square())
         if dh is not None:
             dh = dh.float() - c[:, None] * weight[0].float()
             dh = _all_reduce(dh, dist.ReduceOp.SUM, self.shard.group).to(hidden.dtype)

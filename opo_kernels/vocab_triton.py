@@ -1,8 +1,9 @@
 """The vocabulary pass as two Triton kernels (``backend="triton"``).
 
 Same contract as :mod:`opo_kernels.vocab_torch` (read its docstring): ``vocab_forward`` gives
-per-row fp32 ``logp``, ``lse`` and ``entropy`` of ``s = logits / temperature``; ``vocab_backward``
-writes ``dz = (g_logp * (onehot - p) - g_ent * p * (s - lse + entropy)) / temperature`` into
+per-row fp32 ``logp``, ``lse`` and ``entropy`` of ``s = logits / temperature`` (then
+``softcap · tanh(s / softcap)`` with a softcap); ``vocab_backward`` writes
+``dz = (g_logp * (onehot - p) - g_ent * p * (s - lse + entropy)) · ds/du / temperature`` into
 ``out``, which may be ``logits`` itself.
 
 Design:
@@ -40,10 +41,21 @@ _INTERPRETER_MAX_BLOCK = 16384
 
 
 @triton.jit
+def softcap_tanh(u, cap):
+    """``cap · tanh(u / cap)`` in fp32 from one exp (no libdevice: the same code on every Triton
+    and in the interpreter): tanh(a) = (1 − e^(−2a)) / (1 + e^(−2a)) for a = |u| / cap ≥ 0, so no
+    overflow; ±inf give ±cap. Absolute error a few fp32 ulps of ``cap``."""
+    e = tl.exp(-2.0 * (tl.abs(u) / cap))
+    r = cap * ((1.0 - e) / (1.0 + e))
+    return tl.where(u < 0.0, -r, r)
+
+
+@triton.jit
 def _vocab_forward_kernel(
     logits_ptr, stride_row, targets_ptr,
     logp_ptr, lse_ptr, entropy_ptr,
-    V, inv_temp,
+    V, inv_temp, cap,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -59,6 +71,9 @@ def _vocab_forward_kernel(
         offs = start + cols
         mask = offs < V
         x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        if SOFTCAP:
+            # padding columns stay -inf (the cap would make them -cap)
+            x = tl.where(mask, softcap_tanh(x, cap), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # Guards for rows that are -inf so far (padding columns masked with -inf): keep them
         # from turning into inf - inf.
@@ -79,6 +94,8 @@ def _vocab_forward_kernel(
     valid = (tgt >= 0) & (tgt < V)
     safe_tgt = tl.where(valid, tgt, 0)
     x_t = tl.load(row_ptr + safe_tgt).to(tl.float32) * inv_temp
+    if SOFTCAP:
+        x_t = softcap_tanh(x_t, cap)
     logp = tl.where(valid, x_t - lse, 0.0)
 
     tl.store(logp_ptr + row, logp)
@@ -90,8 +107,9 @@ def _vocab_forward_kernel(
 def _vocab_backward_kernel(
     logits_ptr, stride_row, out_ptr, stride_out_row, targets_ptr,
     lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    V, inv_temp,
+    V, inv_temp, cap,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -111,6 +129,8 @@ def _vocab_backward_kernel(
         offs = start + cols
         mask = offs < V
         s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        if SOFTCAP:
+            s = softcap_tanh(s, cap)
         p = tl.exp(s - lse)
         dz = -g * p
         if HAS_ENTROPY_GRAD:
@@ -118,6 +138,9 @@ def _vocab_backward_kernel(
             dz -= g_ent * p * tl.where(p > 0.0, s + ent_shift, 0.0)
         # An out-of-range target matches no column in [0, V), so no validity test is needed.
         dz += tl.where(offs.to(tl.int64) == tgt, g, 0.0)
+        if SOFTCAP:
+            th = s / cap  # ds/du = 1 − tanh²
+            dz = dz * (1.0 - th * th)
         dz = dz * inv_temp
         tl.store(out_row_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -139,9 +162,10 @@ def _block_and_warps(V: int, device: torch.device, block_v: int | None):
     return block, num_warps
 
 
-def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
-                  block_v: int | None = None):
-    """Per-row log-prob of the target, log-sum-exp and entropy of ``logits / temperature``.
+def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  softcap: float | None = None, *, block_v: int | None = None):
+    """Per-row log-prob of the target, log-sum-exp and entropy of ``s = logits / temperature``
+    (then ``softcap · tanh(s / softcap)`` when softcap is not None).
 
     logits  (n, V) fp32/bf16/fp16, CUDA (or CPU under TRITON_INTERPRET=1); rows may be strided,
             a non-contiguous last dim is copied.
@@ -162,7 +186,8 @@ def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
     block, num_warps = _block_and_warps(V, logits.device, block_v)
     _vocab_forward_kernel[(n,)](
         logits, logits.stride(0), targets, logp, lse, entropy, V, 1.0 / temperature,
-        BLOCK_V=block, num_warps=num_warps,
+        1.0 if softcap is None else float(softcap),
+        SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=num_warps,
     )
     return logp, lse, entropy
 
@@ -170,7 +195,8 @@ def vocab_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
 def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                    grad_entropy: torch.Tensor | None, temperature: float = 1.0,
-                   out: torch.Tensor | None = None, *, block_v: int | None = None):
+                   out: torch.Tensor | None = None, softcap: float | None = None, *,
+                   block_v: int | None = None):
     """Write the gradient w.r.t. logits of ``sum(g_logp * logp + g_ent * entropy)`` into ``out``.
 
     logits       (n, V) fp32/bf16/fp16 (as in :func:`vocab_forward`)
@@ -206,8 +232,8 @@ def vocab_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
     _vocab_backward_kernel[(n,)](
         src, src.stride(0), dst, dst.stride(0), targets,
         lse, entropy if has_ent else lse, grad_logp, grad_entropy if has_ent else grad_logp,
-        V, 1.0 / temperature,
-        HAS_ENTROPY_GRAD=has_ent, BLOCK_V=block, num_warps=num_warps,
+        V, 1.0 / temperature, 1.0 if softcap is None else float(softcap),
+        HAS_ENTROPY_GRAD=has_ent, SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=num_warps,
     )
     if dst is not out:
         out.copy_(dst)

@@ -132,13 +132,15 @@ class LossHead(nn.Module):
     ``mode="loss"`` -> (loss fp32 scalar, metrics dict) via ``fused_policy_loss``.
     """
 
-    def __init__(self, lm_head: nn.Linear):
+    def __init__(self, lm_head: nn.Linear, logit_scale: float = 1.0, softcap: float | None = None):
         super().__init__()
         self.lm_head = lm_head
         # Set by split_head: this rank's rows of a vocabulary-split head, and the compute dtype
         # its fp32 shard is cast to (no FSDP unit does it for the split head).
         self.vocab_parallel = None
         self.compute_dtype = None
+        # the model's own logit transform (opo_kernels.integrations.head_transform)
+        self.transform = {"logit_scale": logit_scale, "softcap": softcap}
 
     def forward(self, hidden, targets, mask, *, mode: str, advantages=None, old_logps=None,
                 loss_kwargs: dict | None = None, impl: str = "fused", backend: str = "auto",
@@ -154,23 +156,26 @@ class LossHead(nn.Module):
             split["vocab_parallel"] = self.vocab_parallel
         if impl == "naive":
             return self._naive(hidden, weight, bias, targets, mask, mode, advantages, old_logps,
-                               loss_kwargs, temperature, cu_seqlens)
+                               loss_kwargs, temperature, cu_seqlens, **self.transform)
         if mode == "logprobs":
             logp, ent = ok.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                            return_entropy=True, backend=backend, cu_seqlens=cu_seqlens,
-                                           **split)
+                                           **split, **self.transform)
             # Not views: FSDP's pre-backward hook on a returned view is lost by in-place ops.
             return logp.clone(), ent.clone()
         return ok.fused_policy_loss(hidden, weight, targets, advantages, old_logps, mask, bias=bias,
                                     temperature=temperature, backend=backend, cu_seqlens=cu_seqlens,
-                                    **split, **(loss_kwargs or {}))
+                                    **split, **self.transform, **(loss_kwargs or {}))
 
     @staticmethod
     def _naive(hidden, weight, bias, targets, mask, mode, advantages, old_logps, loss_kwargs,
-               temperature, cu_seqlens):
+               temperature, cu_seqlens, logit_scale, softcap):
         """The materializing baseline: logits -> log_softmax -> gather, then ``policy_loss``."""
         import opo_kernels as ok
-        logits = F.linear(hidden, weight, bias).float() / temperature
+        logits = F.linear(hidden, weight, bias).float() * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits / temperature
         lsm = torch.log_softmax(logits, dim=-1)
         safe = targets.clamp(0, logits.shape[-1] - 1)
         logp = lsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * (targets != -100)
@@ -195,7 +200,8 @@ class Policy(nn.Module):
     def __init__(self, hf_model):
         super().__init__()
         self.backbone = hf_model.model
-        self.head = LossHead(hf_model.lm_head)
+        from opo_kernels.integrations import head_transform
+        self.head = LossHead(hf_model.lm_head, **head_transform(hf_model.config.get_text_config()))
         self.hf_config = hf_model.config
 
     def forward(self, batch: dict, **head_kwargs):

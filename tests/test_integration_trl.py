@@ -295,6 +295,68 @@ def test_moe_router_aux_loss_matches_grpo_trainer(tmp_path, batch, loss_type):
         _same_metric(stock, ours, "aux_loss")
 
 
+def _head_model(kind):
+    """A tiny offline model whose forward transforms the logits: Gemma-2 (tanh soft-capping),
+    Cohere (logit_scale), Granite (divides by logits_scaling), each built from its config (no Hub)."""
+    import transformers
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=None, tie_word_embeddings=False)
+    if kind == "gemma2":  # a cap small enough that tanh saturates for the larger logits
+        cfg = transformers.Gemma2Config(final_logit_softcapping=0.5, **common)
+    elif kind == "cohere":
+        cfg = transformers.CohereConfig(logit_scale=4.0, **common)
+    elif kind == "granite":
+        cfg = transformers.GraniteConfig(logits_scaling=0.25, **common)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if kind == "gemma2":
+        with torch.no_grad():  # logits of order 1 (a random tiny head gives ~0.1): the cap saturates
+            model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("dapo", {"temperature": 0.7})])
+def test_logit_transform_matches_grpo_trainer(tmp_path, batch, kind, loss_type, extra):
+    """A model whose forward soft-caps or scales the logits (Gemma-2 final_logit_softcapping, Cohere
+    logit_scale, Granite logits_scaling): OPOTrainer applies the same transform in opo's vocabulary
+    pass, so the loss, every gradient and the entropy metric equal stock GRPOTrainer's, which reads the
+    model's logits (and divides them by temperature)."""
+    from opo_kernels.integrations.trl import head_transform
+    base = _head_model(kind)
+    kw = dict(loss_type=loss_type, **extra)
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), **kw)
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), **kw)
+    expect = {"gemma2": {"logit_scale": 1.0, "softcap": 0.5}, "cohere": {"logit_scale": 4.0, "softcap": None},
+              "granite": {"logit_scale": 4.0, "softcap": None}}[kind]
+    assert head_transform(base.config.get_text_config()) == expect
+    g = _same_loss_and_grads(stock, ours, batch, 1)
+    assert g["lm_head.weight"].abs().sum() > 0
+    _same_metric(stock, ours, "entropy")
+
+
+def test_logit_transform_changes_the_loss(tmp_path, batch):
+    """The oracle above can fail: with the model's transform dropped, OPOTrainer's loss differs."""
+    base = _head_model("gemma2")
+    stock = _trainer(GRPOTrainer, GRPOConfig, tmp_path / "a", copy.deepcopy(base), loss_type="grpo")
+    ours = _trainer(OPOTrainer, OPOConfig, tmp_path / "b", copy.deepcopy(base), loss_type="grpo")
+    ours._head_transform = {"logit_scale": 1.0, "softcap": None}
+    with pytest.raises(AssertionError):
+        _same_loss_and_grads(stock, ours, batch, 1)
+
+
+@pytest.mark.parametrize("field,value", [("final_logit_softcapping", 0.0), ("logit_scale", -1.0),
+                                         ("logits_scaling", float("inf")), ("lm_head_multiplier", "2")])
+def test_unusable_logit_transform_raises_at_construction(tmp_path, field, value):
+    base = _model()
+    setattr(base.config, field, value)
+    with pytest.raises(ValueError, match=f"model's {field}="):
+        _trainer(OPOTrainer, OPOConfig, tmp_path, base, loss_type="grpo")
+
+
 def test_opo_steps_per_generation_equals_one_call(tmp_path, batch):
     """loss_type='opo' with the generation batch split into micro-batches: ω and the normalizer come from
     the generation batch, so the accumulated gradient equals the one on the whole batch. (Not with

@@ -1,6 +1,7 @@
 """opo's losses inside verl (>= 0.9.1): the registered "opo" policy losses, held against
 opo_kernels' own losses and a float64 formula, and opo's baselines held against verl's own
 ``compute_policy_loss_vanilla`` / ``compute_policy_loss_gspo`` on the same tensors."""
+import copy
 import importlib
 import math
 import re
@@ -246,6 +247,40 @@ def _tiny_model(seed=0):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "opo_train/assets/tiny_qwen3"),
                                             dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_logprob_hook_applies_the_models_logit_transform(monkeypatch, kind):
+    """A model whose forward soft-caps (Gemma-2) or scales (Cohere) its logits: the hook's log-probs,
+    entropies and gradients are those of the model's own logits / temperature (float64 autograd
+    through the model's forward)."""
+    import transformers
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    cfg = (transformers.Gemma2Config(final_logit_softcapping=0.5, **common) if kind == "gemma2"
+           else transformers.CohereConfig(logit_scale=4.0, **common))
+    torch.manual_seed(2)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # logits of order 1, so the cap saturates for some
+        base.get_output_embeddings().weight.mul_(8.0 if kind == "gemma2" else 1.0)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    wts = torch.linspace(-1, 1, ids.shape[1], dtype=torch.float64)
+    ref = copy.deepcopy(base).double()
+    logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits / 0.7
+    lsm = torch.log_softmax(logits, -1)
+    lp1 = lsm.gather(-1, torch.roll(ids, -1, -1)[..., None]).squeeze(-1)
+    en1 = -(lsm.exp() * lsm).sum(-1)
+    ((lp1 * wts).sum() - 0.3 * en1.sum()).backward()
+    model = copy.deepcopy(base)
+    monkeypatch.setattr(type(model), "forward", opo_verl.forward_with_opo_backend)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict=True, temperature=0.7)
+    ((out.log_probs.double() * wts).sum() - 0.3 * out.entropy.double().sum()).backward()
+    # fp32 model against float64: relative to each quantity's size
+    _close(out.log_probs.double(), lp1.detach(), rtol=1e-5, atol=1e-5)
+    _close(out.entropy.double(), en1.detach(), rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert float((p.grad.double() - q.grad).norm() / q.grad.norm()) <= 1e-4, n
 
 
 def test_logprob_hook_matches_verl_torch_backend(monkeypatch):

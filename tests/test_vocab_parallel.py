@@ -40,6 +40,11 @@ def _cases(world):
         dict(name="opo-long-torch", loss="opo", backend="torch", chunk_size=3),
         dict(name="gspo-long-torch", loss="gspo", backend="torch", chunk_size=3),
         dict(name="opo-long-terms-torch", loss="opo", backend="torch", chunk_size=3, rl=True),
+        # the head's logit transform acts per logit: the shards' statistics combine unchanged
+        dict(name="opo-softcap-torch", loss="opo", backend="torch", rl=True, softcap=1.5,
+             logit_scale=3.0),
+        dict(name="grpo-softcap-fused", loss="grpo", backend="fused", softcap=1.5, logit_scale=0.5),
+        dict(name="logprobs-softcap", backend="torch", logprobs=True, softcap=1.5, logit_scale=3.0),
     ]
     if native_available():
         cases += [dict(name="opo-terms-native", loss="opo", backend="native", rl=True),
@@ -76,6 +81,7 @@ def _run(case, bt, weight, bias, vocab_parallel=None):
     from opo_kernels import fused_policy_loss, linear_logprobs
     h = bt.hidden.clone().requires_grad_()
     kw = dict(bias=bias, backend=case["backend"], **bt.layout_kw)
+    kw.update({k: case[k] for k in ("softcap", "logit_scale") if k in case})
     if vocab_parallel is not None:
         kw["vocab_parallel"] = vocab_parallel
     if case.get("logprobs"):
@@ -187,7 +193,12 @@ def _bounds(case):
     bt = _batch(case)
     tg = bt.targets.reshape(-1)
     hid = bt.hidden.reshape(-1, H).double()
-    s = hid @ bt.weight.double().t() + bt.bias.double()
+    z = hid @ bt.weight.double().t() + bt.bias.double()
+    # The head's transform s = c·tanh(scale·z / c) (or scale·z): ds/dz = fac; a rounding δ of z
+    # moves s by at most scale·δ, and tanh is evaluated to a few ulps of c.
+    scale, cap = case.get("logit_scale", 1.0), case.get("softcap")
+    s = scale * z if cap is None else cap * torch.tanh(scale * z / cap)
+    fac = torch.full_like(s, scale) if cap is None else scale * (1 - (s / cap) ** 2)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[:, None])
     ent = lse - (p * s).sum(-1)
@@ -221,7 +232,8 @@ def _bounds(case):
     ge = torch.autograd.grad(loss_of(x), x, allow_unused=True)[0]
     ge = torch.zeros_like(x) if ge is None else ge
     hess = torch.autograd.functional.hessian(loss_of, torch.cat([lp, ent]))
-    delta = 2 * U * (V + 4 + 2 * lse.abs() + 4 * s.abs().amax(-1))
+    delta = 2 * U * (V + 4 + 2 * lse.abs() + 4 * s.abs().amax(-1) + 4 * scale * z.abs().amax(-1)
+                     + (8 * cap if cap is not None else 0.0))
     # The loss's derivatives move with the inputs (its Hessian) and with their own rounding.
     dge = hess.abs() @ torch.cat([delta, delta]) + 32 * U * (ge.abs() + ge.abs().max())
     ga, ea = ge[:N].abs(), ge[N:].abs()
@@ -233,10 +245,13 @@ def _bounds(case):
         b_out = ((ga + ea) * delta).sum() + 8 * U * out.abs()
     onehot = torch.zeros_like(p)
     onehot[ok.nonzero().squeeze(1), tg[ok]] = 1.0
-    def mag(a, b):  # |dz| for derivative magnitudes a (log-prob) and b (entropy)
+    def mag0(a, b):  # |ds-gradient| for derivative magnitudes a (log-prob) and b (entropy)
         return a[:, None] * (onehot + p) + b[:, None] * p * ((s - lse[:, None] + ent[:, None]).abs() + 1)
-    G = mag(ga, ea)
-    dz = G * (delta + 4 * U)[:, None] + mag(dga, dea)
+    G0 = mag0(ga, ea)
+    G = fac * G0  # |dz|
+    dz = G * (delta + 4 * U)[:, None] + fac * mag0(dga, dea)
+    if cap is not None:  # fac moves with s: scale·2|s|/c²·δ, and its own rounding
+        dz = dz + G0 * scale * (2 * delta[:, None] / cap + 4 * U)
     W, h = bt.weight.double().abs(), hid.abs()
     b_dh = (dz @ W + 2 * V * U * (G @ W)).reshape(bt.hidden.shape)
     b_dw = dz.t() @ h + 2 * N * U * (G.t() @ h)

@@ -5,6 +5,8 @@
 - :mod:`opo_kernels.integrations.verl`: ``"opo"`` and ``"opo_group_softmax"`` in verl's
   policy-loss registry. Needs ``verl>=0.9.1``.
 
+Both apply the model's own logit transform (soft-capping, scaling: :func:`head_transform`).
+
 Importing this package imports neither trainer; importing a submodule without its trainer (or
 with an older one) raises an ``ImportError`` naming the package and the version needed.
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import math
 
-__all__ = ["require"]
+__all__ = ["require", "head_transform"]
 
 
 def require(package: str, min_version: str, extra: str):
@@ -49,3 +52,30 @@ def _parse(v: str) -> tuple:
         if num != part:
             break
     return tuple(out)
+
+
+# The text-config fields by which a model's forward transforms hidden @ lm_head.weight into its
+# logits: multipliers (scale → softcap → the trainer's temperature); True: the forward divides by it.
+_HEAD_MULTIPLIERS = (("logit_scale", False), ("lm_head_multiplier", False), ("output_multiplier", False),
+                     ("logits_scaling", True))
+
+
+def head_transform(text_config) -> dict:
+    """``{"logit_scale": ..., "softcap": ...}`` for opo's vocabulary pass from a model's text config, so
+    that opo's logits are the model's own (``softcap·tanh(scale·z / softcap)``, then ``/ temperature``).
+    Raises ValueError naming the model's field when its value is not a finite number > 0."""
+    def value(attr):
+        v = getattr(text_config, attr, None)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"opo: the model's {attr}={v!r} transforms the logits and opo applies it only "
+                             "as a finite number > 0; fix the model config or train this model without opo")
+        return float(v)
+
+    scale = 1.0
+    for attr, divides in _HEAD_MULTIPLIERS:
+        v = value(attr)
+        if v is not None:
+            scale = scale / v if divides else scale * v
+    return {"logit_scale": scale, "softcap": value("final_logit_softcapping")}

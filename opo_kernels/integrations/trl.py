@@ -50,9 +50,14 @@ entropy mean over a micro-batch's masked tokens against a generation-batch norma
 ``use_adaptive_entropy`` with ``top_entropy_quantile < 1``, ``vespo`` with vLLM importance sampling
 (TRL folds the IS log-ratios of padded positions into its weights) or with
 ``importance_sampling_level="sequence"``, ``use_liger_kernel``; a PEFT adapter on the LM head, a model
-with logit soft-capping or scaling (``final_logit_softcapping``, ``logit_scale``, ...: opo's vocabulary
-pass reads the plain logits), an MoE model whose module has no ``load_balancing_loss_func``, an OPO
-option given with another loss type.
+whose head transform opo cannot apply (a multiplier or softcap that is not a finite number > 0), an
+MoE model whose module has no ``load_balancing_loss_func``, an OPO option given with another loss
+type.
+
+The model's own logit transform is applied in opo's vocabulary pass, as its forward applies it
+before TRL divides by ``temperature``: ``final_logit_softcapping`` (Gemma-2/3 and relatives) is
+``softcap``; ``logit_scale`` (Cohere), ``lm_head_multiplier`` (Falcon-H1), ``output_multiplier``
+(multiplied before the softcap) and ``1 / logits_scaling`` (Granite) multiply into ``logit_scale``.
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import require
+from . import head_transform, require
 
 _trl = require("trl", "1.16", "trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -256,14 +261,7 @@ class OPOTrainer(GRPOTrainer):
                 type(head).__module__.startswith("peft"):
             raise ValueError("OPOTrainer: a PEFT adapter on lm_head would stay untrained — opo's fused loss reads "
                              "lm_head.weight directly; remove 'lm_head' from target_modules / modules_to_save")
-        tc = lm.config.get_text_config()
-        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling"):
-            val = getattr(tc, attr, None)
-            if val is not None and not (attr != "final_logit_softcapping" and val == 1.0):
-                raise ValueError(f"OPOTrainer: the model's {attr}={val} transforms the logits, and opo's fused loss "
-                                 "reads the plain logits hidden @ lm_head.weight; train this model with stock "
-                                 "GRPOTrainer (opo does not apply the transform yet)")
+        self._head_transform = head_transform(lm.config.get_text_config())
         self._aux_loss_fn = None
         if self.aux_loss_enabled:
             # the MoE load-balancing loss as the model's own forward forms it from the router logits
@@ -358,7 +356,8 @@ class OPOTrainer(GRPOTrainer):
         with ctx, autocast:
             loss, m = fused_policy_loss(hidden, weight, targets, advantages, old, mask, loss=self.opo_loss_name,
                                         bias=bias, temperature=self.temperature, backend=self.args.opo_backend,
-                                        process_group=process_group, **self._opo_options, **extra)
+                                        process_group=process_group, **self._head_transform,
+                                        **self._opo_options, **extra)
         return loss, m, aux
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -76,7 +76,7 @@ import os
 
 import torch
 
-from . import require
+from . import head_transform, require
 
 _verl = require("verl", "0.9.1", "verl")
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -386,8 +386,10 @@ def forward_with_opo_backend(self, input_ids=None, attention_mask=None, position
         weight = weight.full_tensor()
     if isinstance(bias, DTensor):
         bias = bias.full_tensor()
+    # the model's own logit transform (Gemma-2's soft-capping, Cohere's / Granite's scaling)
     log_probs, entropy = linear_logprobs(hidden_states, weight.to(hidden_states.dtype), rolled,
-                                         bias=bias, temperature=float(temperature), return_entropy=True)
+                                         bias=bias, temperature=float(temperature), return_entropy=True,
+                                         **head_transform(self.config.get_text_config()))
     return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
