@@ -128,7 +128,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, return_entropy=False,
     entropy (same shape, fp32) with ``return_entropy=True`` — differentiable w.r.t. hidden, weight
     and bias. Under ``torch.no_grad()`` (anchor and reference passes) no backward state is built.
     Logits exist one chunk at a time. ``seq_ids``/``cu_seqlens`` (packed inputs) only align the
-    chunks with sequences. ``**backend_options``: ``temperature``, ``backend``, ``chunk_size``
+    chunks with sequences. ``**backend_options``: ``temperature``, ``logit_scale``, ``softcap``
+    (the transform above), ``backend``, ``chunk_size``
     (tokens per logits chunk, chunked backends), ``filter_eps`` / ``deterministic`` /
     ``accum_fp32`` (``backend="fused"`` only), as in :func:`fused_policy_loss`
     (:data:`opo_kernels.options.BACKEND_OPTIONS`). ``vocab_parallel``: a vocabulary-sharded head,

@@ -837,11 +837,10 @@ def _group_softmax_grad(plan: LossPlan, logp, old, mask, seq, s0, s1):
     return (per.reshape(-1) / plan.seq_len[s0:s1].clamp_min(1))[seq - s0] * mask
 
 
-# The gradient d(formula)/d logp of each policy-term formula, in closed form (same arguments).
 # the policy-term formula of each LossType.formula (group_softmax: whole groups, no token weights)
 _POLICY_TERMS = {"opo": _opo_loss, "gspo": _gspo_loss, "vespo": _vespo_loss, "ppo_clip": _clip_loss,
                  "cispo": _clip_loss, "sapo": _clip_loss}
-# the closed-form d(policy term)/d logp of each formula
+# the gradient d(formula)/d logp of each policy-term formula, in closed form (same arguments)
 _GRADIENTS = {_opo_loss: _opo_grad, _clip_loss: _clip_grad, _gspo_loss: _gspo_grad,
               _vespo_loss: _vespo_grad, _group_softmax_loss: _group_softmax_grad}
 

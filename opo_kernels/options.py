@@ -12,8 +12,9 @@
   fields and verl's option parsing.
 
 Adding a loss type: one :class:`LossType` entry here, the loss type's key in the ``read_by`` of
-the options it reads, and its policy-term formula in :mod:`opo_kernels.losses` (docs/contract.md,
-"Adding a loss type").
+the options it reads, and its policy-term formula with that formula's closed-form gradient in
+:mod:`opo_kernels.losses` (``_POLICY_TERMS``, ``_GRADIENTS``; docs/contract.md, "Adding a loss
+type").
 """
 from __future__ import annotations
 
