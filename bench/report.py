@@ -202,8 +202,14 @@ def plot_sweep(run: dict, group: str, axis: str, path: Path) -> bool:
     ax_t.legend(fontsize=8)
     c0 = cases[0]
     fixed = f"H={c0['H']}, " + (f"V={c0['V']}" if axis == "n" else f"N={c0['N']}")
-    fig.suptitle(f"{run['meta']['device_name']}: sweep over {key} ({fixed}, {c0['dtype']}, "
-                 f"{c0['inputs']} inputs; floor = bare LM-head GEMMs)")
+    return _save(fig, path, f"{run['meta']['device_name']}: sweep over {key} ({fixed}, "
+                 f"{c0['dtype']}, {c0['inputs']} inputs; floor = bare LM-head GEMMs)")
+
+
+def _save(fig, path: Path, title: str) -> bool:
+    """Title, layout, PNG at ``path``; the figure closed."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -246,12 +252,8 @@ def plot_t_sweep(run: dict, path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
     c0 = cases[0]
-    fig.suptitle(f"{run['meta']['device_name']}: sweep over T (N = max(headline N, T), "
+    return _save(fig, path, f"{run['meta']['device_name']}: sweep over T (N = max(headline N, T), "
                  f"H={c0['H']}, {c0['dtype']}, {c0['inputs']} inputs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def write(run: dict, out_dir: Path, stem: str) -> dict:

@@ -124,13 +124,6 @@ def check_backend_options(bo, backend: str | None = None) -> None:
                              f"backend={backend!r}: leave it at its default {opt.default!r}")
 
 
-def check_filter_eps(filter_eps) -> None:
-    check_value(_FILTER_EPS, filter_eps)
-
-
-_FILTER_EPS = next(o for o in BACKEND_OPTIONS if o.name == "filter_eps")
-
-
 def check_triton_device(device: torch.device, what: str, interpreted: bool | None = None) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (``interpreted``:
     whether the kernels were built for it; default: ``TRITON_INTERPRET=1`` is set)."""

@@ -162,6 +162,12 @@ def test_forward_bitwise_rerun_and_batch_invariant(device):
         assert torch.equal(x[5:], y[perm])
 
 
+def _upstream(N, seed, device):
+    """Upstream gradients ``(g_logp, g_entropy)``: two (N,) fp32 draws of one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(N, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
+
+
 def test_forward_bf16(device):
     N, H, V = 33, 40, 200
     h, w, b, t = _inputs(N, H, V, dtype=torch.bfloat16, scale=4.0, device=device)
@@ -183,9 +189,8 @@ def test_forward_bf16(device):
 ])
 def test_backward_exact(device, N, H, V, bias, T, with_ent):
     h, w, b, t = _inputs(N, H, V, bias=bias, scale=2.0, device=device)
-    gen = torch.Generator().manual_seed(7)
-    g = torch.randn(N, generator=gen).to(device)  # nonzero on ignored rows too: must not count
-    ge = torch.randn(N, generator=gen).to(device) if with_ent else None
+    g, ge = _upstream(N, 7, device)  # g nonzero on ignored rows too: must not count
+    ge = ge if with_ent else None
     _, lse, ent = fused_linear_forward(h, w, b, t, T)
     dh, dw, db = fused_linear_backward(h, w, b, t, lse, ent, g, ge, T, filter_eps=0.0)
     rdh, rdw, rdb = _reference_grads(h, w, b, t, T, g, ge)
@@ -220,9 +225,8 @@ def test_backward_filtered_within_bound(device):
     # Peaked logits (mean entropy well below log V) so that many elements fall below threshold.
     N, H, V, T, eps = 40, 16, 200, 0.8, 0.2
     h, w, b, t = _inputs(N, H, V, scale=6.0, device=device)
-    gen = torch.Generator().manual_seed(11)
-    g = torch.randn(N, generator=gen).to(device)
-    ge = torch.randn(N, generator=gen).to(device) * 0.3
+    g, ge = _upstream(N, 11, device)
+    ge = ge * 0.3
     _, lse, ent = fused_linear_forward(h, w, b, t, T)
     dh, dw, db = fused_linear_backward(h, w, b, t, lse, ent, g, ge, T, filter_eps=eps)
     (fdh, fdw, fdb), dropped, border, keep = _reference_filtered(h, w, b, t, T, g, ge, eps)
@@ -259,9 +263,7 @@ def test_backward_filtered_within_bound(device):
 def test_backward_bf16_and_accum_modes(device):
     N, H, V = 33, 40, 200
     h, w, b, t = _inputs(N, H, V, dtype=torch.bfloat16, scale=3.0, device=device)
-    gen = torch.Generator().manual_seed(5)
-    g = torch.randn(N, generator=gen).to(device)
-    ge = torch.randn(N, generator=gen).to(device)
+    g, ge = _upstream(N, 5, device)
     _, lse, ent = fused_linear_forward(h, w, b, t)
     rdh, rdw, rdb = _reference_grads(h, w, b, t, 1.0, g, ge)
     for kw in (dict(), dict(accum_fp32=False)):
@@ -283,9 +285,7 @@ def test_backward_default_exact_on_flat_softmax(device):
     # whole -g p term; the default keeps every element.
     N, H, V = 24, 16, 4500
     h, w, b, t = _inputs(N, H, V, dtype=torch.bfloat16, scale=0.1, device=device)
-    gen = torch.Generator().manual_seed(9)
-    g = torch.randn(N, generator=gen).to(device)
-    ge = torch.randn(N, generator=gen).to(device)
+    g, ge = _upstream(N, 9, device)
     _, lse, ent = fused_linear_forward(h, w, b, t)
     dh, dw, db = fused_linear_backward(h, w, b, t, lse, ent, g, ge)
     rdh, rdw, rdb = _reference_grads(h, w, b, t, 1.0, g, ge)
@@ -304,9 +304,7 @@ def test_backward_waves_exact_and_bitwise(device, monkeypatch):
     N, H, V = 37, 40, 200
     monkeypatch.setattr(fused_linear, "WAVE_BYTES", 16 * V * 4)
     h, w, b, t = _inputs(N, H, V, scale=2.0, device=device)
-    gen = torch.Generator().manual_seed(4)
-    g = torch.randn(N, generator=gen).to(device)
-    ge = torch.randn(N, generator=gen).to(device)
+    g, ge = _upstream(N, 4, device)
     _, lse, ent = fused_linear_forward(h, w, b, t)
     r1 = fused_linear_backward(h, w, b, t, lse, ent, g, ge)
     r2 = fused_linear_backward(h, w, b, t, lse, ent, g, ge)
